@@ -1,0 +1,1 @@
+"""frmap.engine: feature responses, scores, detectors, attacks, evaluation and the CLI."""

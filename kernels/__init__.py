@@ -1,0 +1,20 @@
+"""frmap.kernels: the fast ops behind the feature-response entropy score.
+
+Every op validates its input, picks a backend (`reference`: scikit-image/numpy/PIL; `cpu`:
+the C++ kernel; `triton`: CUDA tensors) and returns the same kind of array it was given.
+"""
+
+from ._backend import BACKENDS, get_num_threads, resolve_backend, set_num_threads
+from .entropy import local_entropy, mean_local_entropy
+from .response import response_score, response_to_image
+
+__all__ = [
+    "BACKENDS",
+    "get_num_threads",
+    "local_entropy",
+    "mean_local_entropy",
+    "resolve_backend",
+    "response_score",
+    "response_to_image",
+    "set_num_threads",
+]
