@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from .io import write_json
+
 
 def _add_bench(sub: argparse._SubParsersAction) -> None:
     bench = sub.add_parser("bench", help="measure the kernels and the engine")
@@ -21,7 +23,7 @@ def _bench_entropy(args: argparse.Namespace) -> int:
     result = bench_entropy.run(quick=args.quick)
     print(bench_entropy.table(result))
     if args.json:
-        bench_entropy.write_json(result, args.json)
+        write_json(args.json, result)
         print(f"wrote {args.json}")
     return 0
 

@@ -22,7 +22,9 @@ def local_entropy(
         # skimage warns that many uint16 bins are slow; the oracle does not care.
         warnings.filterwarnings("ignore", message="Bad rank filter performance")
         for i, image in enumerate(images):
-            out[i] = _skimage_entropy(image, footprint, mask=None if mask is None else mask[i])
+            # scikit-image needs writeable buffers (it fails on read-only views).
+            m = None if mask is None else np.require(mask[i], requirements="W")
+            out[i] = _skimage_entropy(np.require(image, requirements="W"), footprint, mask=m)
     return out
 
 

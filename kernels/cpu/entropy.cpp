@@ -39,12 +39,14 @@ using Responses = nb::ndarray<nb::ndim<4>, nb::c_contig, nb::device::cpu>;
 using Gray = nb::ndarray<uint8_t, nb::ndim<3>, nb::c_contig, nb::device::cpu>;
 
 // Offsets of the footprint relative to its centre (h // 2, w // 2), as flat offsets into the
-// padded image, split into the whole window and the pixels that enter / leave on a step right.
+// padded image: the whole window, and per run of set elements in a footprint row the pixel that
+// enters and the pixel that leaves on a step right.
 struct Window {
     int64_t area = 0;
     int top = 0, bottom = 0, left = 0, right = 0;  // padding around the image
     int64_t pw = 0;                                // padded row length
-    std::vector<int64_t> all, enter, leave;
+    std::vector<int64_t> all;
+    std::vector<int64_t> enter, leave;  // enter[k], leave[k]: the two ends of run k
 
     Window(const uint8_t* fp, int h, int w, int64_t width) {
         const int cr = h / 2, cc = w / 2;
@@ -84,15 +86,19 @@ struct Tables {
     }
 };
 
+// Copy image rows [r0, r1) and the rows the window reaches around them into `out`, a band of the
+// padded image: outside the image and masked out -> pad.
 template <typename Idx, typename In>
-void pad_image(const In* img, const uint8_t* mask, int64_t h, int64_t w, const Window& win,
-               Idx pad, Idx* out) {
-    const int64_t ph = h + win.top + win.bottom;
-    std::fill(out, out + ph * win.pw, pad);
-    for (int64_t r = 0; r < h; ++r) {
-        Idx* row = out + (r + win.top) * win.pw + win.left;
-        const In* src = img + r * w;
-        const uint8_t* m = mask ? mask + r * w : nullptr;
+void pad_band(const In* img, const uint8_t* mask, int64_t h, int64_t w, int64_t r0, int64_t r1,
+              const Window& win, Idx pad, Idx* out) {
+    const int64_t rows = r1 - r0 + win.top + win.bottom;
+    std::fill(out, out + rows * win.pw, pad);
+    for (int64_t pr = 0; pr < rows; ++pr) {
+        const int64_t y = r0 - win.top + pr;
+        if (y < 0 || y >= h) continue;
+        Idx* row = out + pr * win.pw + win.left;
+        const In* src = img + y * w;
+        const uint8_t* m = mask ? mask + y * w : nullptr;
         for (int64_t c = 0; c < w; ++c) row[c] = (m && !m[c]) ? pad : Idx(src[c]);
     }
 }
@@ -114,8 +120,10 @@ void entropy_row(const Idx* center, int64_t w, const Window& win, const Tables& 
         }
         if (c + 1 == w) break;
         const Idx* p = center + c + 1;
-        for (int64_t off : win.enter) sum += tab.D[hist[p[off]]++];
-        for (int64_t off : win.leave) sum -= tab.D[--hist[p[off]]];
+        for (size_t k = 0; k < win.enter.size(); ++k) {
+            sum += tab.D[hist[p[win.enter[k]]]++];
+            sum -= tab.D[--hist[p[win.leave[k]]]];
+        }
     }
     const Idx* last = center + w - 1;
     for (int64_t off : win.all) --hist[last[off]];  // leave the histogram empty for the next row
@@ -123,26 +131,26 @@ void entropy_row(const Idx* center, int64_t w, const Window& win, const Tables& 
 
 int resolve_threads(int threads) { return threads > 0 ? threads : omp_get_max_threads(); }
 
-// Runs `per_row(image, row, center_pointer, hist)` for every row of every image, in parallel.
+// Runs `per_row(image, row, centre pointer, histogram)` for every row of every image. The work is
+// split into bands of rows, each padded into a thread-local buffer and handed out dynamically,
+// so a thread slowed by other load does not hold the others up.
 template <typename Idx, typename In, typename PerRow>
 void for_each_row(const In* images, const uint8_t* mask, int64_t n, int64_t h, int64_t w,
                   const Window& win, int64_t nbins, int threads, PerRow&& per_row) {
+    constexpr int64_t kBand = 32;
     const Idx pad = Idx(nbins);
-    const int64_t plane = (h + win.top + win.bottom) * win.pw;
-    std::vector<Idx> padded(size_t(n * plane));
-    const int nt = resolve_threads(threads);
-#pragma omp parallel num_threads(nt)
+    const int64_t bands = (h + kBand - 1) / kBand;
+#pragma omp parallel num_threads(resolve_threads(threads))
     {
-#pragma omp for schedule(static)
-        for (int64_t i = 0; i < n; ++i)
-            pad_image(images + i * h * w, mask ? mask + i * h * w : nullptr, h, w, win, pad,
-                      padded.data() + i * plane);
+        std::vector<Idx> buf(size_t((kBand + win.top + win.bottom) * win.pw));
         std::vector<int32_t> hist(size_t(nbins + 1), 0);
-#pragma omp for schedule(static)
-        for (int64_t t = 0; t < n * h; ++t) {
-            const int64_t i = t / h, r = t % h;
-            const Idx* center = padded.data() + i * plane + (r + win.top) * win.pw + win.left;
-            per_row(i, r, center, hist.data());
+#pragma omp for schedule(dynamic)
+        for (int64_t t = 0; t < n * bands; ++t) {
+            const int64_t i = t / bands, r0 = (t % bands) * kBand, r1 = std::min(h, r0 + kBand);
+            pad_band(images + i * h * w, mask ? mask + i * h * w : nullptr, h, w, r0, r1, win,
+                     pad, buf.data());
+            for (int64_t r = r0; r < r1; ++r)
+                per_row(i, r, buf.data() + (r - r0 + win.top) * win.pw + win.left, hist.data());
         }
     }
 }
@@ -292,7 +300,7 @@ void response_image_into(const Responses& responses, uint8_t* gray, int threads)
     const int64_t hw = int64_t(responses.shape(2)) * int64_t(responses.shape(3));
     if (c != 1 && c != 3) throw std::invalid_argument("responses must have 1 or 3 channels");
     auto run = [&](const auto* r) {
-#pragma omp parallel for schedule(static) num_threads(resolve_threads(threads))
+#pragma omp parallel for schedule(dynamic) num_threads(resolve_threads(threads))
         for (int64_t i = 0; i < n; ++i) response_image_one(r + i * c * hw, c, hw, gray + i * hw);
     };
     if (responses.dtype() == nb::dtype<float>())

@@ -1,0 +1,277 @@
+"""The embedded default: scikit-learn's handwritten digits at 32x32 and a small VGG-style CNN.
+
+Data: `sklearn.datasets.load_digits` (1797 images, 8x8, values 0..16, shipped with
+scikit-learn) divided by 16 into [0, 1] and upsampled to 32x32 with bilinear interpolation
+(`align_corners=False`, a convex combination of neighbours, so values stay in [0, 1]).
+
+Split (fixed): `train_test_split(range(1797), test_size=720, stratify=target, random_state=0)`
+gives train (1077 images); the 720 held out are split again the same way in halves
+(`test_size=360, random_state=0`) into calibration (360) and test (360). Each split keeps the
+dataset's original order.
+
+Model: `DigitsCNN`, conv3x3 + `nn.ReLU` blocks with max-pooling in `features` and a two-layer
+`classifier`, laid out like torchvision's VGG so the response engine can swap its ReLU modules
+and walk its layers in reverse. The trained checkpoint ships as `data/digits_cnn.safetensors`
+with a JSON sidecar (`data/digits_cnn.json`) holding the training report.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from sklearn.datasets import load_digits
+from sklearn.model_selection import train_test_split
+from torch import nn
+from tqdm.auto import tqdm
+
+from .predict import predict
+
+SPLITS = ("train", "calibration", "test")
+IMAGE_SIZE = 32
+NUM_CLASSES = 10
+CHECKPOINT = Path(__file__).parent / "data" / "digits_cnn.safetensors"
+EPOCHS = 12
+
+
+@dataclass(frozen=True)
+class DigitsSplit:
+    """One split of the digits.
+
+    Attributes:
+        images: `[N, 1, 32, 32]` float32 in [0, 1].
+        labels: `[N]` int64 in 0..9.
+        index: `[N]` positions of the images in `load_digits()` order.
+    """
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    index: np.ndarray
+
+
+@dataclass(frozen=True)
+class TrainReport:
+    """How a `DigitsCNN` checkpoint was trained and how well it classifies."""
+
+    seed: int
+    epochs: int
+    batch_size: int
+    lr: float
+    threads: int
+    train_accuracy: float
+    calibration_accuracy: float
+    test_accuracy: float
+    seconds: float
+    parameters: int
+    torch_version: str
+
+
+@lru_cache(maxsize=1)
+def _all_digits() -> tuple[torch.Tensor, torch.Tensor]:
+    data = load_digits()
+    small = torch.from_numpy(data.images.astype(np.float32) / 16.0)[:, None]
+    images = F.interpolate(small, size=(IMAGE_SIZE, IMAGE_SIZE), mode="bilinear", align_corners=False)
+    return images.clamp_(0.0, 1.0), torch.from_numpy(data.target.astype(np.int64))
+
+
+@lru_cache(maxsize=1)
+def _split_indices() -> dict[str, np.ndarray]:
+    target = _all_digits()[1].numpy()
+    every = np.arange(len(target))
+    train, held = train_test_split(every, test_size=720, stratify=target, random_state=0)
+    calibration, test = train_test_split(
+        held, test_size=360, stratify=target[held], random_state=0
+    )
+    return {"train": np.sort(train), "calibration": np.sort(calibration), "test": np.sort(test)}
+
+
+def load_digits_split(split: str) -> DigitsSplit:
+    """Load one split (`"train"`, `"calibration"` or `"test"`) of the 32x32 digits."""
+    if split not in SPLITS:
+        raise ValueError(f"unknown digits split {split!r}; expected one of {SPLITS}")
+    images, labels = _all_digits()
+    index = _split_indices()[split]
+    picked = torch.from_numpy(index)
+    return DigitsSplit(images[picked].clone(), labels[picked].clone(), index.copy())
+
+
+class DigitsCNN(nn.Module):
+    """A small VGG-style CNN for `[N, 1, 32, 32]` inputs in [0, 1] returning 10 logits.
+
+    `features`: (conv3x3-ReLU) x2 -> maxpool -> (conv3x3-ReLU) x2 -> maxpool -> conv3x3-ReLU
+    -> maxpool, 16/16/32/32/64 channels, 32 -> 4 pixels; `classifier`: Linear(1024, 64) -> ReLU
+    -> Linear(64, 10). Only `nn.ReLU` modules, no functional activations.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        channels = 1
+        for width in (16, 16, "M", 32, 32, "M", 64, "M"):
+            if width == "M":
+                layers.append(nn.MaxPool2d(2))
+            else:
+                layers += [nn.Conv2d(channels, width, 3, padding=1), nn.ReLU()]
+                channels = width
+        self.features = nn.Sequential(*layers)
+        self.classifier = nn.Sequential(
+            nn.Linear(channels * 4 * 4, 64), nn.ReLU(), nn.Linear(64, NUM_CLASSES)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(torch.flatten(self.features(x), 1))
+
+
+def accuracy(model: nn.Module, split: DigitsSplit) -> float:
+    """Share of the split's images that `model` classifies correctly."""
+    labels, _ = predict(model, split.images)
+    return float((labels == split.labels).double().mean())
+
+
+def train_digits(
+    seed: int = 0,
+    epochs: int = EPOCHS,
+    *,
+    batch_size: int = 32,
+    lr: float = 2e-3,
+    threads: int = 2,
+    progress: bool = True,
+) -> tuple[DigitsCNN, TrainReport]:
+    """Train a `DigitsCNN` on the train split, reproducibly.
+
+    Adam with a one-cycle learning-rate schedule on the cross-entropy; initialisation and batch
+    order come from `seed`; deterministic algorithms and `threads` intra-op threads are in force
+    while training (the caller's settings and global RNG state are restored afterwards). The
+    same seed, epochs and threads on the same machine give bitwise the same weights.
+
+    Args:
+        seed: Seeds the weights and the batch order.
+        epochs: Passes over the train split.
+        batch_size: Images per optimisation step.
+        lr: Peak learning rate.
+        threads: `torch.set_num_threads` while training.
+        progress: Show a tqdm bar over the epochs.
+
+    Returns:
+        The trained model (eval mode) and its report.
+    """
+    if epochs < 1 or batch_size < 1 or threads < 1:
+        raise ValueError(
+            f"epochs, batch_size and threads must be >= 1, got {epochs}, {batch_size}, {threads}"
+        )
+    train = load_digits_split("train")
+    saved_threads = torch.get_num_threads()
+    saved_deterministic = torch.are_deterministic_algorithms_enabled()
+    start = time.perf_counter()
+    try:
+        torch.set_num_threads(threads)
+        torch.use_deterministic_algorithms(True)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = DigitsCNN()
+            order = torch.Generator().manual_seed(seed)
+            steps = epochs * -(-len(train.labels) // batch_size)
+            optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+            schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps)
+            model.train()
+            for _ in tqdm(range(epochs), desc="train digits", unit="epoch", disable=not progress):
+                for batch in torch.randperm(len(train.labels), generator=order).split(batch_size):
+                    loss = F.cross_entropy(model(train.images[batch]), train.labels[batch])
+                    optimizer.zero_grad()
+                    loss.backward()
+                    optimizer.step()
+                    schedule.step()
+            model.eval()
+            seconds = time.perf_counter() - start
+            report = TrainReport(
+                seed=seed,
+                epochs=epochs,
+                batch_size=batch_size,
+                lr=lr,
+                threads=threads,
+                train_accuracy=accuracy(model, train),
+                calibration_accuracy=accuracy(model, load_digits_split("calibration")),
+                test_accuracy=accuracy(model, load_digits_split("test")),
+                seconds=round(seconds, 2),
+                parameters=sum(p.numel() for p in model.parameters()),
+                torch_version=torch.__version__,
+            )
+    finally:
+        torch.set_num_threads(saved_threads)
+        torch.use_deterministic_algorithms(saved_deterministic)
+    return model, report
+
+
+def _sidecar(path: Path) -> Path:
+    return path.with_suffix(".json")
+
+
+def save_checkpoint(model: DigitsCNN, report: TrainReport, path: str | Path) -> None:
+    """Write the weights as safetensors at `path` and the report as JSON beside it (`.json`)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(path), metadata={"format": "frmap.DigitsCNN"})
+    _sidecar(path).write_text(json.dumps(asdict(report), indent=2) + "\n")
+
+
+def load_digits_model(path: str | Path = CHECKPOINT) -> DigitsCNN:
+    """Load a `DigitsCNN` (by default the one shipped with frmap) in eval mode.
+
+    Every tensor's name and shape is checked against `DigitsCNN`.
+
+    Raises:
+        FileNotFoundError: There is no file at `path`.
+        ValueError: The file is not a `DigitsCNN` checkpoint (missing, unexpected or misshapen
+            tensors, or not safetensors at all).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no digits checkpoint at {path}")
+    try:
+        state = load_file(str(path))
+    except Exception as err:
+        raise ValueError(f"{path}: not a readable safetensors file ({err})") from err
+    model = DigitsCNN()
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    found = {k: tuple(v.shape) for k, v in state.items()}
+    problems = [f"missing {k}" for k in expected.keys() - found.keys()]
+    problems += [f"unexpected {k}" for k in found.keys() - expected.keys()]
+    problems += [
+        f"{k} has shape {found[k]}, expected {expected[k]}"
+        for k in expected.keys() & found.keys()
+        if found[k] != expected[k]
+    ]
+    if problems:
+        raise ValueError(f"{path}: not a DigitsCNN checkpoint: {'; '.join(sorted(problems))}")
+    model.load_state_dict(state)
+    return model.eval()
+
+
+def load_report(path: str | Path = CHECKPOINT) -> TrainReport:
+    """Read the JSON training report beside the checkpoint at `path`."""
+    sidecar = _sidecar(Path(path))
+    try:
+        return TrainReport(**json.loads(sidecar.read_text()))
+    except (OSError, json.JSONDecodeError, TypeError) as err:
+        raise ValueError(f"{sidecar}: not a digits training report ({err})") from err
+
+
+def train_and_save(
+    path: str | Path = CHECKPOINT,
+    seed: int = 0,
+    epochs: int = EPOCHS,
+    threads: int = 2,
+    progress: bool = True,
+) -> TrainReport:
+    """Train with `train_digits` and save the checkpoint and its report (`frmap train-digits`)."""
+    model, report = train_digits(seed, epochs, threads=threads, progress=progress)
+    save_checkpoint(model, report, path)
+    return report

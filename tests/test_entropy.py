@@ -1,0 +1,237 @@
+"""local_entropy / mean_local_entropy on the reference and C++ backends against scikit-image."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from helpers import ENTROPY_ATOL, assert_close, random_footprint, random_image, smooth_image
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from skimage.filters.rank import entropy as skimage_entropy
+from skimage.morphology import diamond, disk
+
+import frmap.kernels as K
+from frmap.kernels._backend import _cpu_unavailable_reason
+
+CPU_BACKENDS = [
+    "reference",
+    pytest.param(
+        "cpu",
+        marks=pytest.mark.skipif(
+            _cpu_unavailable_reason() is not None, reason="C++ extension not built"
+        ),
+    ),
+]
+
+FOOTPRINTS = {
+    "disk1": disk(1),
+    "disk2": disk(2),
+    "disk3": disk(3),
+    "square3": np.ones((3, 3), np.uint8),
+    "rect2x5": np.ones((2, 5), np.uint8),
+    "rect5x1": np.ones((5, 1), np.uint8),
+    "diamond2": diamond(2),
+    "even4x4": np.ones((4, 4), bool),
+    "one": np.ones((1, 1), np.uint8),
+    "irregular": random_footprint(np.random.default_rng(7), (4, 5)),
+    "ring": disk(3) - np.pad(disk(1), 2),
+    "large9": disk(4),
+}
+
+
+def skimage_stack(images, footprint, mask=None):
+    """scikit-image on each [H, W] image of a [..., H, W] stack."""
+    h, w = images.shape[-2:]
+    flat = images.reshape(-1, h, w)
+    masks = [None] * len(flat) if mask is None else np.broadcast_to(mask, images.shape).reshape(
+        -1, h, w
+    )
+    out = [skimage_entropy(x, footprint, mask=m) for x, m in zip(flat, masks, strict=True)]
+    return np.stack(out).reshape(images.shape)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("fp_name", list(FOOTPRINTS))
+@pytest.mark.parametrize("shape", [(1, 1), (1, 17), (13, 1), (5, 3), (31, 47), (257, 263)])
+def test_matches_skimage_uint8(backend, fp_name, shape):
+    rng = np.random.default_rng(hash((fp_name, shape)) % 2**32)
+    fp = FOOTPRINTS[fp_name]
+    for high in (256, 5):  # full range, and few levels so windows repeat values
+        image = random_image(rng, shape, np.uint8, high)
+        got = K.local_entropy(image, fp, backend=backend)
+        assert got.dtype == np.float64 and got.shape == shape
+        assert_close(got, skimage_entropy(image, fp), 1e-9, f"{fp_name} {shape} high={high}")
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("high", [3, 1000, 4096, 65536])
+def test_matches_skimage_uint16(backend, high):
+    rng = np.random.default_rng(high)
+    shape = (9, 11) if high == 65536 else (40, 37)
+    image = random_image(rng, shape, np.uint16, high)
+    if high > 3:
+        image[0, 0] = high - 1  # the largest value sets scikit-image's bin count
+    for fp in (disk(2), np.ones((2, 3), bool)):
+        with pytest.warns(UserWarning) if high > 1023 else _no_warning():
+            expected = skimage_entropy(image, fp)
+        assert_close(K.local_entropy(image, fp, backend=backend), expected, 1e-9)
+
+
+class _no_warning:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("mask_kind", ["per_image", "spatial"])
+def test_mask_and_batch(backend, mask_kind):
+    rng = np.random.default_rng(3)
+    images = random_image(rng, (2, 3, 19, 23), np.uint8, 7)
+    mask_shape = images.shape if mask_kind == "per_image" else images.shape[-2:]
+    mask = rng.random(mask_shape) < 0.6
+    got = K.local_entropy(images, disk(2), mask=mask, backend=backend)
+    assert_close(got, skimage_stack(images, disk(2), mask), 1e-9, "masked batch")
+    means = K.mean_local_entropy(images, disk(2), mask=mask, backend=backend)
+    assert means.shape == (2, 3)
+    assert_close(means, skimage_stack(images, disk(2), mask).mean(axis=(-2, -1)), 1e-9)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_fully_masked_gives_zero(backend):
+    image = random_image(np.random.default_rng(0), (6, 6))
+    got = K.local_entropy(image, disk(1), mask=np.zeros((6, 6), bool), backend=backend)
+    assert (got == 0).all()
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16])
+def test_constant_image_is_exactly_zero(backend, dtype):
+    image = np.full((2, 30, 40), 200, dtype)
+    for fp in FOOTPRINTS.values():
+        assert (K.local_entropy(image, fp, backend=backend) == 0).all()
+        assert (K.mean_local_entropy(image, fp, backend=backend) == 0).all()
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("k", [0, 1, 2, 3, 5, 8])
+def test_equally_frequent_values_give_k_bits(backend, k):
+    """A window holding 2**k values, each equally often, has exactly k bits."""
+    period, repeats = 2**k, 3
+    row = np.arange(period * 6, dtype=np.int64) % period
+    image = np.tile(row * (255 // max(period - 1, 1)), (5, 1)).astype(np.uint8)
+    fp = np.ones((1, period * repeats), np.uint8)
+    got = K.local_entropy(image, fp, backend=backend)
+    half = period * repeats // 2
+    interior = got[:, half : image.shape[1] - (period * repeats - half - 1)]
+    assert interior.size > 0
+    np.testing.assert_allclose(interior, k, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_float32_out_and_torch_input(backend):
+    rng = np.random.default_rng(11)
+    image = random_image(rng, (3, 33, 29))
+    expected = skimage_stack(image, disk(3))
+    out = np.empty(image.shape, np.float32)
+    got = K.local_entropy(image, disk(3), out=out, backend=backend)
+    assert got is out
+    assert_close(out, expected, ENTROPY_ATOL[np.dtype(np.float32)], "float32 out")
+    t = K.local_entropy(torch.from_numpy(image), disk(3), backend=backend)
+    assert isinstance(t, torch.Tensor) and t.dtype == torch.float64
+    assert_close(t.numpy(), expected, 1e-9, "torch input")
+    out_t = torch.empty(image.shape, dtype=torch.float32)
+    K.local_entropy(torch.from_numpy(image), disk(3), out=out_t, backend=backend)
+    assert_close(out_t.numpy(), expected, 1e-5, "torch float32 out")
+    scores = K.mean_local_entropy(torch.from_numpy(image), disk(3), backend=backend)
+    assert isinstance(scores, torch.Tensor)
+    assert_close(scores.numpy(), expected.mean(axis=(-2, -1)), 1e-9)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_non_contiguous_input(backend):
+    rng = np.random.default_rng(5)
+    base = random_image(rng, (40, 60))
+    for view in (base.T, base[::2, 1::3], base[:, ::-1]):
+        assert not view.flags.c_contiguous
+        assert_close(
+            K.local_entropy(view, disk(2), backend=backend), skimage_entropy(view, disk(2)), 1e-9
+        )
+
+
+def test_cpu_results_do_not_depend_on_thread_count():
+    pytest.importorskip("frmap.kernels.cpu._ext")
+    rng = np.random.default_rng(2)
+    images = np.stack([smooth_image(rng, (64, 80)) for _ in range(5)])
+    runs = []
+    for threads in (1, 2, None):
+        K.set_num_threads(threads)
+        runs.append(
+            (
+                K.local_entropy(images, disk(3), backend="cpu"),
+                K.mean_local_entropy(images, disk(3), backend="cpu"),
+            )
+        )
+    for maps, means in runs[1:]:
+        np.testing.assert_array_equal(maps, runs[0][0])
+        np.testing.assert_array_equal(means, runs[0][1])
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    h=st.integers(1, 24),
+    w=st.integers(1, 24),
+    fh=st.integers(1, 7),
+    fw=st.integers(1, 7),
+    levels=st.sampled_from([1, 2, 4, 256]),
+    seed=st.integers(0, 2**31 - 1),
+    masked=st.booleans(),
+)
+def test_property_matches_skimage(h, w, fh, fw, levels, seed, masked):
+    rng = np.random.default_rng(seed)
+    image = random_image(rng, (h, w), np.uint8, levels)
+    fp = random_footprint(rng, (fh, fw))
+    mask = rng.random((h, w)) < 0.8 if masked else None
+    expected = skimage_entropy(image, fp, mask=mask)
+    backend = "auto"  # the C++ kernel where it is built
+    assert_close(K.local_entropy(image, fp, mask=mask, backend=backend), expected, 1e-9)
+    assert_close(
+        K.mean_local_entropy(image, fp, mask=mask, backend=backend), expected.mean(), 1e-9
+    )
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"image": np.zeros((4, 4), np.float32)}, TypeError, "uint8 or uint16, got float32"),
+        ({"image": np.zeros((4, 4), np.int8)}, TypeError, "got int8"),
+        ({"image": np.zeros((4, 4), np.int32)}, TypeError, "got int32"),
+        ({"image": np.zeros(4, np.uint8)}, ValueError, r"\[..., H, W\]"),
+        ({"image": np.zeros((0, 4), np.uint8)}, ValueError, "empty spatial shape"),
+        ({"image": [[1, 2], [3, 4]]}, TypeError, "numpy array or a torch tensor"),
+        ({"footprint": np.zeros((3, 3))}, ValueError, "selects no pixel"),
+        ({"footprint": np.full((3, 3), 2)}, ValueError, "binary"),
+        ({"footprint": np.ones((3, 3, 1))}, ValueError, "2-D"),
+        ({"mask": np.ones((5, 4), bool)}, ValueError, "mask shape"),
+        ({"out": np.empty((4, 4), np.int32)}, TypeError, "float32 or float64"),
+        ({"out": np.empty((4, 5))}, ValueError, "out must be"),
+        ({"backend": "gpu"}, ValueError, "unknown backend 'gpu'"),
+    ],
+)
+def test_bad_input_raises_clear_error(kwargs, error, match):
+    args = {"image": np.zeros((4, 4), np.uint8), "footprint": disk(1)} | kwargs
+    image, footprint = args.pop("image"), args.pop("footprint")
+    with pytest.raises(error, match=match):
+        K.local_entropy(image, footprint, **args)
+
+
+def test_explicit_backend_never_falls_back(monkeypatch):
+    with pytest.raises(ValueError, match="cpu backend takes CPU data"):
+        K.resolve_backend("cpu", on_cuda=True)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(ValueError, match="triton backend takes CUDA tensors"):
+        K.resolve_backend("triton", on_cuda=False)
+    assert K.resolve_backend("auto", on_cuda=True) == "triton"
