@@ -76,36 +76,36 @@ def _cases(quick: bool) -> list[tuple[str, str, tuple[int, ...], int]]:
     return cases
 
 
+def _time_case(case: str, kind: str, shape: tuple[int, ...], radius: int, quick: bool) -> list[Row]:
+    image, fp = bench_image(kind, shape), disk(radius)
+    big = image.size > 300_000
+    expected = _skimage_stack(image, fp).reshape(shape)
+    np.testing.assert_allclose(local_entropy(image, fp, backend="cpu"), expected, atol=1e-9)
+    t_ref = best_time(lambda: _skimage_stack(image, fp), 1 if (quick or big) else 3)
+    times = [("skimage", 1, t_ref)]
+    for threads in (1, 2):
+        set_num_threads(threads)
+        t = best_time(lambda: local_entropy(image, fp, backend="cpu"), 5 if big else 20)
+        times.append(("cpu", threads, t))
+    set_num_threads(None)
+    if torch.cuda.is_available():
+        x = torch.from_numpy(image).cuda()
+        got = local_entropy(x, fp, backend="triton").cpu().numpy()
+        np.testing.assert_allclose(got, expected, atol=1e-9)
+        t = best_time(lambda: local_entropy(x, fp, backend="triton"), 20, sync=True)
+        times.append(("triton", 0, t))
+    return [
+        Row(case, kind, shape, f"disk({radius})", backend, threads, t, t_ref / t,
+            image.size / t / 1e6)
+        for backend, threads, t in times
+    ]
+
+
 def run(quick: bool = False) -> dict:
     """Time every case; return the rows, the targets and the machine."""
     if reason := _cpu_unavailable_reason():
         raise RuntimeError(f"cannot benchmark the cpu backend: {reason}")
-    rows: list[Row] = []
-    for case, kind, shape, radius in _cases(quick):
-        image, fp = bench_image(kind, shape), disk(radius)
-        pixels = image.size
-        big = pixels > 300_000
-        reps = 1 if (quick or big) else 3
-        expected = _skimage_stack(image, fp).reshape(shape)
-        np.testing.assert_allclose(local_entropy(image, fp, backend="cpu"), expected, atol=1e-9)
-        t_ref = best_time(lambda: _skimage_stack(image, fp), reps)
-
-        def add(backend: str, threads: int, seconds: float) -> None:
-            rows.append(Row(case, kind, shape, f"disk({radius})", backend, threads, seconds,
-                            t_ref / seconds, pixels / seconds / 1e6))
-
-        add("skimage", 1, t_ref)
-        for threads in (1, 2):
-            set_num_threads(threads)
-            add("cpu", threads, best_time(lambda: local_entropy(image, fp, backend="cpu"),
-                                          5 if big else 20))
-        set_num_threads(None)
-        if torch.cuda.is_available():
-            x = torch.from_numpy(image).cuda()
-            got = local_entropy(x, fp, backend="triton").cpu().numpy()
-            np.testing.assert_allclose(got, expected, atol=1e-9)
-            add("triton", 0, best_time(lambda: local_entropy(x, fp, backend="triton"), 20,
-                                       sync=True))
+    rows = [r for c in _cases(quick) for r in _time_case(*c, quick=quick)]
     return {"rows": [asdict(r) for r in rows], "targets": _targets(rows), "machine": _machine()}
 
 

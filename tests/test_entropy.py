@@ -5,7 +5,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from helpers import ENTROPY_ATOL, assert_close, random_footprint, random_image, smooth_image
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from skimage.filters.rank import entropy as skimage_entropy
@@ -13,6 +12,8 @@ from skimage.morphology import diamond, disk
 
 import frmap.kernels as K
 from frmap.kernels._backend import _cpu_unavailable_reason
+
+from helpers import ENTROPY_ATOL, assert_close, random_footprint, random_image, smooth_image
 
 CPU_BACKENDS = [
     "reference",

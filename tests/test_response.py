@@ -5,13 +5,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from helpers import assert_close
 from PIL import Image
 from skimage.filters.rank import entropy as skimage_entropy
 from skimage.morphology import disk
 
 import frmap.kernels as K
 from frmap.kernels._backend import _cpu_unavailable_reason
+
+from helpers import assert_close
 
 needs_cpu = pytest.mark.skipif(_cpu_unavailable_reason() is not None, reason="no C++ extension")
 
