@@ -9,6 +9,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from skimage.morphology import diamond, disk
+
+import frmap.kernels as K
+from frmap.kernels._backend import interpreting
+
 from helpers import (
     ENTROPY_ATOL,
     assert_close,
@@ -18,12 +25,6 @@ from helpers import (
     smooth_image,
     unrounded_levels,
 )
-from hypothesis import given, settings
-from hypothesis import strategies as st
-from skimage.morphology import diamond, disk
-
-import frmap.kernels as K
-from frmap.kernels._backend import interpreting
 
 DEVICES = [
     pytest.param(

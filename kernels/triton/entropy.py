@@ -60,6 +60,7 @@ def _entropy_kernel(src_ptr, aux_ptr, mask_ptr, dy_ptr, dx_ptr, log2_ptr, out_pt
                     H, W, K, n_blocks,
                     LOAD: tl.constexpr, C: tl.constexpr, MEAN: tl.constexpr,
                     BLOCK: tl.constexpr, KP: tl.constexpr):
+    """Entropy of BLOCK output pixels into out, or (MEAN) their sum into out[program]."""
     pid = tl.program_id(0)
     image = (pid // n_blocks).to(tl.int64)
     pix = (pid % n_blocks) * BLOCK + tl.arange(0, BLOCK)
@@ -96,23 +97,22 @@ def launch_entropy(
     mask: torch.Tensor | None,
     shape: tuple[int, int, int],
     footprint: np.ndarray,
-    out_dtype: torch.dtype,
     load: triton.JITFunction,
     channels: int = 1,
-    mean: bool = False,
+    out_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
-    """Run `_entropy_kernel` over `shape` = (N, H, W) pixels whose levels `load` reads.
+    """Run `_entropy_kernel` over the (N, H, W) pixels of `shape`, whose levels `load` reads.
 
     Args:
-        src: the data `load` reads (contiguous).
-        aux: a second tensor for `load` (or None).
-        mask: [N, H, W] uint8, nonzero = the pixel counts; or None.
-        shape: (N, H, W) of the output.
+        src: the contiguous data `load` reads.
+        aux: a second tensor for `load`, or None.
+        mask: [N, H, W] contiguous uint8, nonzero = the pixel counts; or None.
+        shape: (N, H, W) of the entropy map.
         footprint: [h, w] uint8 0/1 window.
-        out_dtype: dtype of the entropy map (ignored for the mean, which is float64).
         load: the constexpr loader, see the module docstring.
         channels: C passed to `load`.
-        mean: return the [N] mean of each map instead of the [N, H, W] map.
+        out_dtype: dtype of the returned [N, H, W] map; None returns the [N] float64 mean of
+            each map instead, without materialising it.
 
     Returns:
         [N, H, W] entropy map of `out_dtype`, or [N] float64 means.
@@ -129,6 +129,7 @@ def launch_entropy(
     tile = _GPU_TILE if src.is_cuda else _INTERPRETER_TILE
     block = max(_MIN_BLOCK, min(tile // k_pad, triton.next_power_of_2(h * w)))
     n_blocks = triton.cdiv(h * w, block)
+    mean = out_dtype is None
     if mean:
         out = torch.empty((n, n_blocks), dtype=torch.float64, device=device)
     else:
@@ -152,7 +153,8 @@ def local_entropy(
     """[N, H, W] uint8/uint16 -> [N, H, W] local entropy in bits, `out_dtype` on their device."""
     return launch_entropy(
         _levels_source(images), None, None if mask is None else mask.contiguous(),
-        tuple(images.shape), footprint, getattr(torch, np.dtype(out_dtype).name), _image_levels,
+        tuple(images.shape), footprint, _image_levels,
+        out_dtype=getattr(torch, np.dtype(out_dtype).name),
     )
 
 
@@ -162,5 +164,5 @@ def mean_local_entropy(
     """[N, H, W] uint8/uint16 -> [N] float64 mean of each local-entropy map."""
     return launch_entropy(
         _levels_source(images), None, None if mask is None else mask.contiguous(),
-        tuple(images.shape), footprint, torch.float64, _image_levels, mean=True,
+        tuple(images.shape), footprint, _image_levels,
     )

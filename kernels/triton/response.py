@@ -84,6 +84,5 @@ def response_score(responses: torch.Tensor, footprint: np.ndarray) -> torch.Tens
     """[N, C, H, W] float responses -> [N] float64 mean local entropy of their gray images."""
     n, c, h, w = responses.shape
     return launch_entropy(
-        responses, _stats(responses), None, (n, h, w), footprint, torch.float64, _gray_levels,
-        channels=c, mean=True,
+        responses, _stats(responses), None, (n, h, w), footprint, _gray_levels, channels=c
     )
