@@ -57,6 +57,9 @@ def _model_args(p: argparse.ArgumentParser) -> None:
                         "VGG without it: random weights from --seed")
     p.add_argument("--seed", type=int, default=0, help="seed of random weights and attacks")
     p.add_argument("--batch-size", type=int, default=32, help="images per pass (default 32)")
+    p.add_argument("--labels", default="auto", choices=("auto", "predicted"),
+                   help="true classes of --data images: from file/folder names where present "
+                        "(auto), or the model's own predictions (predicted)")
 
 
 def _engine(model: _Model, args: argparse.Namespace):
@@ -95,11 +98,13 @@ def _labels_from_paths(paths: list[Path]) -> torch.Tensor | None:
     return torch.tensor(labels)
 
 
-def _dataset(model: _Model, folder: str | None, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+def _dataset(model: _Model, folder: str | None, split: str,
+             labels_from: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
     """(images, labels) from an image folder, or the digits split `split` by default.
 
-    Labels come from file or folder names; where there are none, the model's own predictions
-    stand in for them (every image then counts as correctly classified).
+    Labels come from file names (`name_<label>.png`) or class-index folders; where there are
+    none, or with `labels_from="predicted"`, the model's own predictions stand in for them
+    (every image then counts as correctly classified).
     """
     from .images import expand_paths
     from .predict import predict
@@ -115,7 +120,7 @@ def _dataset(model: _Model, folder: str | None, split: str) -> tuple[torch.Tenso
     if not tensors:
         raise ValueError(f"{folder}: no usable image")
     images = torch.stack(tensors)
-    labels = _labels_from_paths(paths)
+    labels = _labels_from_paths(paths) if labels_from == "auto" else None
     return images, labels if labels is not None else predict(model.net, images)[0]
 
 
@@ -158,12 +163,14 @@ def _report_study(model, calibration, test, out: Path, config) -> int:
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from .comparison import ComparisonConfig, compare_detectors, comparison_table
+    from .squeeze import DIGITS, IMAGENET
     from .study import ATTACK_ORDER, StudyConfig
 
     model = _load_model(args)
-    test = _dataset(model, args.data, "test")
+    test = _dataset(model, args.data, "test", args.labels)
     if args.calibration is not None or args.data is None:
-        calibration = _dataset(model, args.calibration, "calibration")
+        calibration = _dataset(model, args.calibration, "calibration", args.labels)
     else:
         calibration, test = _halves(test)
     config = StudyConfig(
@@ -172,7 +179,25 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         rule=args.rule, target=args.target, preprocess=model.preprocess,
         attack_limit=args.limit, batch_size=args.batch_size, seed=args.seed,
     )
-    return _report_study(model.raw, calibration, test, Path(args.out), config)
+    comparison = ComparisonConfig(
+        detectors=tuple(args.detectors.split(",")), attacks=config.attacks, rule=args.rule,
+        target=args.target, preprocess=model.preprocess,
+        squeeze=DIGITS if model.name == "digits" else IMAGENET, attack_limit=args.limit,
+        train_limit=args.limit, batch_size=args.batch_size, seed=args.seed,
+    )
+    if comparison.detectors == ("entropy",):
+        return _report_study(model.raw, calibration, test, Path(args.out), config)
+    if args.train is None and model.name != "digits":
+        raise ValueError(f"--train is needed to compare detectors on model {model.name}")
+    train = _dataset(model, args.train, "train", args.labels)
+    _report_study(model.raw, calibration, test, Path(args.out), config)
+    report = compare_detectors(model.raw, train=train, calibration=calibration, test=test,
+                               out_dir=args.out, config=comparison)
+    print(f"\nDetector comparison (AUC / detection rate at FPR 5%; {comparison.footprint} entropy;"
+          f" combined: logistic regression on {len(report.images['combiner'])} train images):")
+    print(comparison_table([*report.results, *report.per_layer, *report.unseen]))
+    print(f"\nwrote {args.out}/: " + ", ".join(Path(f).name for f in report.files.values()))
+    return 0
 
 
 def _halves(data: tuple[torch.Tensor, torch.Tensor]):
@@ -187,7 +212,7 @@ def _cmd_attack(args: argparse.Namespace) -> int:
     from .adversarial_sets import attack_stats, generate
 
     model = _load_model(args)
-    images, labels = _dataset(model, args.data, "test")
+    images, labels = _dataset(model, args.data, "test", args.labels)
     if args.limit:
         images, labels = images[: args.limit], labels[: args.limit]
     result = generate(args.attack, model.net, images, labels, args.out, seed=args.seed)
@@ -256,7 +281,7 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
     from .predict import predict
 
     model = _load_model(args)
-    images, labels = _dataset(model, args.data, "calibration")
+    images, labels = _dataset(model, args.data, "calibration", args.labels)
     images = images[predict(model.net, images)[0] == labels]
     scores = _engine(model, args).scores(images, parse_footprint(args.footprint)).numpy()
     detector = EntropyDetector.fit(scores, fpr=args.fpr, footprint=args.footprint, rule=args.rule,
@@ -280,7 +305,7 @@ def _cmd_visualize(args: argparse.Namespace) -> int:
     if not tensors:
         return 1
     image = tensors[0]
-    label = _labels_from_paths(paths)
+    label = _labels_from_paths(paths) if args.labels == "auto" else None
     label = label if label is not None else predict(model.net, image[None])[0]
     result = run_attack(make_attack(args.attack), model.net, image[None], label, seed=args.seed)
     adversarials = {args.attack: result.adversarial[0]} if bool(result.success[0]) else {}
@@ -322,17 +347,6 @@ def _rule_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--target", default="conv_max", choices=("conv_max", "logit"))
 
 
-def _bench_responses(args: argparse.Namespace) -> int:
-    from . import bench_responses
-
-    result = bench_responses.run(quick=args.quick)
-    print(bench_responses.table(result))
-    if args.json:
-        write_json(args.json, result)
-        print(f"wrote {args.json}")
-    return 0
-
-
 def build_parser() -> argparse.ArgumentParser:
     from .footprints import STUDY
 
@@ -351,7 +365,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calibration", help="clean calibration folder (default: half of --data)")
     p.add_argument("--attacks", help="comma-separated attacks (default: all five)")
     p.add_argument("--footprints", help=f"comma-separated footprints (default: {','.join(STUDY)})")
-    p.add_argument("--limit", type=int, help="attack at most this many test images")
+    p.add_argument("--limit", type=int,
+                   help="attack at most this many test images (and as many train images)")
+    p.add_argument("--detectors", default="entropy",
+                   help="comma-separated detectors to compare: entropy, knn, distance-lstm, "
+                        "distance-mlp, squeeze (default: entropy, the study alone)")
+    p.add_argument("--train", help="training image folder of the activation-space detectors "
+                                   "(default: the digits train split)")
     p.add_argument("--out", default=str(DEFAULT_OUT), help="output folder (default frmap-out)")
     p.set_defaults(run=_cmd_evaluate)
 

@@ -1,32 +1,138 @@
-"""The `frmap` command line: exit codes, JSON output, clear errors."""
+"""The `frmap` command line end to end: exit codes, JSON output, clear errors, no partial files."""
 
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
+import foolbox
+import numpy as np
 import pytest
+from PIL import Image
 
+from frmap.engine.cli import build_parser
+from frmap.engine.digits import load_digits_split
 from frmap.kernels._backend import _cpu_unavailable_reason
 
 
-def frmap(*args: str) -> subprocess.CompletedProcess:
+def frmap(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "frmap.engine.cli", *args], capture_output=True, text=True
+        [sys.executable, "-m", "frmap.engine.cli", *args], capture_output=True, text=True,
+        input=stdin,
     )
 
 
-def test_help_lists_the_commands():
+@pytest.fixture(scope="module")
+def digit_files(tmp_path_factory) -> Path:
+    """Six test digits as 32x32 PNGs named `d<i>_<label>.png`, plus two bad files."""
+    folder = tmp_path_factory.mktemp("digits")
+    split = load_digits_split("test")
+    for i in range(6):
+        pixels = (split.images[i, 0].numpy() * 255).round().astype(np.uint8)
+        Image.fromarray(pixels).save(folder / f"d{i}_{int(split.labels[i])}.png")
+    (folder / "corrupt.png").write_text("not an image")
+    Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(folder / "colour.png")
+    return folder
+
+
+def test_help_lists_the_commands(capsys):
     result = frmap("--help")
     assert result.returncode == 0
-    assert "bench" in result.stdout
+    for command in ("score", "calibrate", "attack", "evaluate", "visualize", "bench", "demo",
+                    "train-digits"):
+        assert command in result.stdout
+        with pytest.raises(SystemExit) as exit_info:
+            build_parser().parse_args([command, "--help"])
+        assert exit_info.value.code == 0
+        assert "usage: frmap " + command in capsys.readouterr().out
 
 
 def test_unknown_command_fails():
     result = frmap("no-such-command")
     assert result.returncode != 0
     assert "invalid choice" in result.stderr
+
+
+def test_score_reports_and_skips_bad_files(digit_files):
+    result = frmap("score", str(digit_files))
+    assert result.returncode == 1
+    lines = [json.loads(line) for line in result.stdout.splitlines()]
+    assert len(lines) == 6
+    assert {"path", "prediction", "confidence", "score", "flagged"} <= set(lines[0])
+    assert all(line["flagged"] is None for line in lines)
+    assert "corrupt.png: unreadable or corrupt" in result.stderr
+    assert "colour.png: colour image" in result.stderr
+
+
+def test_score_paths_on_stdin_match_arguments(digit_files):
+    files = sorted(str(p) for p in digit_files.glob("d*.png"))
+    by_args = frmap("score", *files)
+    by_stdin = frmap("score", "-", stdin="\n".join(files) + "\n")
+    assert by_args.returncode == by_stdin.returncode == 0
+    assert by_args.stdout == by_stdin.stdout
+
+
+def test_calibrate_then_score_with_detector(digit_files, tmp_path):
+    det = tmp_path / "det.json"
+    result = frmap("calibrate", "--fpr", "0.1", "--footprint", "disk2", "--out", str(det))
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout)
+    assert summary["achieved_fpr"] <= 0.1 and summary["clean_images"] > 300
+    scored = frmap("score", *sorted(str(p) for p in digit_files.glob("d*.png")),
+                   "--detector", str(det))
+    assert scored.returncode == 0, scored.stderr
+    threshold = json.loads(det.read_text())["threshold"]
+    for line in map(json.loads, scored.stdout.splitlines()):
+        assert line["flagged"] == (line["score"] > threshold)
+
+
+def test_detector_from_another_model_is_refused(digit_files, tmp_path):
+    det = tmp_path / "det.json"
+    assert frmap("calibrate", "--out", str(det)).returncode == 0
+    other = tmp_path / "other.safetensors"
+    from safetensors.torch import save_file
+
+    from frmap.engine.digits import load_digits_model
+
+    model = load_digits_model()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    first = next(iter(state))
+    state[first] += 0.01
+    save_file(state, other)
+    result = frmap("score", str(digit_files / "d0_7.png"), "--weights", str(other),
+                   "--detector", str(det))
+    assert result.returncode == 1
+    assert "calibrated for model" in result.stderr
+    for bad, match in (("missing.json", "no such detector"), ("det.txt", "not a detector")):
+        (tmp_path / "det.txt").write_text("{}")
+        result = frmap("score", str(digit_files / "d0_7.png"), "--detector", str(tmp_path / bad))
+        assert result.returncode == 1 and match in result.stderr
+
+
+def test_bad_arguments_fail_clearly(tmp_path):
+    assert "no such file or folder" in frmap("score", str(tmp_path / "nope")).stderr
+    (tmp_path / "empty").mkdir()
+    result = frmap("score", str(tmp_path / "empty"))
+    assert result.returncode == 1 and "holds no image files" in result.stderr
+    result = frmap("score", str(tmp_path), "--footprint", "blob7")
+    assert result.returncode == 1 and "unknown footprint" in result.stderr
+
+
+def test_attack_is_resumable_and_visualize_draws(tmp_path, digit_files):
+    out = tmp_path / "fgsm"
+    first = frmap("attack", "--attack", "fgsm", "--limit", "12", "--out", str(out))
+    assert first.returncode == 0, first.stderr
+    shards = sorted(p.name for p in out.iterdir())
+    again = frmap("attack", "--attack", "fgsm", "--limit", "12", "--out", str(out))
+    assert again.returncode == 0 and sorted(p.name for p in out.iterdir()) == shards
+    assert first.stdout.splitlines()[1] == again.stdout.splitlines()[1]
+    png = tmp_path / "trace.png"
+    result = frmap("visualize", str(digit_files / "d0_7.png"), "--out", str(png))
+    assert result.returncode == 0, result.stderr
+    assert Image.open(png).size[0] > 300
 
 
 @pytest.mark.skipif(_cpu_unavailable_reason() is not None, reason="no C++ extension")
@@ -36,8 +142,36 @@ def test_bench_entropy_quick_writes_json(tmp_path):
     assert result.returncode == 0, result.stderr
     assert "x skimage" in result.stdout
     data = json.loads(out.read_text())
-    backends = {row["backend"] for row in data["rows"]}
-    assert {"skimage", "cpu"} <= backends
-    for row in data["rows"]:
-        assert row["seconds"] > 0
+    assert {"skimage", "cpu"} <= {row["backend"] for row in data["rows"]}
+    assert all(row["seconds"] > 0 for row in data["rows"])
     assert not list(out.parent.glob(".*.tmp")), "temporary file left behind"
+
+
+def test_imagenet_path_end_to_end_with_random_weights(tmp_path):
+    """Mechanics, not accuracy: VGG11 with random weights on foolbox's ImageNet samples."""
+    samples = sorted((Path(foolbox.__file__).parent / "data").glob("imagenet_0[0-3]_*.jpg"))
+    data = tmp_path / "imagenet"
+    data.mkdir()
+    for path in samples:
+        shutil.copy(path, data)
+    out = tmp_path / "study"
+    result = frmap("evaluate", "--model", "vgg11", "--data", str(data), "--labels", "predicted",
+                   "--attacks", "fgsm", "--footprints", "square3", "--batch-size", "2",
+                   "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    assert "fgsm" in result.stdout
+    study = json.loads((out / "study.json").read_text())
+    assert study["model"].startswith("VGG:") and study["footprint"] == "square3"
+    assert (out / "roc.png").exists() and (out / "detector.json").exists()
+
+
+def test_demo_quick_end_to_end(tmp_path):
+    out = tmp_path / "demo"
+    result = frmap("demo", "--quick", "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    for attack in ("fgsm", "gradient", "one_pixel", "deepfool", "boundary"):
+        assert attack in result.stdout
+    for name in ("study.json", "results.json", "results.csv", "attacks.json", "detector.json",
+                 "roc.png", "histogram.png", "trace.png"):
+        assert (out / name).is_file(), name
+    assert not list(out.rglob(".*.tmp")), "temporary file left behind"

@@ -1,0 +1,259 @@
+"""Layer features from one forward pass, and what the activation-space detectors share.
+
+`collect_features` runs the model once over a batch of images and keeps, for each chosen
+layer, its output globally average-pooled over the spatial positions, together with the
+logits. Every detector that needs features or the model's prediction scores from that one
+pass. Models take [0, 1] images, with any normalisation inside the model (ImageNet VGGs as
+`frmap.engine.models.Normalized(vgg)`), so the features see what the responses see.
+
+The rest of the module is the detectors' common ground: a threshold calibrated on clean
+scores (`Threshold`, `Calibrated`) and their file format (`write_detector_file`,
+`read_detector_file`).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import zipfile
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import TypeVar
+
+import numpy as np
+import torch
+from torch import nn
+
+from .detector import calibrate_threshold
+from .io import atomic_write_bytes
+
+
+@dataclass(frozen=True)
+class Features:
+    """Pooled layer outputs and logits of N images.
+
+    Attributes:
+        layers: layer name -> `[N, D]` float32, the output averaged over its spatial positions.
+        logits: `[N, K]` float32, the model's output.
+    """
+
+    layers: dict[str, np.ndarray]
+    logits: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.logits)
+
+    @property
+    def predictions(self) -> np.ndarray:
+        """`[N]` int64, the predicted classes."""
+        return self.logits.argmax(1)
+
+    @property
+    def probabilities(self) -> np.ndarray:
+        """`[N, K]` float64, the softmax of the logits."""
+        z = self.logits.astype(np.float64)
+        e = np.exp(z - z.max(1, keepdims=True))
+        return e / e.sum(1, keepdims=True)
+
+    def layer(self, name: str) -> np.ndarray:
+        """`[N, D]` the features of one layer, with a clear error where there are none."""
+        if name not in self.layers:
+            raise ValueError(f"the features hold no layer {name!r}; they hold {list(self.layers)}")
+        return self.layers[name]
+
+    def take(self, index: np.ndarray) -> Features:
+        """The images at `index` (integers or a boolean mask)."""
+        return Features({k: v[index] for k, v in self.layers.items()}, self.logits[index])
+
+    @classmethod
+    def concat(cls, parts: Sequence[Features]) -> Features:
+        """The images of `parts` one after another (all parts must hold the same layers)."""
+        if not parts:
+            raise ValueError("concat needs at least one part")
+        names = list(parts[0].layers)
+        if any(list(p.layers) != names for p in parts):
+            raise ValueError("concat needs parts with the same layers")
+        return cls(
+            {k: np.concatenate([p.layers[k] for p in parts]) for k in names},
+            np.concatenate([p.logits for p in parts]),
+        )
+
+
+def default_layers(model: nn.Module) -> tuple[str, ...]:
+    """The default feature layers of a VGG-like model, as `model.named_modules()` names.
+
+    The first submodule (the model itself included) with `features` and `classifier`
+    `nn.Sequential`s defines them: the output of every `nn.MaxPool2d` in `features` (the conv
+    blocks; five for torchvision's VGG, three for `DigitsCNN`), then of every `nn.ReLU` in
+    `classifier` (the hidden layers; two for VGG, one for `DigitsCNN`).
+
+    Raises:
+        ValueError: the model has no such layout.
+    """
+    for name, module in model.named_modules():
+        features = getattr(module, "features", None)
+        classifier = getattr(module, "classifier", None)
+        if isinstance(features, nn.Sequential) and isinstance(classifier, nn.Sequential):
+            prefix = f"{name}." if name else ""
+            blocks = [f"{prefix}features.{i}" for i, m in enumerate(features)
+                      if isinstance(m, nn.MaxPool2d)]
+            hidden = [f"{prefix}classifier.{i}" for i, m in enumerate(classifier)
+                      if isinstance(m, nn.ReLU)]
+            if blocks or hidden:
+                return (*blocks, *hidden)
+    raise ValueError(
+        f"{type(model).__name__} has no VGG-like `features`/`classifier` layout; name the layers"
+    )
+
+
+@torch.no_grad()
+def collect_features(
+    model: nn.Module,
+    images: torch.Tensor,
+    layers: Sequence[str] | None = None,
+    *,
+    batch_size: int = 128,
+) -> Features:
+    """Run `model` once over `images` and keep the chosen layers' pooled outputs and the logits.
+
+    A forward hook on each layer averages its output over every dimension after the first
+    (`[B, C, H, W] -> [B, C]`; `[B, D]` stays). The hooks are removed before returning, also
+    when the forward pass raises.
+
+    Args:
+        model: A classifier in eval mode returning logits `[N, K]`.
+        images: `[N, ...]` model inputs; each batch is moved to the model's device.
+        layers: Names from `model.named_modules()`; by default `default_layers(model)`.
+        batch_size: Images per forward pass.
+
+    Returns:
+        The features, float32 on the CPU, in the order of `images`.
+    """
+    names = tuple(default_layers(model) if layers is None else layers)
+    modules = dict(model.named_modules())
+    missing = [n for n in names if n not in modules]
+    if missing:
+        raise ValueError(f"{type(model).__name__} has no layers {missing}")
+    if len(set(names)) != len(names):
+        raise ValueError(f"layers named more than once: {names}")
+    if len(images) == 0 or batch_size < 1:
+        raise ValueError("collect_features needs at least one image and batch_size >= 1")
+    device = next(model.parameters(), torch.empty(0)).device
+    outputs: dict[str, list[torch.Tensor]] = {n: [] for n in names}
+
+    def keep(name: str):
+        def hook(_module: nn.Module, _inputs: object, output: torch.Tensor) -> None:
+            pooled = output.flatten(2).mean(2) if output.ndim > 2 else output.clone()
+            outputs[name].append(pooled.float().cpu())
+        return hook
+
+    handles = [modules[n].register_forward_hook(keep(n)) for n in names]
+    try:
+        logits = []
+        for start in range(0, len(images), batch_size):
+            logits.append(model(images[start:start + batch_size].to(device)).float().cpu())
+            calls = {n: len(v) for n, v in outputs.items() if len(v) != len(logits)}
+            if calls:
+                raise ValueError(f"layers not called exactly once per forward pass: {calls}")
+    finally:
+        for handle in handles:
+            handle.remove()
+    return Features(
+        {n: torch.cat(v).numpy() for n, v in outputs.items()}, torch.cat(logits).numpy()
+    )
+
+
+@dataclass(frozen=True)
+class Threshold:
+    """A decision threshold calibrated on clean scores (flag: score > value).
+
+    Attributes:
+        value: the threshold.
+        fpr: the false-positive rate asked for.
+        achieved_fpr: the share of the `n_clean` calibration scores it flags.
+    """
+
+    value: float
+    fpr: float
+    achieved_fpr: float
+    n_clean: int
+
+    @classmethod
+    def fit(cls, clean_scores: np.ndarray, fpr: float) -> Threshold:
+        """Calibrate with `calibrate_threshold` on clean scores (higher = more adversarial)."""
+        scores = np.asarray(clean_scores, dtype=np.float64)
+        value = calibrate_threshold(scores, fpr)
+        return cls(value, fpr, float((scores > value).mean()), int(scores.size))
+
+
+D = TypeVar("D", bound="Calibrated")
+
+
+class Calibrated:
+    """Threshold calibration and the model check for frozen-dataclass detectors.
+
+    A subclass has the fields `threshold: Threshold | None` and `model: str` (the
+    `model_identity` of the CNN its features come from).
+    """
+
+    threshold: Threshold | None
+    model: str
+
+    def calibrate(self: D, clean_scores: np.ndarray, fpr: float) -> D:
+        """A copy with the threshold calibrated on clean scores to the false-positive rate."""
+        return replace(self, threshold=Threshold.fit(clean_scores, fpr))
+
+    def predict(self, scores: np.ndarray) -> np.ndarray:
+        """`[N]` scores -> `[N]` bool, True = adversarial."""
+        if self.threshold is None:
+            raise ValueError("the detector has no threshold yet; calibrate it first")
+        return np.asarray(scores, dtype=np.float64) > self.threshold.value
+
+    def check_model(self, model: str) -> None:
+        """Raise ValueError unless the features come from the model this detector was fit for."""
+        if model != self.model:
+            raise ValueError(f"the detector was fit for model {self.model}, not for {model}")
+
+
+def threshold_to_json(threshold: Threshold | None) -> dict | None:
+    """A threshold (or None) as a JSON-ready dict."""
+    return None if threshold is None else asdict(threshold)
+
+
+def threshold_from_json(data: dict | None) -> Threshold | None:
+    """The inverse of `threshold_to_json`."""
+    return None if data is None else Threshold(**data)
+
+
+def write_detector_file(
+    path: str | Path, fmt: str, meta: dict, arrays: dict[str, np.ndarray]
+) -> Path:
+    """Write a detector atomically as `.npz`: its arrays plus `meta` as JSON under "meta"."""
+    buf = io.BytesIO()
+    np.savez(buf, meta=np.array(json.dumps({"format": fmt, **meta})), **arrays)
+    return atomic_write_bytes(path, buf.getvalue())
+
+
+def read_detector_file(path: str | Path, fmt: str) -> tuple[dict, dict[str, np.ndarray]]:
+    """Read a file written by `write_detector_file` with format `fmt`: (meta, arrays).
+
+    Raises:
+        FileNotFoundError: no file at `path`.
+        ValueError: not an `.npz` detector file, or one of another format.
+    """
+    path = Path(path)
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            arrays = {k: archive[k] for k in archive.files}
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: no such detector file") from None
+    except (ValueError, TypeError, OSError, EOFError, zipfile.BadZipFile) as err:
+        raise ValueError(f"{path}: not a detector file (not a readable npz: {err})") from None
+    try:
+        meta = json.loads(str(arrays.pop("meta")))
+    except (KeyError, json.JSONDecodeError):
+        meta = None
+    if not isinstance(meta, dict) or meta.pop("format", None) != fmt:
+        raise ValueError(f"{path}: not a detector file (format is not {fmt})")
+    return meta, arrays
