@@ -38,7 +38,7 @@ SPLITS = ("train", "calibration", "test")
 IMAGE_SIZE = 32
 NUM_CLASSES = 10
 CHECKPOINT = Path(__file__).parent / "data" / "digits_cnn.safetensors"
-EPOCHS = 12
+EPOCHS = 20
 
 
 @dataclass(frozen=True)
@@ -77,7 +77,9 @@ class TrainReport:
 def _all_digits() -> tuple[torch.Tensor, torch.Tensor]:
     data = load_digits()
     small = torch.from_numpy(data.images.astype(np.float32) / 16.0)[:, None]
-    images = F.interpolate(small, size=(IMAGE_SIZE, IMAGE_SIZE), mode="bilinear", align_corners=False)
+    images = F.interpolate(
+        small, size=(IMAGE_SIZE, IMAGE_SIZE), mode="bilinear", align_corners=False
+    )
     return images.clamp_(0.0, 1.0), torch.from_numpy(data.target.astype(np.int64))
 
 
@@ -86,9 +88,7 @@ def _split_indices() -> dict[str, np.ndarray]:
     target = _all_digits()[1].numpy()
     every = np.arange(len(target))
     train, held = train_test_split(every, test_size=720, stratify=target, random_state=0)
-    calibration, test = train_test_split(
-        held, test_size=360, stratify=target[held], random_state=0
-    )
+    calibration, test = train_test_split(held, test_size=360, stratify=target[held], random_state=0)
     return {"train": np.sort(train), "calibration": np.sort(calibration), "test": np.sort(test)}
 
 
@@ -139,8 +139,8 @@ def train_digits(
     seed: int = 0,
     epochs: int = EPOCHS,
     *,
-    batch_size: int = 32,
-    lr: float = 2e-3,
+    batch_size: int = 64,
+    lr: float = 3e-3,
     threads: int = 2,
     progress: bool = True,
 ) -> tuple[DigitsCNN, TrainReport]:

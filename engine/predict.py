@@ -23,6 +23,9 @@ def predict(
     if len(images) == 0:
         raise ValueError("predict needs at least one image")
     probs = torch.cat(
-        [model(images[i : i + batch_size]).float().softmax(1) for i in range(0, len(images), batch_size)]
+        [
+            model(images[i : i + batch_size]).float().softmax(1)
+            for i in range(0, len(images), batch_size)
+        ]
     )
     return probs.argmax(1), probs
