@@ -20,6 +20,7 @@ from torch import nn
 from .io import write_json
 
 DEFAULT_OUT = Path("frmap-out")
+DEMO_ATTACKED = 200  # test digits attacked by `frmap demo`: keeps the whole study under 10 min
 _LABEL_IN_NAME = re.compile(r"_(\d+)$")
 
 
@@ -141,7 +142,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
     model = load_digits_model()
     cal, test = load_digits_split("calibration"), load_digits_split("test")
-    config = StudyConfig(attack_limit=40 if args.quick else None, seed=0)
+    config = StudyConfig(attack_limit=40 if args.quick else DEMO_ATTACKED, seed=0)
     return _report_study(model, (cal.images, cal.labels), (test.images, test.labels),
                          Path(args.out), config)
 
@@ -168,11 +169,6 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     from .study import ATTACK_ORDER, StudyConfig
 
     model = _load_model(args)
-    test = _dataset(model, args.data, "test", args.labels)
-    if args.calibration is not None or args.data is None:
-        calibration = _dataset(model, args.calibration, "calibration", args.labels)
-    else:
-        calibration, test = _halves(test)
     config = StudyConfig(
         attacks=tuple(args.attacks.split(",")) if args.attacks else ATTACK_ORDER,
         footprints=tuple(args.footprints.split(",")) if args.footprints else StudyConfig.footprints,
@@ -185,6 +181,11 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         squeeze=DIGITS if model.name == "digits" else IMAGENET, attack_limit=args.limit,
         train_limit=args.limit, batch_size=args.batch_size, seed=args.seed,
     )
+    test = _dataset(model, args.data, "test", args.labels)
+    if args.calibration is not None or args.data is None:
+        calibration = _dataset(model, args.calibration, "calibration", args.labels)
+    else:
+        calibration, test = _halves(test)
     if comparison.detectors == ("entropy",):
         return _report_study(model.raw, calibration, test, Path(args.out), config)
     if args.train is None and model.name != "digits":
@@ -354,7 +355,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("demo", help="the whole detection study on the embedded digits default")
-    p.add_argument("--quick", action="store_true", help="40 attacked images (a smoke run)")
+    p.add_argument("--quick", action="store_true",
+                   help=f"attack 40 test digits instead of {DEMO_ATTACKED} (a smoke run)")
     p.add_argument("--out", default=str(DEFAULT_OUT), help="output folder (default frmap-out)")
     p.set_defaults(run=_cmd_demo)
 

@@ -1,0 +1,187 @@
+"""The detector comparison on a tiny digits setting: rows, no leakage, files, the command line."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from itertools import product
+
+import numpy as np
+import pytest
+import torch
+
+from frmap.engine import comparison
+from frmap.engine.comparison import (
+    COMBINED,
+    DETECTORS,
+    ComparisonConfig,
+    compare_detectors,
+    comparison_table,
+)
+from frmap.engine.digits import load_digits_model, load_digits_split
+from frmap.engine.distance_evolution import DistanceEvolutionDetector, EvolutionConfig
+from frmap.engine.evaluation import AttackEvaluation
+from frmap.engine.features import default_layers
+from frmap.engine.knn import KNNConfig, KNNDetector
+from frmap.engine.squeeze import DIGITS
+
+ATTACKS = ("fgsm", "deepfool")
+NETWORKS = ("distance-lstm", "distance-mlp")
+
+
+def _split(name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    s = load_digits_split(name)
+    return s.images, s.labels
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """One comparison of every detector, recording what each fit and combination was given."""
+    model = load_digits_model()
+    layers = default_layers(model)
+    config = ComparisonConfig(
+        attacks=ATTACKS, knn=KNNConfig(layers[-1], components=16, k=10),
+        evolution=EvolutionConfig(layers, epochs=2), squeeze=DIGITS, attack_limit=40,
+        train_limit=60,
+    )
+    calls: dict[str, list] = {"knn": [], "network": [], "combiner": []}
+    knn_fit, network_fit, combine = (KNNDetector.fit.__func__,
+                                     DistanceEvolutionDetector.fit.__func__, comparison._combine)
+
+    def record_knn(cls, features, *args, **kwargs):
+        calls["knn"].append(len(features))
+        return knn_fit(cls, features, *args, **kwargs)
+
+    def record_network(cls, reference, labels, train, validation, *args, **kwargs):
+        calls["network"].append((len(reference), train, validation))
+        return network_fit(cls, reference, labels, train, validation, *args, **kwargs)
+
+    def record_combiner(scorers, parts, scores):
+        calls["combiner"].extend(parts)
+        return combine(scorers, parts, scores)
+
+    out = tmp_path_factory.mktemp("comparison")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(KNNDetector, "fit", classmethod(record_knn))
+            mp.setattr(DistanceEvolutionDetector, "fit", classmethod(record_network))
+            mp.setattr(comparison, "_combine", record_combiner)
+            report = compare_detectors(
+                model, train=_split("train"), calibration=_split("calibration"),
+                test=_split("test"), out_dir=out, config=config, progress=False,
+            )
+    finally:
+        torch.set_num_threads(threads)
+    return report, out, calls, layers
+
+
+def test_one_row_per_detector_and_attack_plus_combined(run):
+    report, *_ = run
+    keys = [(r.detector, r.attack) for r in report.results]
+    assert sorted(keys) == sorted(product((*DETECTORS, COMBINED), ATTACKS))
+    assert set(report.combiner) == set(DETECTORS)
+    test = report.images["test"]
+    assert all(r.n_clean == len(test) and r.n_adversarial > 0 for r in report.results)
+    assert all(0.0 <= r.auc <= 1.0 for r in report.results)
+
+
+def test_knn_per_layer_and_leave_one_attack_out_rows(run):
+    report, _, _, layers = run
+    assert sorted((r.detector, r.attack) for r in report.per_layer) == sorted(
+        product((f"knn:{layer}" for layer in layers), ATTACKS))
+    assert sorted((r.detector, r.attack) for r in report.unseen) == sorted(
+        product((f"{n} unseen" for n in NETWORKS), ATTACKS))
+    for name, attack in product(NETWORKS, ATTACKS):
+        assert attack not in report.training[f"{name} unseen:{attack}"].validation_auc
+
+
+def test_no_image_on_both_sides(run):
+    report, _, calls, _ = run
+    fit, validation, combiner = (set(report.images[r]) for r in ("fit", "validation", "combiner"))
+    assert fit and validation and combiner
+    assert not fit & validation and not fit & combiner and not validation & combiner
+    # Every detector learns from the fit images only, the combination from the combiner ones.
+    assert calls["knn"] and set(calls["knn"]) == {len(fit)}
+    assert len(calls["network"]) == len(NETWORKS) * (1 + len(ATTACKS))
+    for n_reference, train, valid in calls["network"]:
+        assert n_reference == len(fit)
+        assert set(train.image) <= fit and set(valid.image) <= validation
+        assert not set(train.image) & set(valid.image)
+    held_out = [set(ATTACKS) - set(t.attacks) for _, t, _ in calls["network"]]
+    assert sorted(map(sorted, held_out)) == [[], [], *sorted([[a] for a in ATTACKS] * 2)]
+    assert {int(i) for p in calls["combiner"] for i in p.image} <= combiner
+    # The train images used share no image with the calibration and test images evaluated.
+    train_images = _split("train")[0]
+    used = {train_images[i].numpy().tobytes() for i in fit | validation | combiner}
+    for name in ("calibration", "test"):
+        images = _split(name)[0]
+        assert not used & {images[i].numpy().tobytes() for i in report.images[name]}
+
+
+def test_files_written(run):
+    report, out, _, _ = run
+    rows = json.loads((out / "comparison.json").read_text())
+    assert len(rows) == len(report.results) + len(report.per_layer) + len(report.unseen)
+    assert len((out / "comparison.csv").read_text().splitlines()) == len(rows) + 1
+    assert json.loads((out / "comparison-report.json").read_text())["model"] == report.model
+    for attack in ATTACKS:
+        assert (out / f"comparison-roc-{attack}.png").stat().st_size > 0
+        assert (out / "adversarial" / attack / "manifest.json").is_file()
+        assert (out / "adversarial-train" / attack / "manifest.json").is_file()
+    assert not list(out.glob(".*.tmp"))
+
+
+def _row(detector: str, attack: str, auc: float, dr: float) -> AttackEvaluation:
+    return AttackEvaluation(detector, attack, 10, 10, auc, {"1%": 0.0, "5%": dr, "10%": 1.0},
+                            {}, 0.05, 1.0, dr)
+
+
+def test_table_cells_and_mean():
+    lines = comparison_table([
+        _row("knn", "fgsm", 0.9, 0.5), _row("knn", "deepfool", 0.7, 0.3),
+        _row("knn unseen", "deepfool", 0.6, 0.2),
+    ]).splitlines()
+    assert lines[0].split() == ["detector", "fgsm", "deepfool", "mean"]
+    assert lines[2].split() == ["knn", "0.900", "/", "0.500", "0.700", "/", "0.300",
+                                "0.800", "/", "0.400"]
+    assert lines[3].split() == ["knn", "unseen", "-", "0.600", "/", "0.200", "0.600", "/",
+                                "0.200"]
+
+
+@pytest.mark.parametrize("kwargs", [
+    {"detectors": ("entropy", "nope")}, {"detectors": ()}, {"attacks": ("nope",)},
+    {"footprint": "nope"}, {"combiner_fraction": 0.6, "validation_fraction": 0.4},
+])
+def test_config_rejects_bad_values(kwargs):
+    with pytest.raises(ValueError):
+        ComparisonConfig(**kwargs)
+
+
+def _frmap(*args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "frmap.engine.cli", *args],
+                          capture_output=True, text=True, env=env)
+
+
+def test_cli_evaluate_compares_detectors(tmp_path):
+    result = _frmap("evaluate", "--detectors", "entropy,knn,squeeze", "--attacks", "fgsm",
+                    "--limit", "20", "--out", str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    table = result.stdout.split("Detector comparison")[1].splitlines()
+    assert table[1].split() == ["detector", "fgsm", "mean"]
+    assert [line.split()[0] for line in table[3:9]] == ["entropy", "knn", "squeeze", COMBINED,
+                                                        "knn:features.4", "knn:features.9"]
+    assert (tmp_path / "results.json").is_file() and (tmp_path / "comparison.csv").is_file()
+    rows = json.loads((tmp_path / "comparison.json").read_text())
+    assert np.isfinite([r["auc"] for r in rows]).all()
+
+
+def test_cli_rejects_unknown_detector(tmp_path):
+    result = _frmap("evaluate", "--detectors", "entropy,nope", "--out", str(tmp_path))
+    assert result.returncode == 1
+    assert "unknown detectors ['nope']" in result.stderr
+    assert not any(tmp_path.iterdir())
