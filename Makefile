@@ -17,7 +17,7 @@ $(VENV)/.installed: $(SOURCES)
 install: $(VENV)/.installed
 
 demo: install
-	$(BIN)/frmap bench entropy
+	$(BIN)/frmap demo
 
 test: install
 	$(BIN)/python -m pytest -q

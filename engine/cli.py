@@ -149,15 +149,16 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 def _report_study(model, calibration, test, out: Path, config) -> int:
     from .evaluation import table
-    from .study import run_study
+    from .study import MIN_ADVERSARIALS, run_study
 
     report = run_study(model, calibration, test, out, config)
     print("\nAttacks (only successful adversarials are kept):")
     _print_stats(report.attacks)
-    print(f"\nDetection (calibrated on {len(calibration[0])} clean images, "
-          f"reported on held-out ones):")
+    print("\nDetection (thresholds from the clean calibration images, metrics on held-out "
+          "clean test images and the adversarials):")
     print(table(report.results))
-    print("\nfootprint study, mean AUC over attacks: " + ", ".join(
+    print("\nfootprint study, mean AUC over the attacks with at least "
+          f"{MIN_ADVERSARIALS} adversarials: " + ", ".join(
         f"{k} {v:.3f}" for k, v in report.footprint_auc.items()) + f" -> {report.footprint}")
     print(f"\nwrote {out}/: " + ", ".join(Path(f).name for f in report.files.values()))
     return 0

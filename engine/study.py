@@ -31,6 +31,7 @@ from .predict import predict
 from .responses import ResponseEngine
 
 ATTACK_ORDER = ("fgsm", "gradient", "one_pixel", "deepfool", "boundary")
+MIN_ADVERSARIALS = 10
 
 
 @dataclass(frozen=True)
@@ -170,8 +171,14 @@ def run_study(
                         detector=f"entropy-{fp}", attack=a, operating_fpr=config.operating_fpr)
         for fp in footprints for a in adv_scores
     ]
-    footprint_auc = {fp: float(np.mean([r.auc for r in results if r.detector == f"entropy-{fp}"]))
-                     for fp in footprints}
+    # The footprint is chosen by the mean AUC over the attacks with enough adversarials to
+    # measure (an attack that fooled a handful of images would decide by chance).
+    measured = {a for a, s in sets.items() if len(s.images) >= MIN_ADVERSARIALS} or set(adv_scores)
+    footprint_auc = {
+        fp: float(np.mean([r.auc for r in results
+                           if r.detector == f"entropy-{fp}" and r.attack in measured]))
+        for fp in footprints
+    }
     best = max(footprint_auc, key=footprint_auc.__getitem__)
 
     detector = EntropyDetector.fit(calib_scores[best], fpr=config.operating_fpr, footprint=best,

@@ -6,15 +6,35 @@ the C++ kernel; `triton`: CUDA tensors) and returns the same kind of array it wa
 
 from ._backend import BACKENDS, get_num_threads, resolve_backend, set_num_threads
 from .entropy import local_entropy, mean_local_entropy
+from .relu_rules import (
+    RULE_BACKENDS,
+    RULES,
+    ReLUMask,
+    ReLURule,
+    ReLURuleFunction,
+    relu_backward,
+    relu_forward,
+    relu_rule,
+    swap_relus,
+)
 from .response import response_score, response_to_image
 
 __all__ = [
     "BACKENDS",
+    "RULES",
+    "RULE_BACKENDS",
+    "ReLUMask",
+    "ReLURule",
+    "ReLURuleFunction",
     "get_num_threads",
     "local_entropy",
     "mean_local_entropy",
+    "relu_backward",
+    "relu_forward",
+    "relu_rule",
     "resolve_backend",
     "response_score",
     "response_to_image",
     "set_num_threads",
+    "swap_relus",
 ]

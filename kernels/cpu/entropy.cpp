@@ -129,7 +129,14 @@ void entropy_row(const Idx* center, int64_t w, const Window& win, const Tables& 
     for (int64_t off : win.all) --hist[last[off]];  // leave the histogram empty for the next row
 }
 
-int resolve_threads(int threads) { return threads > 0 ? threads : omp_get_max_threads(); }
+// Threads for a call over `pixels` pixels: `threads` if set, else OpenMP's default; one thread for
+// small work (a single 224x224 image takes under a millisecond, less than waking an idle core
+// costs on some virtual machines).
+constexpr int64_t kParallelPixels = int64_t(1) << 18;
+int resolve_threads(int threads, int64_t pixels) {
+    if (threads > 0) return threads;
+    return pixels < kParallelPixels ? 1 : omp_get_max_threads();
+}
 
 // Runs `per_row(image, row, centre pointer, histogram)` for every row of every image. The work is
 // split into bands of rows, each padded into a thread-local buffer and handed out dynamically,
@@ -140,7 +147,7 @@ void for_each_row(const In* images, const uint8_t* mask, int64_t n, int64_t h, i
     constexpr int64_t kBand = 32;
     const Idx pad = Idx(nbins);
     const int64_t bands = (h + kBand - 1) / kBand;
-#pragma omp parallel num_threads(resolve_threads(threads))
+#pragma omp parallel num_threads(resolve_threads(threads, n * h * w))
     {
         std::vector<Idx> buf(size_t((kBand + win.top + win.bottom) * win.pw));
         std::vector<int32_t> hist(size_t(nbins + 1), 0);
@@ -300,7 +307,7 @@ void response_image_into(const Responses& responses, uint8_t* gray, int threads)
     const int64_t hw = int64_t(responses.shape(2)) * int64_t(responses.shape(3));
     if (c != 1 && c != 3) throw std::invalid_argument("responses must have 1 or 3 channels");
     auto run = [&](const auto* r) {
-#pragma omp parallel for schedule(dynamic) num_threads(resolve_threads(threads))
+#pragma omp parallel for schedule(dynamic) num_threads(resolve_threads(threads, n * c * hw))
         for (int64_t i = 0; i < n; ++i) response_image_one(r + i * c * hw, c, hw, gray + i * hw);
     };
     if (responses.dtype() == nb::dtype<float>())

@@ -1,0 +1,37 @@
+"""pytest-benchmark: guided conv_max responses of VGG19, the engine's two paths vs Captum.
+
+Run with `pytest bench/bench_responses.py --benchmark-only`; each group is one batch size, with
+Captum's GuidedBackprop as the baseline. Peak memory needs fresh processes: `frmap bench
+responses` measures it.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from frmap.engine.bench_responses import FULL, METHODS, bench_images, runner
+from frmap.engine.models import load_vgg
+
+
+@pytest.fixture(scope="module")
+def vgg():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(FULL.threads)
+    yield load_vgg(FULL.arch, seed=0)
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("batch", FULL.batches)
+def test_responses(benchmark, vgg, batch, method):
+    x = bench_images(batch, FULL.size)
+    run = runner(vgg, method, batch)
+    if method != "captum":
+        expected = runner(vgg, "captum", batch)(x)
+        got = run(x)
+        assert float((got - expected).abs().max()) <= 1e-4 * float(expected.abs().max())
+    benchmark.group = f"responses {FULL.arch} {FULL.size}x{FULL.size} batch {batch}"
+    benchmark.extra_info.update(method=method, batch=batch, threads=FULL.threads,
+                                torch=torch.__version__, images=batch)
+    benchmark.pedantic(run, args=(x,), rounds=2, warmup_rounds=1)

@@ -1,0 +1,332 @@
+"""The memory-lean reverse walk: feature responses of sequential CNNs without autograd.
+
+Autograd keeps every activation of the forward pass. The responses need far less: a ReLU rule
+needs `f > 0` (1 bit per element, `frmap.kernels.relu_forward`), a max-pool the position of
+each window's maximum (max_pool2d's int64 index, 2 bytes per element of its input), and
+convolutions, linear layers, batch norm
+and average pools are linear, so their transposes need only weights and shapes. The walk runs
+the layers forward under `no_grad` keeping just that, then walks back:
+
+    conv        R_in = conv_transpose2d(R, W)          (the input gradient of the conv)
+    linear      R_in = R @ W
+    batch norm  R_in = R * gamma / sqrt(running_var + eps)
+    max-pool    R_in = R unpooled to each window's maximum (max_pool2d's argmax)
+    ReLU        R_in = the rule, from the mask
+    avg-pool, flatten: the vector-Jacobian product of the (linear) layer
+    normalisation      R_in = R / std
+
+A ReLU followed by a max-pool is walked as the pool followed by the ReLU: they commute
+(max(relu(a)) = relu(max(a))), and the first maximum of relu(a) in a window is that of `a`
+when the window holds a positive value and its first position otherwise, which the pool step
+records. The mask is then 4x smaller and the rule runs at the pooled resolution. Activations
+are kept channels-last, which lets oneDNN convolve without reordering copies. The peak is set
+by the largest activations: a step holds its input and output, next to the masks and indices
+(large same-shape convolutions run in place, half a batch at a time, see `_Conv`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from frmap.kernels import ReLURule, relu_backward, relu_forward
+
+from .models import Normalized
+
+# Parameter-free linear layers walked back by their vector-Jacobian product.
+_LINEAR_MAPS = (nn.Flatten, nn.AvgPool2d, nn.AdaptiveAvgPool2d)
+# Layers that are the identity in eval mode.
+_IDENTITIES = (nn.Identity, nn.Dropout, nn.Dropout2d)
+# Convolutions with activations this large run in place, half a batch at a time (the copy
+# costs about 5% of such a convolution's time).
+_IN_PLACE_BYTES = 64 << 20
+
+
+def sequential_layers(net: nn.Module) -> list[nn.Module] | None:
+    """The leaf layers `net` chains, or None when it is not a chain the walk can follow.
+
+    Chains: `nn.Sequential` (and subclasses that keep its forward), `Normalized` around a
+    chain, and modules made of `features`, an optional `avgpool` and `classifier`
+    (torchvision's VGG layout, forward assumed to be classifier(flatten(avgpool(features(x))))).
+    The engine checks that assumption numerically.
+    """
+    if isinstance(net, Normalized):
+        inner = sequential_layers(net.model)
+        return None if inner is None else [net, *inner]
+    if isinstance(net, nn.Sequential) and type(net).forward is nn.Sequential.forward:
+        parts = [sequential_layers(child) for child in net]
+        return None if any(p is None for p in parts) else [m for p in parts for m in p]
+    children = dict(net.named_children())
+    if not children:
+        return [net] if _supported(net) else None
+    if set(children) in ({"features", "classifier"}, {"features", "avgpool", "classifier"}):
+        chain = [children["features"], children.get("avgpool"), nn.Flatten(),
+                 children["classifier"]]
+        return sequential_layers(nn.Sequential(*(m for m in chain if m is not None)))
+    return None
+
+
+def _supported(layer: nn.Module) -> bool:
+    if isinstance(layer, nn.Conv2d):
+        return layer.padding_mode == "zeros" and not isinstance(layer.padding, str)
+    if isinstance(layer, nn.MaxPool2d):
+        return (_pair(layer.kernel_size) == _pair(layer.stride) and _pair(layer.padding) == (0, 0)
+                and _pair(layer.dilation) == (1, 1) and not layer.ceil_mode
+                and not layer.return_indices)
+    if isinstance(layer, nn.BatchNorm2d):
+        return layer.running_var is not None
+    return isinstance(layer, (nn.ReLU, ReLURule, nn.Linear, *_LINEAR_MAPS, *_IDENTITIES))
+
+
+def _pair(value: int | Sequence[int]) -> tuple[int, int]:
+    return (value, value) if isinstance(value, int) else tuple(value)
+
+
+def conv_max_index(layers: Sequence[nn.Module]) -> int:
+    """Index of the last ReLU whose nearest preceding conv or linear layer is a convolution.
+
+    Raises:
+        ValueError: no ReLU follows a convolution.
+    """
+    found, last_weighted = None, None
+    for i, layer in enumerate(layers):
+        if isinstance(layer, (nn.Conv2d, nn.Linear)):
+            last_weighted = layer
+        elif isinstance(layer, (nn.ReLU, ReLURule)) and isinstance(last_weighted, nn.Conv2d):
+            found = i
+    if found is None:
+        raise ValueError("target 'conv_max' needs an nn.ReLU after a convolution; found none")
+    return found
+
+
+def target_indices(out: torch.Tensor, classes: torch.Tensor | None) -> torch.Tensor:
+    """Indices along dim 1 of `out` whose sum the responses back-propagate.
+
+    Args:
+        out: the target layer's output: the last ReLU after a conv [N, C, H, W] for conv_max,
+            the logits [N, K] otherwise.
+        classes: None for conv_max (the channel-wise maximum at each position); else [N]
+            class indices, -1 meaning the top class.
+
+    Returns:
+        [N, 1, H, W] or [N, 1] int64 indices.
+
+    Raises:
+        ValueError: a class index out of range.
+    """
+    if classes is None:
+        return out.max(dim=1, keepdim=True).indices
+    if bool((classes >= out.shape[1]).any()):
+        raise ValueError(f"class index {int(classes.max())} is out of range: the model has "
+                         f"{out.shape[1]} outputs")
+    return torch.where(classes < 0, out.argmax(1), classes).view(-1, 1)
+
+
+class _Step:
+    """One layer of the walk: `forward` returns the output and what `backward` needs."""
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, object]:
+        raise NotImplementedError
+
+    def backward(self, r: torch.Tensor, saved: object) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class _Normalize(_Step):
+    def __init__(self, layer: Normalized) -> None:
+        self.layer = layer
+
+    def forward(self, x):
+        return self.layer.normalize(x), None
+
+    def backward(self, r, saved):
+        return r / self.layer.std.to(r)
+
+
+class _Conv(_Step):
+    """Convolution; its transpose is its input gradient.
+
+    Images do not interact, so a large convolution whose output has its input's shape runs in
+    place, half a batch at a time (both ways): the largest layers then hold 1.5 activations
+    instead of 2, for one copy of the activation.
+    """
+
+    def __init__(self, layer: nn.Conv2d) -> None:
+        self.layer = layer
+
+    def forward(self, x):
+        return self._apply(self.layer, x), x.shape[-2:]
+
+    def backward(self, r, in_size):
+        c = self.layer
+        # conv_transpose2d's output size is ambiguous for strides > 1: output_padding fixes it.
+        extra = [size - ((out - 1) * s - 2 * p + d * (k - 1) + 1) for size, out, s, p, d, k in
+                 zip(in_size, r.shape[-2:], c.stride, c.padding, c.dilation, c.kernel_size,
+                     strict=True)]
+        return self._apply(lambda t: F.conv_transpose2d(
+            t, c.weight, stride=c.stride, padding=c.padding, output_padding=extra,
+            groups=c.groups, dilation=c.dilation), r)
+
+    def _apply(self, fn, x: torch.Tensor) -> torch.Tensor:
+        c = self.layer
+        same_shape = c.in_channels == c.out_channels and c.stride == (1, 1) and all(
+            d * (k - 1) == 2 * p for d, k, p in zip(c.dilation, c.kernel_size, c.padding,
+                                                    strict=True))
+        if not same_shape or len(x) < 2 or x.numel() * x.element_size() < _IN_PLACE_BYTES:
+            return fn(x)
+        for part in x.split((len(x) + 1) // 2):
+            part.copy_(fn(part))
+        return x
+
+
+class _BatchNorm(_Step):
+    def __init__(self, layer: nn.BatchNorm2d) -> None:
+        scale = torch.rsqrt(layer.running_var + layer.eps)
+        self.layer = layer
+        self.scale = (scale if layer.weight is None else layer.weight * scale).view(1, -1, 1, 1)
+
+    def forward(self, x):
+        return self.layer(x), None
+
+    def backward(self, r, saved):
+        return r.mul_(self.scale.to(r))
+
+
+class _Linear(_Step):
+    def __init__(self, layer: nn.Linear) -> None:
+        self.layer = layer
+
+    def forward(self, x):
+        return self.layer(x), None
+
+    def backward(self, r, saved):
+        return r @ self.layer.weight
+
+
+class _LinearMap(_Step):
+    def __init__(self, layer: nn.Module) -> None:
+        self.layer = layer
+
+    def forward(self, x):
+        return self.layer(x), (x.shape, x.dtype, x.device)
+
+    def backward(self, r, saved):
+        shape, dtype, device = saved
+        with torch.enable_grad():
+            z = torch.zeros(shape, dtype=dtype, device=device, requires_grad=True)
+            (grad,) = torch.autograd.grad(self.layer(z), z, r)
+        return grad
+
+
+class _ReLU(_Step):
+    def __init__(self, rule: str) -> None:
+        self.rule = rule
+
+    def forward(self, x):
+        return relu_forward(x, self.rule, inplace=True)
+
+    def backward(self, r, mask):
+        return relu_backward(r, mask, self.rule, inplace=True)
+
+
+class _MaxPool(_Step):
+    """Max-pool with stride = kernel; keeps each window's argmax (max_pool2d's indices)."""
+
+    def __init__(self, layer: nn.MaxPool2d, first_if_dead: bool) -> None:
+        self.kernel = _pair(layer.kernel_size)
+        self.first_if_dead = first_if_dead
+
+    def forward(self, x):
+        y, argmax = F.max_pool2d(x, self.kernel, return_indices=True)
+        if self.first_if_dead:
+            # relu(x) is 0 all over a window without a positive value: its first position wins
+            (oh, ow), (kh, kw), width = y.shape[-2:], self.kernel, x.shape[-1]
+            first = (torch.arange(oh, device=x.device)[:, None] * kh * width
+                     + torch.arange(ow, device=x.device) * kw)
+            argmax = torch.where(y > 0, argmax, first)
+        return y, (argmax, x.shape[-2:])
+
+    def backward(self, r, saved):
+        argmax, size = saved
+        return F.max_unpool2d(r, argmax, self.kernel, output_size=size)
+
+
+def _steps(layers: Sequence[nn.Module], rule: str) -> list[_Step]:
+    steps: list[_Step] = []
+    layers = [m for m in layers if not isinstance(m, _IDENTITIES)]
+    i = 0
+    while i < len(layers):
+        layer = layers[i]
+        following = layers[i + 1] if i + 1 < len(layers) else None
+        if isinstance(layer, (nn.ReLU, ReLURule)) and isinstance(following, nn.MaxPool2d):
+            # deconvnet passes signal through windows without a positive value: route it as
+            # max_pool2d would after the ReLU; the other rules stop it at the pooled ReLU.
+            steps += [_MaxPool(following, first_if_dead=rule == "deconvnet"), _ReLU(rule)]
+            i += 2
+            continue
+        if isinstance(layer, (nn.ReLU, ReLURule)):
+            steps.append(_ReLU(rule))
+        elif isinstance(layer, nn.MaxPool2d):
+            steps.append(_MaxPool(layer, first_if_dead=False))
+        elif isinstance(layer, Normalized):
+            steps.append(_Normalize(layer))
+        elif isinstance(layer, nn.Conv2d):
+            steps.append(_Conv(layer))
+        elif isinstance(layer, nn.BatchNorm2d):
+            steps.append(_BatchNorm(layer))
+        elif isinstance(layer, nn.Linear):
+            steps.append(_Linear(layer))
+        else:
+            steps.append(_LinearMap(layer))
+        i += 1
+    return steps
+
+
+class ReverseWalk:
+    """Responses of a chain of layers (see `sequential_layers`) by the reverse walk.
+
+    Args:
+        layers: the chain, as `sequential_layers` returns it; modules in eval mode while used.
+        rule: "gradient", "deconvnet" or "guided".
+    """
+
+    def __init__(self, layers: Sequence[nn.Module], rule: str) -> None:
+        self.layers = list(layers)
+        self.rule = rule
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """The chain's output (what the model returns), through the walk's own forward."""
+        with torch.no_grad():
+            return self._forward(_steps(self.layers, self.rule), x)[0]
+
+    def responses(self, x: torch.Tensor, classes: torch.Tensor | None) -> torch.Tensor:
+        """[N, C, H, W] responses of the images `x` (as the chain takes them).
+
+        Args:
+            x: [N, C, H, W] float images.
+            classes: [N] class indices to back-propagate (-1: the top class), or None for
+                'conv_max' (the sum over positions of the channel-wise maximum of the last ReLU
+                after a convolution).
+        """
+        end = conv_max_index(self.layers) + 1 if classes is None else len(self.layers)
+        steps = _steps(self.layers[:end], self.rule)
+        with torch.no_grad():
+            out, saved = self._forward(steps, x)
+            # the derivative of the target (a sum of entries of `out`): 1 at those entries
+            r = torch.zeros_like(out).scatter_(1, target_indices(out, classes), 1.0)
+            del out
+            for step in reversed(steps):
+                r = step.backward(r, saved.pop())
+        return r.contiguous()
+
+    @staticmethod
+    def _forward(steps: list[_Step], x: torch.Tensor) -> tuple[torch.Tensor, list[object]]:
+        x = x.clone(memory_format=torch.channels_last)  # steps may work in place
+        saved = []
+        for step in steps:
+            x, keep = step.forward(x)
+            saved.append(keep)
+        return x, saved

@@ -1,0 +1,181 @@
+"""ReLU rules: eager torch and Triton against plain-autograd oracles; the module and the swap."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from frmap.kernels import (
+    RULES,
+    ReLUMask,
+    ReLURule,
+    relu_backward,
+    relu_forward,
+    relu_rule,
+    swap_relus,
+)
+from frmap.kernels.relu_rules import _CHUNK
+
+
+def oracle(x: torch.Tensor, grad: torch.Tensor, rule: str) -> torch.Tensor:
+    """R_in of `rule` by plain autograd on float64 copies: a tensor hook, no custom Function."""
+    x = x.detach().double().requires_grad_()
+    # deconvnet ignores f: the ReLU's own backward becomes the identity
+    y = x + (torch.relu(x) - x).detach() if rule == "deconvnet" else torch.relu(x)
+    if rule != "gradient":
+        y.register_hook(lambda g: g.clamp(min=0))  # (R > 0) * R
+    y.backward(grad.double())
+    return x.grad
+
+
+def assert_equal(actual: torch.Tensor, expected: torch.Tensor, what: str) -> None:
+    """Exact equality (the rules only select values) that says which elements differ."""
+    assert actual.shape == expected.shape, f"{what}: shape {actual.shape} != {expected.shape}"
+    bad = actual.double() != expected.double()
+    if bad.any():
+        idx = bad.nonzero()[:5].tolist()
+        raise AssertionError(f"{what}: {int(bad.sum())} of {bad.numel()} differ; first at {idx}")
+
+
+def sample(shape: tuple[int, ...], seed: int, dtype=torch.float32) -> torch.Tensor:
+    """Normal values with about 10% exact zeros (f = 0 is not > 0; R = 0 is not > 0)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(shape, generator=g)
+    return x.masked_fill(torch.rand(shape, generator=g) < 0.1, 0.0).to(dtype)
+
+
+LAYOUTS = {
+    "contiguous": lambda t: t,
+    "channels_last": lambda t: t.contiguous(memory_format=torch.channels_last),
+    "transposed": lambda t: t.transpose(1, 3),
+}
+
+
+@pytest.mark.parametrize("rule", RULES)
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16])
+def test_rule_matches_autograd_oracle(rule, layout, dtype):
+    x = LAYOUTS[layout](sample((2, 5, 6, 7), 0, dtype)).requires_grad_()
+    grad = sample(x.shape, 1, dtype)
+    y = relu_rule(x, rule)
+    assert_equal(y, torch.relu(x.detach()), "forward")
+    y.backward(grad)
+    assert_equal(x.grad, oracle(x, grad, rule).to(dtype), f"{rule} backward")
+
+
+@pytest.mark.parametrize("rule", RULES)
+def test_module_matches_oracle_across_chunks(rule):
+    """More than one torch-path chunk, and a length that is not a multiple of 8."""
+    x = sample((_CHUNK + 13,), 2).requires_grad_()
+    grad = sample(x.shape, 3)
+    ReLURule(rule)(x).backward(grad)
+    assert_equal(x.grad, oracle(x, grad, rule).float(), f"{rule} backward")
+
+
+def test_mask_is_bit_packed_lsb_first():
+    x = torch.tensor([1.0, -1.0, 0.0, 2.0, 3.0, 0.0, 0.0, 0.0, 5.0, -2.0, 7.0])
+    y, mask = relu_forward(x, "guided")
+    assert isinstance(mask, ReLUMask) and mask.shape == x.shape and not mask.channels_last
+    assert mask.bits.dtype == torch.uint8
+    assert mask.bits.tolist() == [0b00011001, 0b00000101]
+    assert_equal(y, torch.relu(x), "forward")
+    assert relu_forward(x, "deconvnet")[1] is None
+
+
+@pytest.mark.parametrize("rule", RULES)
+def test_inplace_pair(rule):
+    x = sample((3, 4, 5, 6), 4).contiguous(memory_format=torch.channels_last)
+    grad = sample(x.shape, 5)
+    expected = oracle(x, grad, rule).float()
+    f = x.clone()
+    y, mask = relu_forward(f, rule, inplace=True)
+    assert y.data_ptr() == f.data_ptr()
+    assert mask is None or mask.channels_last
+    r = grad.contiguous(memory_format=torch.channels_last)
+    out = relu_backward(r, mask, rule, inplace=True)
+    assert out.data_ptr() == r.data_ptr()
+    assert_equal(out, expected, f"{rule} in place")
+
+
+@pytest.mark.triton_interpret
+@pytest.mark.parametrize("shape", [(1,), (7,), (8,), (1000,), (70_001,), (2, 3, 17, 19)])
+@pytest.mark.parametrize("rule", RULES)
+def test_triton_matches_torch_exactly(shape, rule):
+    x = sample(shape, 6)
+    if len(shape) == 4:
+        x = x.contiguous(memory_format=torch.channels_last)
+    grad = sample(shape, 7)
+    y_t, m_t = relu_forward(x, rule, backend="torch")
+    y_k, m_k = relu_forward(x, rule, backend="triton")
+    assert_equal(y_k, y_t, "triton forward")
+    if m_t is not None:
+        assert m_k.channels_last == m_t.channels_last
+        assert torch.equal(m_k.bits, m_t.bits), "triton mask bytes differ"
+    assert_equal(relu_backward(grad, m_k, rule, backend="triton"),
+                 relu_backward(grad, m_t, rule, backend="torch"), "triton backward")
+
+
+@pytest.mark.triton_interpret
+def test_triton_through_autograd():
+    x = sample((4, 3, 8, 8), 8).requires_grad_()
+    grad = sample(x.shape, 9)
+    relu_rule(x, "guided", backend="triton").backward(grad)
+    assert_equal(x.grad, oracle(x, grad, "guided").float(), "triton guided")
+
+
+class Net(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.shared = nn.ReLU()
+        self.body = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(inplace=True),
+                                  nn.Sequential(nn.Conv2d(4, 4, 3), self.shared))
+        self.head = nn.ModuleDict({"act": nn.ReLU(inplace=True)})
+
+    def forward(self, x):
+        return self.head["act"](self.shared(self.body(x)) - 0.1)
+
+
+def test_swap_relus_swaps_all_and_restores():
+    torch.manual_seed(0)
+    net = Net()
+    before = list(net.named_modules(remove_duplicate=False))
+    x = torch.rand(2, 3, 9, 9)
+    expected = net(x)
+    with swap_relus(net, "deconvnet") as names:
+        assert set(names) == {"shared", "body.1", "body.2.1", "head.act"}
+        assert not any(type(m) is nn.ReLU for m in net.modules())
+        assert all(m.rule == "deconvnet" for m in net.modules() if isinstance(m, ReLURule))
+        assert_equal(net(x), expected, "forward while swapped")
+    after = list(net.named_modules(remove_duplicate=False))
+    assert [(n, id(m)) for n, m in after] == [(n, id(m)) for n, m in before]
+    assert_equal(net(x), expected, "forward after")
+
+
+def test_swap_relus_restores_on_error():
+    net = Net()
+    before = [id(m) for m in net.modules()]
+    with pytest.raises(KeyError), swap_relus(net):
+        raise KeyError("boom")
+    assert [id(m) for m in net.modules()] == before
+
+
+def test_bad_input():
+    x = torch.randn(4, 4)
+    with pytest.raises(ValueError, match="unknown rule"):
+        relu_rule(x, "lrp")
+    with pytest.raises(ValueError, match="unknown rule"):
+        ReLURule("lrp")
+    with pytest.raises(ValueError, match="unknown backend"):
+        relu_forward(x, "guided", backend="cuda")
+    with pytest.raises(TypeError, match="floating-point"):
+        relu_forward(torch.ones(4, dtype=torch.int64), "guided")
+    with pytest.raises(ValueError, match="needs the ReLUMask"):
+        relu_backward(x, None, "guided")
+    _, mask = relu_forward(x, "gradient")
+    with pytest.raises(ValueError, match="shape"):
+        relu_backward(torch.randn(2, 8), mask, "gradient")
+    with pytest.raises(ValueError, match="contiguous or channels-last"):
+        relu_forward(x.t(), "guided", inplace=True)
+    with pytest.raises(ValueError, match="unknown rule"), swap_relus(Net(), "saliency"):
+        pass

@@ -1,0 +1,366 @@
+"""ResponseEngine: Captum as oracle, reverse walk vs autograd, batching, the model left intact."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from captum.attr import Deconvolution, GuidedBackprop, Saliency
+from torch import nn
+
+from frmap.engine import Normalized, ResponseEngine, load_vgg, reverse_walk
+from frmap.kernels import RULES, response_score
+
+CAPTUM = {"guided": (GuidedBackprop, {}), "deconvnet": (Deconvolution, {}),
+          "gradient": (Saliency, {"abs": False})}
+
+
+def assert_rel_close(actual, expected, what: str, rtol: float = 1e-5) -> None:
+    """max |actual - expected| <= rtol * max |expected|, saying how many elements differ."""
+    actual, expected = torch.as_tensor(actual).double(), torch.as_tensor(expected).double()
+    assert actual.shape == expected.shape, f"{what}: shape {actual.shape} != {expected.shape}"
+    tol = rtol * float(expected.abs().max())
+    bad = (actual - expected).abs() > tol
+    if bad.any():
+        worst = float((actual - expected).abs().max())
+        raise AssertionError(f"{what}: {int(bad.sum())} of {bad.numel()} differ by more than "
+                             f"{tol:.3g} (max {worst:.3g}); first at {bad.nonzero()[:5].tolist()}")
+
+
+def small_cnn() -> nn.Sequential:
+    """A 1-channel chain: in-place ReLU, batch norm, a max-pool, a stride-2 conv, dropout."""
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.Conv2d(1, 6, 3, padding=1), nn.ReLU(inplace=True),
+        nn.Conv2d(6, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(8, 8, 3, stride=2, padding=1), nn.ReLU(),
+        nn.Flatten(), nn.Linear(8 * 4 * 4, 16), nn.ReLU(), nn.Dropout(), nn.Linear(16, 5),
+    )
+    randomize_batch_norm(net)
+    return net.eval()
+
+
+class Residual(nn.Module):
+    """Not a chain: a skip connection."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(1)
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU())
+        self.block = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(inplace=True),
+                                   nn.Conv2d(8, 8, 3, padding=1))
+        self.act = nn.ReLU()
+        self.head = nn.Linear(8, 4)
+
+    def forward(self, x):
+        h = self.stem(x)
+        return self.head(self.act(h + self.block(h)).mean((2, 3)))
+
+
+def randomize_batch_norm(model: nn.Module) -> None:
+    g = torch.Generator().manual_seed(2)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.1)
+            m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+            m.weight.data.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+            m.bias.data.copy_(torch.randn(m.num_features, generator=g) * 0.1)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """One intra-op thread: steadier on a shared CPU; the results do not depend on it."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def vgg11():
+    return load_vgg("vgg11", seed=0)
+
+
+def images(shape, seed: int = 0) -> torch.Tensor:
+    return torch.rand(shape, generator=torch.Generator().manual_seed(seed))
+
+
+class ConvMaxOf(nn.Module):
+    """Captum's forward for 'conv_max': sum over positions of the channel max of `layer`."""
+
+    def __init__(self, net: nn.Module, layer: nn.Module) -> None:
+        super().__init__()
+        self.net, self.layer = net, layer
+
+    def forward(self, x):
+        seen = []
+
+        def keep(module, args, output):
+            seen.append(output)
+
+        handle = self.layer.register_forward_hook(keep)
+        try:
+            self.net(x)
+        finally:
+            handle.remove()
+        return seen[-1].max(dim=1).values.sum((1, 2))
+
+
+def captum(net: nn.Module, layer: nn.Module, rule: str, x: torch.Tensor, target):
+    method, kwargs = CAPTUM[rule]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # Captum warns that it sets hooks on the ReLUs
+        if target == "conv_max":
+            return method(ConvMaxOf(net, layer)).attribute(x.clone(), **kwargs)
+        with torch.no_grad():
+            top = net(x).argmax(1)
+        classes = top if target == "logit" else torch.as_tensor(target)
+        return method(net).attribute(x.clone(), target=classes, **kwargs)
+
+
+def cases(vgg):
+    """(name, model, captum net, conv_max layer, preprocess, images, paths)."""
+    small, residual = small_cnn(), Residual().eval()
+    return {
+        "vgg11": (vgg, Normalized(vgg), vgg.features[19], "imagenet", images((2, 3, 64, 64)),
+                  ("reverse_walk", "autograd")),
+        "small": (small, small, small[7], None, images((3, 1, 16, 16), 1),
+                  ("reverse_walk", "autograd")),
+        "residual": (residual, residual, residual.act, None, images((2, 3, 12, 12), 2),
+                     ("autograd",)),
+    }
+
+
+@pytest.mark.parametrize("target", ["conv_max", "logit", "classes"])
+@pytest.mark.parametrize("rule", RULES)
+@pytest.mark.parametrize("name", ["vgg11", "small", "residual"])
+def test_matches_captum(vgg11, name, rule, target):
+    model, net, layer, preprocess, x, paths = cases(vgg11)[name]
+    chosen = target if target != "classes" else [(3 * i + 1) % 4 for i in range(len(x))]
+    expected = captum(net, layer, rule, x, chosen)
+    for path in paths:
+        engine = ResponseEngine(model, rule=rule, preprocess=preprocess, path=path)
+        got = engine.responses(x, target=chosen)
+        assert engine.path == path
+        assert_rel_close(got, expected, f"{name} {rule} {target} {path}")
+
+
+@pytest.fixture(scope="module")
+def vgg11_bn():
+    model = load_vgg("vgg11_bn", seed=4)
+    randomize_batch_norm(model)
+    return model
+
+
+@pytest.mark.parametrize("target", ["conv_max", "logit"])
+@pytest.mark.parametrize("rule", RULES)
+def test_reverse_walk_matches_autograd_with_batch_norm(vgg11_bn, rule, target):
+    x = images((2, 3, 48, 48), 3)
+    walk = ResponseEngine(vgg11_bn, rule=rule, target=target, path="reverse_walk")
+    autograd = ResponseEngine(vgg11_bn, rule=rule, target=target, path="autograd")
+    assert_rel_close(walk.responses(x), autograd.responses(x), f"{rule} {target}")
+
+
+def test_in_place_convolutions(vgg11, monkeypatch):
+    """Same-shape convolutions run in place by half batches once activations are large."""
+    x = images((3, 3, 64, 64), 11)
+    expected = ResponseEngine(vgg11, path="autograd", target="logit").responses(x)
+    monkeypatch.setattr(reverse_walk, "_IN_PLACE_BYTES", 0)
+    got = ResponseEngine(vgg11, path="reverse_walk", target="logit").responses(x)
+    assert_rel_close(got, expected, "in place")
+
+
+def test_scores_are_the_fused_score_and_invariant_to_batch_size(vgg11):
+    x, fp = images((5, 3, 64, 64), 4), np.ones((3, 3), dtype=bool)
+    engine = ResponseEngine(vgg11, batch_size=5)
+    scores = engine.scores(x, fp)
+    assert scores.dtype == torch.float64 and scores.shape == (5,)
+    torch.testing.assert_close(scores, response_score(engine.responses(x), fp), rtol=0, atol=0)
+    for size in (1, 2):
+        other = ResponseEngine(vgg11, batch_size=size).scores(x, fp)
+        torch.testing.assert_close(other, scores, rtol=0, atol=1e-9)
+    one_by_one = torch.cat([engine.responses(x[i:i + 1]) for i in range(5)])
+    assert_rel_close(engine.responses(x), one_by_one, "responses in input order")
+
+
+@pytest.mark.parametrize("path", ["reverse_walk", "autograd"])
+def test_reruns_are_deterministic(vgg11, path):
+    x = images((2, 3, 64, 64), 5)
+    engine = ResponseEngine(vgg11, path=path)
+    assert torch.equal(engine.responses(x), engine.responses(x))
+
+
+def _state(model: nn.Module):
+    return ([(name, type(m), id(m)) for name, m in model.named_modules()],
+            {k: v.clone() for k, v in model.state_dict().items()})
+
+
+def test_model_is_left_unchanged(vgg11):
+    x = images((2, 3, 64, 64), 6)
+    vgg11.train()
+    try:
+        modules, state = _state(vgg11)
+        with torch.no_grad():
+            expected = vgg11.eval()(x)
+        vgg11.train()
+        ResponseEngine(vgg11, target="logit").scores(x, np.ones((3, 3)))
+        ResponseEngine(vgg11, rule="deconvnet", path="autograd").responses(x)
+        now_modules, now_state = _state(vgg11)
+        assert now_modules == modules
+        assert all(torch.equal(now_state[k], v) for k, v in state.items())
+        assert all(m.training for m in vgg11.modules())
+        assert all(p.grad is None for p in vgg11.parameters())
+        assert not any(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks
+                       for m in vgg11.modules())
+        with torch.no_grad():
+            assert torch.equal(vgg11.eval()(x), expected)
+    finally:
+        vgg11.eval()
+
+
+def test_out_of_memory_splits_the_batch(monkeypatch):
+    model, x = small_cnn(), images((5, 1, 16, 16), 7)
+    expected = ResponseEngine(model, preprocess=None, batch_size=1).responses(x)
+    engine = ResponseEngine(model, preprocess=None, batch_size=4)
+    real = engine._responses
+
+    def tight(batch, classes):
+        if len(batch) > 1:
+            raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate")
+        return real(batch, classes)
+
+    monkeypatch.setattr(engine, "_responses", tight)
+    with pytest.warns(RuntimeWarning, match="did not fit in memory"):
+        got = engine.responses(x)
+    assert torch.equal(got, expected)
+
+    def broken(batch, classes):
+        raise RuntimeError("something else")
+
+    monkeypatch.setattr(engine, "_responses", broken)
+    with pytest.raises(RuntimeError, match="something else"):
+        engine.responses(x)
+
+
+class FunctionalHead(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3)
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.head(F.relu(self.conv(x)).mean((2, 3)))
+
+
+class Block(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3)
+
+    def forward(self, x):
+        return torch.relu(self.conv(x))
+
+
+class Chain(nn.Module):
+    """torchvision's VGG layout; `scale` != 1 or `pooled` make the forward differ from the chain."""
+
+    def __init__(self, scale: float = 1.0, functional: bool = False, pooled: bool = False) -> None:
+        super().__init__()
+        torch.manual_seed(3)
+        self.features = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2))
+        self.classifier = nn.Sequential(nn.Linear(4 if pooled else 4 * 4 * 4, 3))
+        self.scale, self.functional, self.pooled = scale, functional, pooled
+
+    def forward(self, x):
+        h = self.features(x)
+        h = h.mean((2, 3)) if self.pooled else torch.flatten(h, 1) * self.scale
+        return self.classifier(F.relu(h) if self.functional else h)
+
+
+@pytest.mark.parametrize(("model", "where"), [
+    (FunctionalHead(), "FunctionalHead.forward calls torch.nn.functional.relu"),
+    (nn.Sequential(Block(), nn.Flatten(), nn.LazyLinear(2)),
+     r"module '0' \(Block\) calls torch.relu"),
+    (Chain(functional=True), "Chain.forward calls torch.nn.functional.relu"),
+])
+def test_functional_relu_is_an_error(model, where):
+    x = images((2, 1, 8, 8), 8)
+    model(x)
+    with pytest.raises(ValueError, match=where):
+        ResponseEngine(model, preprocess=None).responses(x)
+
+
+def test_paths_are_chosen_and_checked():
+    x = images((2, 1, 8, 8), 9)
+    chain = ResponseEngine(Chain(), preprocess=None)
+    walked = chain.responses(x, target="logit")
+    assert chain.path == "reverse_walk"
+    assert_rel_close(walked, ResponseEngine(Chain(), preprocess=None, path="autograd")
+                     .responses(x, target="logit"), "chain layout")
+    for mislaid in (Chain(scale=2.0), Chain(pooled=True)):  # wrong values; wrong shapes
+        engine = ResponseEngine(mislaid, preprocess=None, target="logit")
+        assert_rel_close(engine.responses(x), ResponseEngine(
+            mislaid, preprocess=None, target="logit", path="autograd").responses(x), "fallback")
+        assert engine.path == "autograd"
+        with pytest.raises(ValueError, match="not the chain of its layers"):
+            ResponseEngine(mislaid, preprocess=None, path="reverse_walk").responses(x)
+    with pytest.raises(ValueError, match="not a chain of layers"):
+        ResponseEngine(Residual(), preprocess=None, path="reverse_walk")
+
+
+def test_numpy_images_and_one_class_for_all(vgg11):
+    x = images((2, 3, 64, 64), 10)
+    engine = ResponseEngine(vgg11, target=7)
+    assert torch.equal(engine.responses(x.numpy()), engine.responses(x, target=[7, 7]))
+
+
+@pytest.mark.parametrize(("bad", "error", "match"), [
+    (images((3, 64, 64)), ValueError, r"shape \[N, C, H, W\]"),
+    (images((2, 1, 64, 64)), ValueError, "3-channel images, got 1"),
+    (images((0, 3, 64, 64)), ValueError, "empty batch"),
+    (images((1, 3, 64, 64)) * 2, ValueError, r"in \[0, 1\]"),
+    (images((1, 3, 64, 64)) - 0.5, ValueError, r"in \[0, 1\]"),
+    (images((2, 3, 64, 64)).index_fill_(0, torch.tensor([1]), float("nan")), ValueError,
+     r"NaN or Inf values \(images \[1\]\)"),
+    ((images((1, 3, 64, 64)) * 255).to(torch.uint8), TypeError, "divide uint8 images by 255"),
+    ([[0.5]], TypeError, "torch tensor or numpy array"),
+])
+def test_bad_images(vgg11, bad, error, match):
+    with pytest.raises(error, match=match):
+        ResponseEngine(vgg11).responses(bad)
+
+
+@pytest.mark.parametrize(("target", "match"), [
+    ("top", "unknown target"),
+    (-1, "class index"),
+    ([3], "2 integer class indices"),
+    ([0.5, 1.0], "integer class indices"),
+    ([0, -2], ">= 0"),
+    ([0, 1000], "out of range: the model has 1000 outputs"),
+])
+def test_bad_targets(vgg11, target, match):
+    with pytest.raises(ValueError, match=match):
+        ResponseEngine(vgg11).responses(images((2, 3, 64, 64)), target=target)
+
+
+@pytest.mark.parametrize(("kwargs", "match"), [
+    ({"rule": "lrp"}, "unknown rule"),
+    ({"target": "max"}, "unknown target"),
+    ({"batch_size": 0}, "batch_size"),
+    ({"preprocess": "torch"}, "preprocess"),
+    ({"path": "fast"}, "unknown path"),
+    ({"device": "meta"}, "move it first"),
+])
+def test_bad_settings(vgg11, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        ResponseEngine(vgg11, **kwargs)
+
+
+def test_bad_footprint_fails_before_any_response(monkeypatch):
+    engine = ResponseEngine(small_cnn(), preprocess=None)
+    monkeypatch.setattr(engine, "_responses", lambda *a: pytest.fail("computed responses"))
+    with pytest.raises(ValueError, match="selects no pixel"):
+        engine.scores(images((1, 1, 16, 16)), np.zeros((3, 3)))
