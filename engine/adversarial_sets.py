@@ -11,13 +11,11 @@ directory holds one set; two runs must not write into it at the same time.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import math
-import os
-from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import BinaryIO
 
 import numpy as np
 import torch
@@ -25,6 +23,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .attacks import Attack, check_inputs, make_attack, run_attack
+from .io import atomic_write_bytes, write_json
 
 _FORMAT = "frmap.adversarial-set/1"
 _MANIFEST = "manifest.json"
@@ -97,21 +96,10 @@ def attack_stats(adversarial: AdversarialSet) -> AttackStats:
     )
 
 
-def _atomic_write(path: Path, write: Callable[[BinaryIO], object]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def _write_json(path: Path, data: dict) -> None:
-    _atomic_write(path, lambda f: f.write((json.dumps(data, indent=2) + "\n").encode()))
-
-
 def _write_shard(path: Path, arrays: dict[str, np.ndarray]) -> None:
-    _atomic_write(path, lambda f: np.savez(f, **arrays))
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    atomic_write_bytes(path, buf.getvalue())
 
 
 def _shard_path(out_dir: Path, shard: int) -> Path:
@@ -224,7 +212,7 @@ def generate(
     elif any(out.glob("shard-*.npz")):
         raise ValueError(f"{out} holds shards but no {_MANIFEST}; use an empty directory")
     else:
-        _write_json(manifest_path, {**identity, "complete": False})
+        write_json(manifest_path, {**identity, "complete": False})
     for stray in out.glob(".*.tmp"):
         stray.unlink()
     shards = identity["shards"]
@@ -243,7 +231,7 @@ def generate(
             )
             _write_shard(path, arrays)
             bar.update()
-    _write_json(manifest_path, {**identity, "complete": True})
+    write_json(manifest_path, {**identity, "complete": True})
     return load_adversarial_set(out)
 
 
