@@ -2,15 +2,15 @@
 
 Autograd keeps every activation of the forward pass. The responses need far less: a ReLU rule
 needs `f > 0` (1 bit per element, `frmap.kernels.relu_forward`), a max-pool the position of
-each window's maximum (max_pool2d's int64 index, 2 bytes per element of its input), and
-convolutions, linear layers, batch norm
-and average pools are linear, so their transposes need only weights and shapes. The walk runs
-the layers forward under `no_grad` keeping just that, then walks back:
+each window's maximum (a one-byte offset per pooled element, `frmap.kernels.pooling`), and
+convolutions, linear layers, batch norm and average pools are linear, so their transposes need
+only weights and shapes. The walk runs the layers forward under `no_grad` keeping just that,
+then walks back:
 
     conv        R_in = conv_transpose2d(R, W)          (the input gradient of the conv)
     linear      R_in = R @ W
     batch norm  R_in = R * gamma / sqrt(running_var + eps)
-    max-pool    R_in = R unpooled to each window's maximum (max_pool2d's argmax)
+    max-pool    R_in = R unpooled to each window's maximum (its recorded offset)
     ReLU        R_in = the rule, from the mask
     avg-pool, flatten: the vector-Jacobian product of the (linear) layer
     normalisation      R_in = R / std
@@ -19,20 +19,31 @@ A ReLU followed by a max-pool is walked as the pool followed by the ReLU: they c
 (max(relu(a)) = relu(max(a))), and the first maximum of relu(a) in a window is that of `a`
 when the window holds a positive value and its first position otherwise, which the pool step
 records. The mask is then 4x smaller and the rule runs at the pooled resolution. Activations
-are kept channels-last, which lets oneDNN convolve without reordering copies. The peak is set
-by the largest activations: a step holds its input and output, next to the masks and indices
-(large same-shape convolutions run in place, half a batch at a time, see `_Conv`).
+are kept channels-last, which lets oneDNN convolve without reordering copies.
+
+The peak is set by the largest activations, those of the first, high-resolution layers. Images
+do not interact, so those layers (the head: up to the last max-pool whose input for the whole
+batch exceeds `HEAD_BYTES`) run depth-first on chunks of images whose largest activation fits
+in `HEAD_BYTES`, forward and back; the rest runs on the whole batch, whose weights it reuses.
+The chunks' activations are small and come from reused memory: faster, not just leaner.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from frmap.kernels import ReLURule, relu_backward, relu_forward
+from frmap.kernels import (
+    ReLURule,
+    max_pool_offsets,
+    max_unpool_offsets,
+    relu_backward,
+    relu_forward,
+)
 
 from .models import Normalized
 
@@ -40,9 +51,8 @@ from .models import Normalized
 _LINEAR_MAPS = (nn.Flatten, nn.AvgPool2d, nn.AdaptiveAvgPool2d)
 # Layers that are the identity in eval mode.
 _IDENTITIES = (nn.Identity, nn.Dropout, nn.Dropout2d)
-# Convolutions with activations this large run in place, half a batch at a time (the copy
-# costs about 5% of such a convolution's time).
-_IN_PLACE_BYTES = 64 << 20
+# Activation size up to which the high-resolution head runs on chunks of images (see above).
+HEAD_BYTES = 16 << 20
 
 
 def sequential_layers(net: nn.Module) -> list[nn.Module] | None:
@@ -73,8 +83,10 @@ def _supported(layer: nn.Module) -> bool:
     if isinstance(layer, nn.Conv2d):
         return layer.padding_mode == "zeros" and not isinstance(layer.padding, str)
     if isinstance(layer, nn.MaxPool2d):
-        return (_pair(layer.kernel_size) == _pair(layer.stride) and _pair(layer.padding) == (0, 0)
-                and _pair(layer.dilation) == (1, 1) and not layer.ceil_mode
+        kh, kw = _pair(layer.kernel_size)
+        return ((kh, kw) == _pair(layer.stride) and kh * kw <= 256
+                and _pair(layer.padding) == (0, 0) and _pair(layer.dilation) == (1, 1)
+                and not layer.ceil_mode
                 and not layer.return_indices)
     if isinstance(layer, nn.BatchNorm2d):
         return layer.running_var is not None
@@ -134,6 +146,10 @@ class _Step:
     def backward(self, r: torch.Tensor, saved: object) -> torch.Tensor:
         raise NotImplementedError
 
+    def out_shape(self, shape: tuple[int, ...]) -> tuple[int, ...] | None:
+        """[C, H, W] of one image's output from its input's, None where the head must end."""
+        return shape
+
 
 class _Normalize(_Step):
     def __init__(self, layer: Normalized) -> None:
@@ -147,18 +163,13 @@ class _Normalize(_Step):
 
 
 class _Conv(_Step):
-    """Convolution; its transpose is its input gradient.
-
-    Images do not interact, so a large convolution whose output has its input's shape runs in
-    place, half a batch at a time (both ways): the largest layers then hold 1.5 activations
-    instead of 2, for one copy of the activation.
-    """
+    """Convolution; its transpose is its input gradient."""
 
     def __init__(self, layer: nn.Conv2d) -> None:
         self.layer = layer
 
     def forward(self, x):
-        return self._apply(self.layer, x), x.shape[-2:]
+        return self.layer(x), x.shape[-2:]
 
     def backward(self, r, in_size):
         c = self.layer
@@ -166,20 +177,14 @@ class _Conv(_Step):
         extra = [size - ((out - 1) * s - 2 * p + d * (k - 1) + 1) for size, out, s, p, d, k in
                  zip(in_size, r.shape[-2:], c.stride, c.padding, c.dilation, c.kernel_size,
                      strict=True)]
-        return self._apply(lambda t: F.conv_transpose2d(
-            t, c.weight, stride=c.stride, padding=c.padding, output_padding=extra,
-            groups=c.groups, dilation=c.dilation), r)
+        return F.conv_transpose2d(r, c.weight, stride=c.stride, padding=c.padding,
+                                  output_padding=extra, groups=c.groups, dilation=c.dilation)
 
-    def _apply(self, fn, x: torch.Tensor) -> torch.Tensor:
+    def out_shape(self, shape):
         c = self.layer
-        same_shape = c.in_channels == c.out_channels and c.stride == (1, 1) and all(
-            d * (k - 1) == 2 * p for d, k, p in zip(c.dilation, c.kernel_size, c.padding,
-                                                    strict=True))
-        if not same_shape or len(x) < 2 or x.numel() * x.element_size() < _IN_PLACE_BYTES:
-            return fn(x)
-        for part in x.split((len(x) + 1) // 2):
-            part.copy_(fn(part))
-        return x
+        size = [(n + 2 * p - d * (k - 1) - 1) // s + 1 for n, s, p, d, k in
+                zip(shape[-2:], c.stride, c.padding, c.dilation, c.kernel_size, strict=True)]
+        return (c.out_channels, *size)
 
 
 class _BatchNorm(_Step):
@@ -205,6 +210,9 @@ class _Linear(_Step):
     def backward(self, r, saved):
         return r @ self.layer.weight
 
+    def out_shape(self, shape):
+        return None
+
 
 class _LinearMap(_Step):
     def __init__(self, layer: nn.Module) -> None:
@@ -220,6 +228,9 @@ class _LinearMap(_Step):
             (grad,) = torch.autograd.grad(self.layer(z), z, r)
         return grad
 
+    def out_shape(self, shape):
+        return None
+
 
 class _ReLU(_Step):
     def __init__(self, rule: str) -> None:
@@ -233,25 +244,34 @@ class _ReLU(_Step):
 
 
 class _MaxPool(_Step):
-    """Max-pool with stride = kernel; keeps each window's argmax (max_pool2d's indices)."""
+    """Max-pool with stride = kernel; keeps each window's argmax as a one-byte offset.
 
-    def __init__(self, layer: nn.MaxPool2d, first_if_dead: bool) -> None:
+    With `reuse` (a head step whose unpooled signal goes only into a convolution's transpose),
+    the unpooled output of one chunk of images is the buffer of the next: the head's largest
+    tensors are then not allocated, and faulted into memory, chunk after chunk.
+    """
+
+    def __init__(self, layer: nn.MaxPool2d, dead_first: bool) -> None:
         self.kernel = _pair(layer.kernel_size)
-        self.first_if_dead = first_if_dead
+        self.dead_first = dead_first
+        self.reuse = False
+        self.spare: torch.Tensor | None = None
 
     def forward(self, x):
-        y, argmax = F.max_pool2d(x, self.kernel, return_indices=True)
-        if self.first_if_dead:
-            # relu(x) is 0 all over a window without a positive value: its first position wins
-            (oh, ow), (kh, kw), width = y.shape[-2:], self.kernel, x.shape[-1]
-            first = (torch.arange(oh, device=x.device)[:, None] * kh * width
-                     + torch.arange(ow, device=x.device) * kw)
-            argmax = torch.where(y > 0, argmax, first)
-        return y, (argmax, x.shape[-2:])
+        y, offsets = max_pool_offsets(x, self.kernel, dead_first=self.dead_first)
+        return y, (offsets, x.shape[-2:])
 
     def backward(self, r, saved):
-        argmax, size = saved
-        return F.max_unpool2d(r, argmax, self.kernel, output_size=size)
+        offsets, size = saved
+        spare = self.spare
+        out = spare[:len(r)] if spare is not None and len(spare) >= len(r) else None
+        out = max_unpool_offsets(r, offsets, self.kernel, size, out=out)
+        if self.reuse and spare is None:
+            self.spare = out
+        return out
+
+    def out_shape(self, shape):
+        return (shape[0], shape[1] // self.kernel[0], shape[2] // self.kernel[1])
 
 
 def _steps(layers: Sequence[nn.Module], rule: str) -> list[_Step]:
@@ -264,13 +284,13 @@ def _steps(layers: Sequence[nn.Module], rule: str) -> list[_Step]:
         if isinstance(layer, (nn.ReLU, ReLURule)) and isinstance(following, nn.MaxPool2d):
             # deconvnet passes signal through windows without a positive value: route it as
             # max_pool2d would after the ReLU; the other rules stop it at the pooled ReLU.
-            steps += [_MaxPool(following, first_if_dead=rule == "deconvnet"), _ReLU(rule)]
+            steps += [_MaxPool(following, dead_first=rule == "deconvnet"), _ReLU(rule)]
             i += 2
             continue
         if isinstance(layer, (nn.ReLU, ReLURule)):
             steps.append(_ReLU(rule))
         elif isinstance(layer, nn.MaxPool2d):
-            steps.append(_MaxPool(layer, first_if_dead=False))
+            steps.append(_MaxPool(layer, dead_first=False))
         elif isinstance(layer, Normalized):
             steps.append(_Normalize(layer))
         elif isinstance(layer, nn.Conv2d):
@@ -300,6 +320,7 @@ class ReverseWalk:
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """The chain's output (what the model returns), through the walk's own forward."""
         with torch.no_grad():
+            x = x.clone(memory_format=torch.channels_last)  # steps work in place
             return self._forward(_steps(self.layers, self.rule), x)[0]
 
     def responses(self, x: torch.Tensor, classes: torch.Tensor | None) -> torch.Tensor:
@@ -313,20 +334,61 @@ class ReverseWalk:
         """
         end = conv_max_index(self.layers) + 1 if classes is None else len(self.layers)
         steps = _steps(self.layers[:end], self.rule)
+        head, chunk = _head(steps, x)
+        for before, step in zip(steps[:head], steps[1:head], strict=False):
+            if isinstance(step, _MaxPool):
+                step.reuse = isinstance(before, _Conv)
         with torch.no_grad():
-            out, saved = self._forward(steps, x)
+            x = x.clone(memory_format=torch.channels_last)  # steps work in place
+            parts, head_saved = [], []
+            for part in x.split(chunk):
+                out, saved = self._forward(steps[:head], part)
+                parts.append(out)
+                head_saved.append(saved)
+            out, saved = self._forward(steps[head:], _cat(parts))
+            del parts
             # the derivative of the target (a sum of entries of `out`): 1 at those entries
             r = torch.zeros_like(out).scatter_(1, target_indices(out, classes), 1.0)
             del out
-            for step in reversed(steps):
-                r = step.backward(r, saved.pop())
-        return r.contiguous()
+            r = self._backward(steps[head:], r, saved)
+            return _cat([self._backward(steps[:head], part, saved)
+                         for part, saved in zip(r.split(chunk), head_saved, strict=True)
+                         ]).contiguous()
 
     @staticmethod
     def _forward(steps: list[_Step], x: torch.Tensor) -> tuple[torch.Tensor, list[object]]:
-        x = x.clone(memory_format=torch.channels_last)  # steps may work in place
         saved = []
         for step in steps:
             x, keep = step.forward(x)
             saved.append(keep)
         return x, saved
+
+    @staticmethod
+    def _backward(steps: list[_Step], r: torch.Tensor, saved: list[object]) -> torch.Tensor:
+        for step in reversed(steps):
+            r = step.backward(r, saved.pop())
+        return r
+
+
+def _cat(parts: list[torch.Tensor]) -> torch.Tensor:
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
+def _head(steps: list[_Step], x: torch.Tensor) -> tuple[int, int]:
+    """The number of head steps and the images per chunk they run on (see the module text).
+
+    The head ends after the last max-pool (and the ReLU walked after it) whose input for the
+    whole batch exceeds `HEAD_BYTES`; a chunk holds as many images as keep the head's largest
+    activation within `HEAD_BYTES`. No head: (0, len(x)).
+    """
+    shape, head = tuple(x.shape[1:]), 0
+    sizes = [math.prod(shape)]  # elements per image: sizes[i] enters step i, sizes[i + 1] leaves
+    for i, step in enumerate(steps):
+        if isinstance(step, _MaxPool) and sizes[i] * len(x) * x.element_size() > HEAD_BYTES:
+            head = i + 2 if i + 1 < len(steps) and isinstance(steps[i + 1], _ReLU) else i + 1
+        shape = step.out_shape(shape)
+        if shape is None:
+            break
+        sizes.append(math.prod(shape))
+    chunk = max(1, HEAD_BYTES // (max(sizes[:head + 1]) * x.element_size()))
+    return (head, chunk) if head and chunk < len(x) else (0, len(x))

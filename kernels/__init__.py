@@ -6,6 +6,7 @@ the C++ kernel; `triton`: CUDA tensors) and returns the same kind of array it wa
 
 from ._backend import BACKENDS, get_num_threads, resolve_backend, set_num_threads
 from .entropy import local_entropy, mean_local_entropy
+from .pooling import POOL_BACKENDS, max_pool_offsets, max_unpool_offsets
 from .relu_rules import (
     RULE_BACKENDS,
     RULES,
@@ -21,6 +22,7 @@ from .response import response_score, response_to_image
 
 __all__ = [
     "BACKENDS",
+    "POOL_BACKENDS",
     "RULES",
     "RULE_BACKENDS",
     "ReLUMask",
@@ -28,6 +30,8 @@ __all__ = [
     "ReLURuleFunction",
     "get_num_threads",
     "local_entropy",
+    "max_pool_offsets",
+    "max_unpool_offsets",
     "mean_local_entropy",
     "relu_backward",
     "relu_forward",

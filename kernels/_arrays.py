@@ -18,6 +18,12 @@ def on_cuda(x: Array) -> bool:
     return isinstance(x, torch.Tensor) and x.is_cuda
 
 
+def is_channels_last(x: torch.Tensor) -> bool:
+    """Whether `x` is a channels-last 4-D tensor that is not also plainly contiguous."""
+    return (x.dim() == 4 and not x.is_contiguous()
+            and x.is_contiguous(memory_format=torch.channels_last))
+
+
 def dtype_name(x: Array) -> str:
     return str(x.dtype).removeprefix("torch.")
 

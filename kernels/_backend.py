@@ -12,6 +12,8 @@ import os
 from functools import cache
 from types import ModuleType
 
+import torch
+
 BACKENDS = ("auto", "reference", "cpu", "triton")
 
 _threads: int | None = None
@@ -79,6 +81,22 @@ def resolve_backend(backend: str, *, on_cuda: bool) -> str:
                 "the triton backend takes CUDA tensors (or CPU tensors with TRITON_INTERPRET=1)"
             )
     return backend
+
+
+def cpu_runs(x: torch.Tensor) -> bool:
+    """Whether the C++ backend runs tensor `x` (float32/float64 on the CPU, extension built)."""
+    return (x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64)
+            and not _cpu_unavailable_reason())
+
+
+def cpu_tensor_backend(x: torch.Tensor) -> ModuleType:
+    """The C++ backend for tensor `x`, asked for by name: raises where it cannot run `x`."""
+    if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64):
+        raise ValueError(f"the cpu backend takes float32/float64 CPU tensors, got {x.dtype} on "
+                         f"{x.device}")
+    if reason := _cpu_unavailable_reason():
+        raise RuntimeError(f"the cpu backend is unavailable: {reason}")
+    return load_backend("cpu")
 
 
 def load_backend(backend: str) -> ModuleType:

@@ -13,8 +13,8 @@ autograd forms, and `swap_relus` puts `ReLURule`s in place of a model's `nn.ReLU
 length of a `with` block. The rules are not gradients by design: do not gradcheck them.
 
 Backends: `triton` (`frmap.kernels.triton.relu`) for CUDA tensors, or CPU tensors under
-TRITON_INTERPRET=1; `torch`, eager torch ops on any device; `auto` picks Triton on CUDA and torch
-ops elsewhere.
+TRITON_INTERPRET=1; `cpu`, the C++ kernels, for float32/float64 CPU tensors; `torch`, eager torch
+ops on any device; `auto` picks Triton on CUDA, the C++ kernels where they run, else torch ops.
 """
 
 from __future__ import annotations
@@ -30,10 +30,11 @@ import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-from ._backend import _triton_unavailable_reason, interpreting
+from ._arrays import is_channels_last
+from ._backend import _triton_unavailable_reason, cpu_runs, cpu_tensor_backend, interpreting
 
 RULES = ("gradient", "deconvnet", "guided")
-RULE_BACKENDS = ("auto", "torch", "triton")
+RULE_BACKENDS = ("auto", "cpu", "torch", "triton")
 
 # Elements per step of the torch path: a multiple of 8 whose temporaries stay in cache.
 _CHUNK = 1 << 19
@@ -70,11 +71,6 @@ def _check_float(x: torch.Tensor, name: str) -> None:
         raise TypeError(f"{name} must be a floating-point torch tensor, got {kind}")
 
 
-def _is_channels_last(x: torch.Tensor) -> bool:
-    return (x.dim() == 4 and not x.is_contiguous()
-            and x.is_contiguous(memory_format=torch.channels_last))
-
-
 def _flat(x: torch.Tensor, channels_last: bool) -> torch.Tensor:
     """A 1-D view of a dense tensor in memory order."""
     return x.permute(0, 2, 3, 1).reshape(-1) if channels_last else x.view(-1)
@@ -84,9 +80,14 @@ def _backend_impl(backend: str, x: torch.Tensor):
     """The module or namespace that runs `backend` for tensor `x` (imported only when chosen)."""
     _check_backend(backend)
     if backend == "auto":
-        backend = "triton" if x.is_cuda and not _triton_unavailable_reason() else "torch"
+        if x.is_cuda and not _triton_unavailable_reason():
+            backend = "triton"
+        else:
+            backend = "cpu" if cpu_runs(x) else "torch"
     if backend == "torch":
         return _TorchPath
+    if backend == "cpu":
+        return cpu_tensor_backend(x)
     if reason := _triton_unavailable_reason():
         raise RuntimeError(f"the triton backend is unavailable: {reason}")
     if not x.is_cuda and not interpreting():
@@ -108,7 +109,8 @@ class _TorchPath:
                 on = torch.sign(yc).nan_to_num_(0.0)
                 if on.dtype not in (torch.float32, torch.float64):
                     on = on.float()
-                on = F.pad(on, (0, -on.numel() % 8))
+                if on.numel() % 8:
+                    on = F.pad(on, (0, -on.numel() % 8))
                 powers = _bit_tables(on.dtype, on.device)[0]
                 bits[start // 8:start // 8 + on.numel() // 8] = torch.mv(on.view(-1, 8), powers)
 
@@ -146,14 +148,14 @@ def relu_forward(x: torch.Tensor, rule: str, *, inplace: bool = False,
         x: floating-point tensor `f`, any shape.
         rule: "gradient", "deconvnet" or "guided".
         inplace: write relu(f) into `x` (which must then be contiguous or channels-last).
-        backend: "auto", "torch" or "triton".
+        backend: "auto", "cpu", "torch" or "triton".
 
     Returns:
         relu(f), in `x`'s memory format, and its `ReLUMask` (None for deconvnet).
     """
     _check_rule(rule)
     _check_float(x, "x")
-    channels_last = _is_channels_last(x)
+    channels_last = is_channels_last(x)
     if not channels_last and not x.is_contiguous():
         if inplace:
             raise ValueError("inplace=True needs a contiguous or channels-last tensor")
@@ -176,7 +178,7 @@ def relu_backward(grad: torch.Tensor, mask: ReLUMask | None, rule: str, *, inpla
         mask: what `relu_forward` returned (ignored by deconvnet, which needs none).
         rule: "gradient", "deconvnet" or "guided".
         inplace: write R_in into `grad` where its layout allows.
-        backend: "auto", "torch" or "triton".
+        backend: "auto", "cpu", "torch" or "triton".
 
     Returns:
         R_in, in the mask's memory format.
@@ -185,7 +187,7 @@ def relu_backward(grad: torch.Tensor, mask: ReLUMask | None, rule: str, *, inpla
     _check_float(grad, "grad")
     if rule == "deconvnet":
         mask = None
-        channels_last = _is_channels_last(grad)
+        channels_last = is_channels_last(grad)
     else:
         if not isinstance(mask, ReLUMask):
             raise ValueError(f"the {rule} rule needs the ReLUMask of the forward, got {mask!r}")

@@ -1,4 +1,4 @@
-"""ReLU rules: eager torch and Triton against plain-autograd oracles; the module and the swap."""
+"""ReLU rules: torch ops, C++ and Triton against plain-autograd oracles; the module and the swap."""
 
 from __future__ import annotations
 
@@ -52,30 +52,38 @@ LAYOUTS = {
 }
 
 
+# the C++ kernels take float32/float64 (auto runs them there, torch ops for float16)
+DTYPE_BACKENDS = [(dtype, backend) for dtype in (torch.float32, torch.float64, torch.float16)
+                  for backend in ("auto", "torch", "cpu")
+                  if not (backend == "cpu" and dtype == torch.float16)]
+
+
 @pytest.mark.parametrize("rule", RULES)
 @pytest.mark.parametrize("layout", LAYOUTS)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16])
-def test_rule_matches_autograd_oracle(rule, layout, dtype):
+@pytest.mark.parametrize(("dtype", "backend"), DTYPE_BACKENDS)
+def test_rule_matches_autograd_oracle(rule, layout, dtype, backend):
     x = LAYOUTS[layout](sample((2, 5, 6, 7), 0, dtype)).requires_grad_()
     grad = sample(x.shape, 1, dtype)
-    y = relu_rule(x, rule)
+    y = relu_rule(x, rule, backend=backend)
     assert_equal(y, torch.relu(x.detach()), "forward")
     y.backward(grad)
     assert_equal(x.grad, oracle(x, grad, rule).to(dtype), f"{rule} backward")
 
 
 @pytest.mark.parametrize("rule", RULES)
-def test_module_matches_oracle_across_chunks(rule):
-    """More than one torch-path chunk, and a length that is not a multiple of 8."""
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+def test_module_matches_oracle_across_chunks(rule, backend):
+    """More than one torch-path chunk (C++: thread), and a length not a multiple of 8."""
     x = sample((_CHUNK + 13,), 2).requires_grad_()
     grad = sample(x.shape, 3)
-    ReLURule(rule)(x).backward(grad)
+    ReLURule(rule, backend)(x).backward(grad)
     assert_equal(x.grad, oracle(x, grad, rule).float(), f"{rule} backward")
 
 
-def test_mask_is_bit_packed_lsb_first():
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+def test_mask_is_bit_packed_lsb_first(backend):
     x = torch.tensor([1.0, -1.0, 0.0, 2.0, 3.0, 0.0, 0.0, 0.0, 5.0, -2.0, 7.0])
-    y, mask = relu_forward(x, "guided")
+    y, mask = relu_forward(x, "guided", backend=backend)
     assert isinstance(mask, ReLUMask) and mask.shape == x.shape and not mask.channels_last
     assert mask.bits.dtype == torch.uint8
     assert mask.bits.tolist() == [0b00011001, 0b00000101]
@@ -84,36 +92,53 @@ def test_mask_is_bit_packed_lsb_first():
 
 
 @pytest.mark.parametrize("rule", RULES)
-def test_inplace_pair(rule):
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+def test_inplace_pair(rule, backend):
     x = sample((3, 4, 5, 6), 4).contiguous(memory_format=torch.channels_last)
     grad = sample(x.shape, 5)
     expected = oracle(x, grad, rule).float()
     f = x.clone()
-    y, mask = relu_forward(f, rule, inplace=True)
+    y, mask = relu_forward(f, rule, inplace=True, backend=backend)
     assert y.data_ptr() == f.data_ptr()
     assert mask is None or mask.channels_last
     r = grad.contiguous(memory_format=torch.channels_last)
-    out = relu_backward(r, mask, rule, inplace=True)
+    out = relu_backward(r, mask, rule, inplace=True, backend=backend)
     assert out.data_ptr() == r.data_ptr()
     assert_equal(out, expected, f"{rule} in place")
 
 
-@pytest.mark.triton_interpret
-@pytest.mark.parametrize("shape", [(1,), (7,), (8,), (1000,), (70_001,), (2, 3, 17, 19)])
-@pytest.mark.parametrize("rule", RULES)
-def test_triton_matches_torch_exactly(shape, rule):
-    x = sample(shape, 6)
+def check_matches_torch(shape: tuple[int, ...], rule: str, backend: str,
+                        dtype=torch.float32) -> None:
+    """`backend` gives torch's outputs and mask bytes exactly."""
+    x = sample(shape, 6, dtype)
     if len(shape) == 4:
         x = x.contiguous(memory_format=torch.channels_last)
-    grad = sample(shape, 7)
+    grad = sample(shape, 7, dtype)
     y_t, m_t = relu_forward(x, rule, backend="torch")
-    y_k, m_k = relu_forward(x, rule, backend="triton")
-    assert_equal(y_k, y_t, "triton forward")
+    y_k, m_k = relu_forward(x, rule, backend=backend)
+    assert_equal(y_k, y_t, f"{backend} forward")
     if m_t is not None:
         assert m_k.channels_last == m_t.channels_last
-        assert torch.equal(m_k.bits, m_t.bits), "triton mask bytes differ"
-    assert_equal(relu_backward(grad, m_k, rule, backend="triton"),
-                 relu_backward(grad, m_t, rule, backend="torch"), "triton backward")
+        assert torch.equal(m_k.bits, m_t.bits), f"{backend} mask bytes differ"
+    assert_equal(relu_backward(grad, m_k, rule, backend=backend),
+                 relu_backward(grad, m_t, rule, backend="torch"), f"{backend} backward")
+
+
+SHAPES = [(1,), (7,), (8,), (1000,), (70_001,), (2, 3, 17, 19)]
+
+
+@pytest.mark.parametrize("shape", [*SHAPES, (1 << 19, 3)])  # the last: several threads
+@pytest.mark.parametrize("rule", RULES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_cpu_matches_torch_exactly(shape, rule, dtype):
+    check_matches_torch(shape, rule, "cpu", dtype)
+
+
+@pytest.mark.triton_interpret
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("rule", RULES)
+def test_triton_matches_torch_exactly(shape, rule):
+    check_matches_torch(shape, rule, "triton")
 
 
 @pytest.mark.triton_interpret
@@ -170,6 +195,8 @@ def test_bad_input():
         relu_forward(x, "guided", backend="cuda")
     with pytest.raises(TypeError, match="floating-point"):
         relu_forward(torch.ones(4, dtype=torch.int64), "guided")
+    with pytest.raises(ValueError, match="cpu backend takes float32/float64"):
+        relu_forward(x.half(), "guided", backend="cpu")
     with pytest.raises(ValueError, match="needs the ReLUMask"):
         relu_backward(x, None, "guided")
     _, mask = relu_forward(x, "gradient")

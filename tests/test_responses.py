@@ -164,13 +164,23 @@ def test_reverse_walk_matches_autograd_with_batch_norm(vgg11_bn, rule, target):
     assert_rel_close(walk.responses(x), autograd.responses(x), f"{rule} {target}")
 
 
-def test_in_place_convolutions(vgg11, monkeypatch):
-    """Same-shape convolutions run in place by half batches once activations are large."""
+@pytest.mark.parametrize("rule", RULES)
+@pytest.mark.parametrize(("budget", "pool", "chunk"), [(1200 << 10, 1, 1), (2200 << 10, 0, 2)])
+def test_head_runs_depth_first_on_chunks_of_images(vgg11, monkeypatch, rule, budget, pool, chunk):
+    """Under a small budget the first layers run on chunks of images; responses do not change."""
     x = images((3, 3, 64, 64), 11)
-    expected = ResponseEngine(vgg11, path="autograd", target="logit").responses(x)
-    monkeypatch.setattr(reverse_walk, "_IN_PLACE_BYTES", 0)
-    got = ResponseEngine(vgg11, path="reverse_walk", target="logit").responses(x)
-    assert_rel_close(got, expected, "in place")
+    expected = ResponseEngine(vgg11, rule=rule, path="autograd", target="logit").responses(x)
+    # one image's largest activation is 64 x 64 x 64 floats = 1 MiB; pool inputs for the batch:
+    # 3 MiB (pool 1), 1.5 MiB (pool 2), 0.75 MiB (pool 3)
+    monkeypatch.setattr(reverse_walk, "HEAD_BYTES", budget)
+    steps = reverse_walk._steps(reverse_walk.sequential_layers(Normalized(vgg11)), rule)
+    pools = [i for i, step in enumerate(steps) if isinstance(step, reverse_walk._MaxPool)]
+    assert reverse_walk._head(steps, x) == (pools[pool] + 2, chunk)
+    engine = ResponseEngine(vgg11, rule=rule, path="reverse_walk", target="logit")
+    assert_rel_close(engine.responses(x), expected, f"{rule} by chunks of {chunk}")
+    assert_rel_close(engine.responses(x), expected, f"{rule} by chunks of {chunk}, again")
+    monkeypatch.setattr(reverse_walk, "HEAD_BYTES", 64 << 20)
+    assert reverse_walk._head(steps, x) == (0, 3)
 
 
 def test_scores_are_the_fused_score_and_invariant_to_batch_size(vgg11):

@@ -27,6 +27,8 @@
 #include <string>
 #include <vector>
 
+#include "threads.h"
+
 namespace nb = nanobind;
 
 namespace {
@@ -127,15 +129,6 @@ void entropy_row(const Idx* center, int64_t w, const Window& win, const Tables& 
     }
     const Idx* last = center + w - 1;
     for (int64_t off : win.all) --hist[last[off]];  // leave the histogram empty for the next row
-}
-
-// Threads for a call over `pixels` pixels: `threads` if set, else OpenMP's default; one thread for
-// small work (a single 224x224 image takes under a millisecond, less than waking an idle core
-// costs on some virtual machines).
-constexpr int64_t kParallelPixels = int64_t(1) << 18;
-int resolve_threads(int threads, int64_t pixels) {
-    if (threads > 0) return threads;
-    return pixels < kParallelPixels ? 1 : omp_get_max_threads();
 }
 
 // Runs `per_row(image, row, centre pointer, histogram)` for every row of every image. The work is
@@ -339,8 +332,7 @@ void response_score(const Responses& responses, const Footprint& fp, Scores out,
 
 }  // namespace
 
-NB_MODULE(_ext, m) {
-    m.doc() = "C++ CPU kernels of frmap: sliding-histogram local entropy and response scores.";
+void register_entropy(nb::module_& m) {
     m.def("local_entropy", &local_entropy, nb::arg("images"), nb::arg("footprint"),
           nb::arg("mask").none(), nb::arg("out"), nb::arg("threads"),
           "Local entropy (bits) of [N, H, W] uint8/uint16 images into out [N, H, W] float.");
