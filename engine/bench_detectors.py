@@ -11,14 +11,13 @@ plus every detector. Every time is the best of a few repeats.
 
 from __future__ import annotations
 
-import os
-import platform
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
 
+from . import machine
 from .bench_entropy import best_time
 from .digits import load_digits_model, load_digits_split
 from .distance_evolution import (
@@ -89,17 +88,7 @@ def run(quick: bool = False) -> dict:
     seconds["all (forward once)"] = sum(seconds.values())
     n = len(images)
     rows = [Row(name, n, t, n / t) for name, t in seconds.items()]
-    return {"rows": [asdict(r) for r in rows], "machine": _machine()}
-
-
-def _machine() -> dict:
-    return {
-        "cpu": platform.processor() or platform.machine(),
-        "cores": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "numpy": np.__version__,
-        "torch": torch.__version__,
-    }
+    return {"rows": [asdict(r) for r in rows], "machine": machine.describe()}
 
 
 def table(result: dict) -> str:
@@ -108,7 +97,5 @@ def table(result: dict) -> str:
     for r in result["rows"]:
         lines.append(f"{r['detector']:20} {r['images']:6d} {r['seconds'] * 1e3:10.2f} "
                      f"{r['images_per_s']:10.0f}")
-    m = result["machine"]
-    lines.append(f"\n{m['cores']} cores ({m['torch_threads']} torch threads), {m['cpu']}, "
-                 f"torch {m['torch']}")
+    lines.append("\n" + machine.summary(result["machine"]))
     return "\n".join(lines)

@@ -6,8 +6,6 @@ scikit-image measured in the same run (absolute times depend on the machine).
 
 from __future__ import annotations
 
-import os
-import platform
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -21,6 +19,8 @@ from skimage.morphology import disk
 
 from frmap.kernels import local_entropy, set_num_threads
 from frmap.kernels._backend import _cpu_unavailable_reason
+
+from . import machine
 
 
 @dataclass(frozen=True)
@@ -122,7 +122,8 @@ def run(quick: bool = False) -> dict:
     if reason := _cpu_unavailable_reason():
         raise RuntimeError(f"cannot benchmark the cpu backend: {reason}")
     rows = [r for c in _cases(quick) for r in _time_case(*c, quick=quick)]
-    return {"rows": [asdict(r) for r in rows], "targets": _targets(rows), "machine": _machine()}
+    return {"rows": [asdict(r) for r in rows], "targets": _targets(rows),
+            "machine": machine.describe()}
 
 
 def _find(rows: list[Row], **key: object) -> Row | None:
@@ -160,16 +161,6 @@ def _targets(rows: list[Row]) -> list[dict]:
     return out
 
 
-def _machine() -> dict:
-    return {
-        "cpu": platform.processor() or platform.machine(),
-        "cores": os.cpu_count(),
-        "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
-        "numpy": np.__version__,
-        "torch": torch.__version__,
-    }
-
-
 def table(result: dict) -> str:
     """A readable table of the rows and targets."""
     lines = [f"{'case':8} {'image':7} {'footprint':9} {'backend':8} {'thr':>3} "
@@ -182,6 +173,5 @@ def table(result: dict) -> str:
     for t in result["targets"]:
         mark = "ok" if t["ok"] else "MISSED"
         lines.append(f"{mark:6} {t['target']}: {t['value']:.2f} (goal {t['goal']:.2f})")
-    m = result["machine"]
-    lines.append(f"\n{m['cores']} cores, {m['cpu']}, CUDA: {m['cuda']}, torch {m['torch']}")
+    lines.append("\n" + machine.summary(result["machine"]))
     return "\n".join(lines)

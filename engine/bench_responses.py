@@ -24,7 +24,6 @@ from __future__ import annotations
 import copy
 import multiprocessing
 import os
-import platform
 import statistics
 import time
 import warnings
@@ -37,6 +36,7 @@ import torch
 from torch import nn
 from torch.profiler import ProfilerActivity, profile
 
+from . import machine
 from .models import Normalized, load_vgg
 from .responses import ResponseEngine
 from .reverse_walk import conv_max_index
@@ -190,7 +190,7 @@ def run(quick: bool = False) -> dict:
     return {"setup": asdict(setup), "weights_mib": weights, "rows": rows,
             "errors_vs_float64": errors, "conv_share": shares,
             "targets": [] if quick else _targets(rows, shares, max(setup.batches)),
-            "machine": _machine()}
+            "machine": machine.describe()}
 
 
 def _add_ratios(rows: list[dict]) -> None:
@@ -213,11 +213,6 @@ def _targets(rows: list[dict], shares: list[dict], batch: int) -> list[dict]:
     out.append({"target": f"share of reverse-walk scores time outside the convolutions, "
                 f"batch {batch}", "value": share, "goal": "< 0.05", "ok": share < 0.05})
     return out
-
-
-def _machine() -> dict:
-    return {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-            "load_average_1min": os.getloadavg()[0], "torch": torch.__version__}
 
 
 def table(result: dict) -> str:
@@ -244,7 +239,5 @@ def table(result: dict) -> str:
     for t in result["targets"]:
         lines.append(f"{'ok' if t['ok'] else 'MISSED':6} {t['target']}: {t['value']:.3f} "
                      f"(goal {t['goal']})")
-    m = result["machine"]
-    lines.append(f"\n{m['cores']} cores, {m['cpu']}, load average {m['load_average_1min']:.1f} "
-                 f"at the end, torch {m['torch']}")
+    lines.append("\n" + machine.summary(result["machine"]))
     return "\n".join(lines)

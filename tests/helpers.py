@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import numpy as np
+from hypothesis import strategies as st
 from scipy import ndimage
+from skimage.morphology import diamond, disk
 
 # Absolute tolerance of the entropy (bits) by output dtype.
 ENTROPY_ATOL = {np.dtype(np.float64): 1e-9, np.dtype(np.float32): 1e-5}
@@ -27,6 +29,40 @@ def random_footprint(rng: np.random.Generator, shape: tuple[int, int], p: float 
     fp = rng.random(shape) < p
     fp.flat[rng.integers(fp.size)] = True
     return fp
+
+
+def _entropy_case(h: int, w: int, fh: int, fw: int, levels: int, seed: int, masked: bool):
+    rng = np.random.default_rng(seed)
+    image = random_image(rng, (h, w), np.uint8, levels)
+    footprint = random_footprint(rng, (fh, fw))
+    mask = rng.random((h, w)) < 0.8 if masked else None
+    return image, footprint, mask
+
+
+def entropy_cases(max_size: int, max_footprint: int) -> st.SearchStrategy:
+    """(image, footprint, mask or None): uint8 images of 1, 2, 4 or 256 levels up to
+    `max_size` a side, irregular footprints up to `max_footprint`, masks leaving ~20% out."""
+    return st.builds(
+        _entropy_case, h=st.integers(1, max_size), w=st.integers(1, max_size),
+        fh=st.integers(1, max_footprint), fw=st.integers(1, max_footprint),
+        levels=st.sampled_from([1, 2, 4, 256]), seed=st.integers(0, 2**31 - 1),
+        masked=st.booleans(),
+    )
+
+
+FOOTPRINTS = {  # odd and even, thin, hollow, irregular, single-pixel
+    "disk1": disk(1),
+    "disk2": disk(2),
+    "disk3": disk(3),
+    "square3": np.ones((3, 3), np.uint8),
+    "rect2x5": np.ones((2, 5), np.uint8),
+    "rect5x1": np.ones((5, 1), np.uint8),
+    "diamond2": diamond(2),
+    "even4x4": np.ones((4, 4), bool),
+    "one": np.ones((1, 1), np.uint8),
+    "irregular": random_footprint(np.random.default_rng(7), (4, 5)),
+    "ring": disk(3) - np.pad(disk(1), 2),
+}
 
 
 def assert_close(actual, expected, atol: float, what: str = "values") -> None:

@@ -10,17 +10,17 @@ import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
-from hypothesis import strategies as st
-from skimage.morphology import diamond, disk
+from skimage.morphology import disk
 
 import frmap.kernels as K
 from frmap.kernels._backend import interpreting
 
 from helpers import (
     ENTROPY_ATOL,
+    FOOTPRINTS,
     assert_close,
     assert_levels_equal,
-    random_footprint,
+    entropy_cases,
     random_image,
     smooth_image,
     unrounded_levels,
@@ -43,19 +43,6 @@ DEVICES = [
     ),
 ]
 
-FOOTPRINTS = {
-    "disk1": disk(1),
-    "disk2": disk(2),
-    "disk3": disk(3),
-    "square3": np.ones((3, 3), np.uint8),
-    "rect2x5": np.ones((2, 5), np.uint8),
-    "rect5x1": np.ones((5, 1), np.uint8),
-    "diamond2": diamond(2),
-    "even4x4": np.ones((4, 4), bool),
-    "one": np.ones((1, 1), np.uint8),
-    "irregular": random_footprint(np.random.default_rng(7), (4, 5)),
-    "ring": disk(3) - np.pad(disk(1), 2),
-}
 
 # (1, 1) to (5, 3): images smaller than most footprints; (70, 75): several programs per image
 # under the interpreter for footprints of 9 or more pixels.
@@ -160,20 +147,9 @@ def test_non_contiguous_input(device):
 @pytest.mark.triton_interpret
 @pytest.mark.skipif(not interpreting(), reason="CPU tensors need TRITON_INTERPRET=1")
 @settings(max_examples=25, deadline=None)
-@given(
-    h=st.integers(1, 20),
-    w=st.integers(1, 20),
-    fh=st.integers(1, 6),
-    fw=st.integers(1, 6),
-    levels=st.sampled_from([1, 2, 4, 256]),
-    seed=st.integers(0, 2**31 - 1),
-    masked=st.booleans(),
-)
-def test_property_matches_reference(h, w, fh, fw, levels, seed, masked):
-    rng = np.random.default_rng(seed)
-    image = random_image(rng, (h, w), np.uint8, levels)
-    fp = random_footprint(rng, (fh, fw))
-    mask = rng.random((h, w)) < 0.8 if masked else None
+@given(case=entropy_cases(max_size=20, max_footprint=6))
+def test_property_matches_reference(case):
+    image, fp, mask = case
     got = K.local_entropy(
         torch.from_numpy(image), fp, mask=None if mask is None else torch.from_numpy(mask),
         backend="triton",
