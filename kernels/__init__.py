@@ -1,7 +1,8 @@
-"""frmap.kernels: the fast ops behind the feature-response entropy score.
+"""frmap.kernels: the fast ops behind the feature responses and their entropy score.
 
-Every op validates its input, picks a backend (`reference`: scikit-image/numpy/PIL; `cpu`:
-the C++ kernel; `triton`: CUDA tensors) and returns the same kind of array it was given.
+Every op validates its input, picks a backend (`cpu`: the C++ kernels; `triton`: CUDA tensors;
+for the entropy ops `reference`: scikit-image/numpy/PIL; for the ReLU rules and pooling
+`torch`: eager torch ops) and returns the same kind of array it was given.
 """
 
 from ._backend import BACKENDS, get_num_threads, resolve_backend, set_num_threads
