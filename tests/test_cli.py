@@ -147,6 +147,22 @@ def test_bench_entropy_quick_writes_json(tmp_path):
     assert not list(out.parent.glob(".*.tmp")), "temporary file left behind"
 
 
+def test_bench_responses_and_detectors_quick(tmp_path):
+    """The smoke runs: every method measured and checked against float64 Captum."""
+    out = tmp_path / "responses.json"
+    result = frmap("bench", "responses", "--quick", "--json", str(out))
+    assert result.returncode == 0, result.stderr
+    data = json.loads(out.read_text())
+    assert {r["method"] for r in data["rows"]} == {"reverse_walk", "autograd", "captum"}
+    assert all(r["seconds"] > 0 and r["peak_mib"] > 0 for r in data["rows"])
+    errors = data["errors_vs_float64"][0]
+    assert all(errors[m]["l2_rel"] < 1e-5 for m in ("reverse_walk", "autograd", "captum"))
+    assert {s["method"] for s in data["conv_share"]} == {"reverse_walk", "autograd"}
+    result = frmap("bench", "detectors", "--quick")
+    assert result.returncode == 0, result.stderr
+    assert "images/s" in result.stdout
+
+
 def test_imagenet_path_end_to_end_with_random_weights(tmp_path):
     """Mechanics, not accuracy: VGG11 with random weights on foolbox's ImageNet samples."""
     samples = sorted((Path(foolbox.__file__).parent / "data").glob("imagenet_0[0-3]_*.jpg"))

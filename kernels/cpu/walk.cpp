@@ -63,8 +63,8 @@ void same_dtype(const A& a, const B& b, const char* what) {
     if (a.dtype() != b.dtype()) throw std::invalid_argument(std::string(what) + " differ in dtype");
 }
 
-// Element i of byte j through `per_element(e, i)`: full bytes in fixed-length inner loops (which
-// the compiler unrolls and vectorises), then the tail.
+// per_byte(j, count) for every mask byte j of n elements (count = 8 but for the tail): the full
+// bytes across threads with a constant count, whose inner loops the compiler unrolls.
 template <typename PerByte>
 void for_each_byte(int64_t n, int threads, PerByte&& per_byte) {
     const int64_t full = n / 8;
