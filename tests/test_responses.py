@@ -183,6 +183,17 @@ def test_head_runs_depth_first_on_chunks_of_images(vgg11, monkeypatch, rule, bud
     assert reverse_walk._head(steps, x) == (0, 3)
 
 
+def test_head_budget_follows_the_device(vgg11, monkeypatch):
+    """Off the CPU the head has its own budget (its chunks only bound the peak there)."""
+    steps = reverse_walk._steps(reverse_walk.sequential_layers(Normalized(vgg11)), "guided")
+    pools = [i for i, step in enumerate(steps) if isinstance(step, reverse_walk._MaxPool)]
+    x = torch.empty(3, 3, 64, 64, device="meta")  # shapes only
+    monkeypatch.setattr(reverse_walk, "HEAD_BYTES", 1200 << 10)
+    monkeypatch.setattr(reverse_walk, "HEAD_BYTES_GPU", 2200 << 10)
+    assert reverse_walk._head(steps, x) == (pools[0] + 2, 2)
+    assert reverse_walk._head(steps, torch.empty(x.shape)) == (pools[1] + 2, 1)
+
+
 def test_scores_are_the_fused_score_and_invariant_to_batch_size(vgg11):
     x, fp = images((5, 3, 64, 64), 4), np.ones((3, 3), dtype=bool)
     engine = ResponseEngine(vgg11, batch_size=5)
