@@ -83,15 +83,18 @@ def resolve_backend(backend: str, *, on_cuda: bool) -> str:
     return backend
 
 
+def _cpu_takes(x: torch.Tensor) -> bool:
+    return x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64)
+
+
 def cpu_runs(x: torch.Tensor) -> bool:
     """Whether the C++ backend runs tensor `x` (float32/float64 on the CPU, extension built)."""
-    return (x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64)
-            and not _cpu_unavailable_reason())
+    return _cpu_takes(x) and not _cpu_unavailable_reason()
 
 
 def cpu_tensor_backend(x: torch.Tensor) -> ModuleType:
     """The C++ backend for tensor `x`, asked for by name: raises where it cannot run `x`."""
-    if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64):
+    if not _cpu_takes(x):
         raise ValueError(f"the cpu backend takes float32/float64 CPU tensors, got {x.dtype} on "
                          f"{x.device}")
     if reason := _cpu_unavailable_reason():

@@ -34,6 +34,8 @@ from ._arrays import is_channels_last
 from ._backend import _triton_unavailable_reason, cpu_runs, cpu_tensor_backend, interpreting
 
 RULES = ("gradient", "deconvnet", "guided")
+# The rules as the C++ and Triton kernels number them.
+RULE_CODES = {"gradient": 0, "deconvnet": 1, "guided": 2}
 RULE_BACKENDS = ("auto", "cpu", "torch", "triton")
 
 # Elements per step of the torch path: a multiple of 8 whose temporaries stay in cache.

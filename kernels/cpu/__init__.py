@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from .._backend import get_num_threads
+from ..relu_rules import RULE_CODES
 from . import _ext
 
 
@@ -40,9 +41,6 @@ def response_score(responses: np.ndarray, footprint: np.ndarray) -> np.ndarray:
     out = np.empty(responses.shape[0], dtype=np.float64)
     _ext.response_score(responses, footprint, out, get_num_threads())
     return out
-
-
-RULE_CODES = {"gradient": 0, "deconvnet": 1, "guided": 2}
 
 
 def _view(t: torch.Tensor) -> np.ndarray:

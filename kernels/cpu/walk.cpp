@@ -24,6 +24,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstring>
 #include <optional>
 #include <stdexcept>
 #include <string>
@@ -162,6 +163,8 @@ void relu_backward(Flat g, std::optional<Bits> bits, Flat out, int rule, int thr
     const int64_t n = int64_t(g.shape(0));
     same_dtype(g, out, "g and out");
     if (int64_t(out.shape(0)) != n) throw std::invalid_argument("out differs from g in length");
+    if (rule != kGradient && rule != kDeconvnet && rule != kGuided)
+        throw std::invalid_argument("rule must be 0 (gradient), 1 (deconvnet) or 2 (guided)");
     if (rule != kDeconvnet && (!bits || int64_t(bits->shape(0)) != (n + 7) / 8))
         throw std::invalid_argument("the gradient and guided rules need ceil(numel / 8) mask bytes");
     with_float(g, "g", [&](auto* tag) {
@@ -173,8 +176,7 @@ void relu_backward(Flat g, std::optional<Bits> bits, Flat out, int rule, int thr
         switch (rule) {
             case kGradient: relu_backward_impl<T, kGradient>(gp, bp, op, n, threads); break;
             case kDeconvnet: relu_backward_impl<T, kDeconvnet>(gp, bp, op, n, threads); break;
-            case kGuided: relu_backward_impl<T, kGuided>(gp, bp, op, n, threads); break;
-            default: throw std::invalid_argument("rule must be 0 (gradient), 1 (deconvnet) or 2 (guided)");
+            default: relu_backward_impl<T, kGuided>(gp, bp, op, n, threads); break;
         }
     });
 }

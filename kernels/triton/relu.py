@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-RULE_CODES = {"gradient": 0, "deconvnet": 1, "guided": 2}
+from ..relu_rules import RULE_CODES
 
 # Elements per program: a GPU block, or a large one under the interpreter, whose cost is mostly
 # per program instance.
