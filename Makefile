@@ -3,7 +3,7 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-SOURCES := pyproject.toml CMakeLists.txt $(shell find kernels engine -name '*.py' -o -name '*.cpp' -o -name '*.safetensors' -o -name '*.json')
+SOURCES := pyproject.toml CMakeLists.txt $(shell find kernels engine bench -name '*.py' -o -name '*.cpp' -o -name '*.safetensors' -o -name '*.json')
 
 .PHONY: install demo test bench
 

@@ -5,6 +5,7 @@ for the entropy ops `reference`: scikit-image/numpy/PIL; for the ReLU rules and 
 `torch`: eager torch ops) and returns the same kind of array it was given.
 """
 
+from ._arrays import footprint_array as check_footprint
 from ._backend import BACKENDS, get_num_threads, resolve_backend, set_num_threads
 from .entropy import local_entropy, mean_local_entropy
 from .pooling import POOL_BACKENDS, max_pool_offsets, max_unpool_offsets
@@ -29,6 +30,7 @@ __all__ = [
     "ReLUMask",
     "ReLURule",
     "ReLURuleFunction",
+    "check_footprint",
     "get_num_threads",
     "local_entropy",
     "max_pool_offsets",
