@@ -73,16 +73,20 @@ def _import(family: str, backend: str) -> ModuleType:
 
 def _refusal(family: str, backend: str, data: object) -> str | None:
     """Why `backend` does not take `data` (wrong device or dtype), or None when it does."""
-    on_cuda = is_tensor(data) and data.is_cuda
+    device = data.device if is_tensor(data) else None
     if backend == "cpu" and family in ("relu", "pooling"):
-        if data.device.type != "cpu" or str(data.dtype) not in ("torch.float32", "torch.float64"):
+        if device.type != "cpu" or str(data.dtype) not in ("torch.float32", "torch.float64"):
             return (f"the cpu backend takes float32/float64 CPU tensors, got {data.dtype} on "
-                    f"{data.device}")
-    elif backend == "cpu" and on_cuda:
-        return f"the cpu backend takes CPU data, got a tensor on {data.device}"
-    elif backend == "triton" and not on_cuda and not interpreting():
+                    f"{device}")
+    elif backend == "cpu" and device is not None and device.type != "cpu":
+        return f"the cpu backend takes CPU data, got a tensor on {device}"
+    elif backend == "triton" and not _on_cuda(data) and not interpreting():
         return "the triton backend takes CUDA tensors (or CPU tensors with TRITON_INTERPRET=1)"
     return None
+
+
+def _on_cuda(data: object) -> bool:
+    return is_tensor(data) and data.is_cuda
 
 
 def _runs(family: str, backend: str, data: object) -> bool:
@@ -111,8 +115,7 @@ def resolve_backend(backend: str, data: object, *, family: str = "entropy") -> s
     """
     check_backend(backend, family)
     if backend == "auto":
-        on_cuda = is_tensor(data) and data.is_cuda
-        if on_cuda and "triton" in _TABLE[family] and _runs(family, "triton", data):
+        if _on_cuda(data) and "triton" in _TABLE[family] and _runs(family, "triton", data):
             return "triton"
         if _runs(family, "cpu", data):
             return "cpu"
