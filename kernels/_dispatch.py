@@ -43,8 +43,8 @@ BACKENDS = ("auto", *_TABLE["entropy"])  # entropy and response
 RULE_BACKENDS = ("auto", *_TABLE["relu"])
 POOL_BACKENDS = ("auto", *_TABLE["pooling"])
 
-# What to install for a missing module, by the name its ImportError gives.
-_PACKAGES = {"skimage": "scikit-image", "PIL": "pillow", "torch": "torch", "triton": "triton"}
+# The distributions whose import names differ from their own (what to install for a missing one).
+_PACKAGES = {"skimage": "scikit-image", "PIL": "pillow"}
 
 
 def interpreting() -> bool:
