@@ -5,46 +5,33 @@
           -> evaluation (metrics, study, comparison) -> cli
 
 Attacks craft the adversarial images the detectors are measured on; data reads image files and
-the digits, and writes files atomically.
+the digits, and writes files atomically. The public names below are loaded on first use (PEP
+562), so that importing a module of the package (the `frmap` command's entry point) does not
+import torch before it can say that the engine extra is missing.
 """
 
-from frmap.engine.attacks import ATTACKS, make_attack, run_attack
-from frmap.engine.detectors import (
-    DistanceEvolutionDetector,
-    EntropyDetector,
-    FeatureSqueezer,
-    KNNDetector,
-    load_detector,
-)
-from frmap.engine.models import (
-    IMAGENET_MEAN,
-    IMAGENET_STD,
-    VGG_ARCHS,
-    Normalized,
-    load_vgg,
-    load_weights,
-    model_identity,
-)
-from frmap.engine.responses import PATHS, TARGETS, EngineConfig, ResponseEngine
+from __future__ import annotations
 
-__all__ = [
-    "ATTACKS",
-    "IMAGENET_MEAN",
-    "IMAGENET_STD",
-    "PATHS",
-    "TARGETS",
-    "VGG_ARCHS",
-    "DistanceEvolutionDetector",
-    "EngineConfig",
-    "EntropyDetector",
-    "FeatureSqueezer",
-    "KNNDetector",
-    "Normalized",
-    "ResponseEngine",
-    "load_detector",
-    "load_vgg",
-    "load_weights",
-    "make_attack",
-    "model_identity",
-    "run_attack",
-]
+import importlib
+
+# Public name -> the subpackage that defines it.
+_EXPORTS = {
+    **dict.fromkeys(("ATTACKS", "make_attack", "run_attack"), "attacks"),
+    **dict.fromkeys(("DistanceEvolutionDetector", "EntropyDetector", "FeatureSqueezer",
+                     "KNNDetector", "load_detector"), "detectors"),
+    **dict.fromkeys(("IMAGENET_MEAN", "IMAGENET_STD", "VGG_ARCHS", "Normalized", "load_vgg",
+                     "load_weights", "model_identity"), "models"),
+    **dict.fromkeys(("PATHS", "TARGETS", "EngineConfig", "ResponseEngine"), "responses"),
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> object:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_EXPORTS})

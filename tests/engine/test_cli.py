@@ -13,10 +13,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from frmap.engine.cli.main import build_parser
+from frmap.engine.cli import build_parser
 from frmap.engine.data import load_digits_split
 from frmap.engine.detectors import load_detector
-from frmap.kernels._backend import _cpu_unavailable_reason
 
 
 def frmap(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
@@ -136,7 +135,7 @@ def test_attack_is_resumable_and_visualize_draws(tmp_path, digit_files):
     assert Image.open(png).size[0] > 300
 
 
-@pytest.mark.skipif(_cpu_unavailable_reason() is not None, reason="no C++ extension")
+@pytest.mark.needs_extension
 def test_bench_entropy_quick_writes_json(tmp_path):
     out = tmp_path / "sub" / "bench.json"
     result = frmap("bench", "entropy", "--quick", "--json", str(out))
