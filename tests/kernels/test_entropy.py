@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import importlib
+import itertools
+import warnings
 
 import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
 from skimage.filters.rank import entropy as skimage_entropy
-from skimage.morphology import disk
+from skimage.morphology import ball, disk
 
 import frmap.kernels as K
 from frmap.kernels._backend import _cpu_unavailable_reason
@@ -17,9 +19,13 @@ from frmap.kernels._backend import _cpu_unavailable_reason
 from helpers import (
     ENTROPY_ATOL,
     FOOTPRINTS,
+    FOOTPRINTS_3D,
     assert_close,
     entropy_cases,
+    random_footprint,
     random_image,
+    shifted_entropy_cases,
+    skimage_rtol,
     smooth_image,
 )
 
@@ -186,6 +192,142 @@ def test_property_matches_skimage(case):
     assert_close(
         K.mean_local_entropy(image, fp, mask=mask, backend=backend), expected.mean(), 1e-9
     )
+
+
+def assert_like_skimage(actual, expected, footprint, what: str = "values") -> None:
+    """Relative agreement with scikit-image within its own rounding (`skimage_rtol`)."""
+    np.testing.assert_allclose(actual, expected, rtol=skimage_rtol(footprint), atol=0, err_msg=what)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("fp_name", list(FOOTPRINTS_3D))
+@pytest.mark.parametrize("shape", [(1, 1, 1), (2, 1, 9), (5, 7, 3), (9, 23, 26)])
+def test_volumes_match_skimage(backend, fp_name, shape):
+    """A 3-D footprint: [D, H, W] volumes, and a batch of them with a mask, as scikit-image."""
+    rng = np.random.default_rng([sum(map(ord, fp_name)), *shape])
+    fp = FOOTPRINTS_3D[fp_name]
+    for high in (256, 5):
+        volumes = random_image(rng, (2, *shape), np.uint8, high)
+        mask = rng.random(shape) < 0.7
+        got = K.local_entropy(volumes, fp, mask=mask, backend=backend)
+        expected = np.stack([skimage_entropy(v, fp, mask=mask) for v in volumes])
+        assert got.shape == volumes.shape
+        assert_like_skimage(got, expected, fp, f"{fp_name} {shape} high={high}")
+        means = K.mean_local_entropy(volumes, fp, mask=mask, backend=backend)
+        assert means.shape == (2,)
+        np.testing.assert_allclose(means, expected.mean(axis=(1, 2, 3)), rtol=1e-12, atol=0)
+
+
+@pytest.mark.filterwarnings("ignore:Possible precision loss", "ignore:Downcasting")
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize(
+    "dtype", [np.int8, np.int16, np.int32, np.uint32, np.float16, np.float32, np.float64, bool]
+)
+@pytest.mark.parametrize("ndim", [2, 3])
+def test_other_dtypes_converted_as_skimage(backend, dtype, ndim):
+    """Float, signed, wide and bool inputs: scikit-image's conversion and result."""
+    rng = np.random.default_rng([ndim, np.dtype(dtype).num])
+    shape, fp = ((21, 19), disk(2)) if ndim == 2 else ((5, 9, 8), ball(1))
+    kind = np.dtype(dtype).kind
+    if kind == "f":
+        images = [rng.random(shape).astype(dtype), (rng.random(shape) * 2 - 1).astype(dtype)]
+    elif kind == "b":
+        images = [rng.random(shape) < 0.5]
+    else:
+        info = np.iinfo(dtype)
+        small = rng.integers(max(info.min, -50), 200, shape).astype(dtype)
+        images = [small, rng.integers(info.min, info.max, shape, endpoint=True).astype(dtype)]
+    for image in images:
+        if kind == "b" and ndim == 2:
+            with pytest.raises(ValueError, match="bool"):
+                skimage_entropy(image, fp)
+            with pytest.raises(ValueError, match="bool with a 2-D footprint"):
+                K.local_entropy(image, fp, backend=backend)
+            continue
+        expected = skimage_entropy(image, fp)
+        with pytest.warns(UserWarning, match="Possible precision loss"):
+            got = K.local_entropy(image, fp, backend=backend)
+        assert_like_skimage(got, expected, fp, f"{np.dtype(dtype)}")
+        torch_got = K.local_entropy(torch.from_numpy(np.asarray(image)), fp, backend=backend)
+        assert_like_skimage(torch_got.numpy(), expected, fp, f"torch {np.dtype(dtype)}")
+
+
+@pytest.mark.parametrize("dtype", [np.int8, np.int16, np.int64, np.uint32, np.uint64,
+                                   np.float16, np.float32, np.float64, bool])
+def test_img_as_ubyte_matches_skimage(dtype):
+    from skimage.util import img_as_ubyte
+
+    from frmap.kernels._rank_input import img_as_ubyte as ours
+
+    rng = np.random.default_rng(np.dtype(dtype).num)
+    kind = np.dtype(dtype).kind
+    if kind == "f":
+        samples = [rng.random(500) * 2 - 1, np.array([-1.0, 0.0, 1 / 510, 0.5, 1.0])]
+    elif kind == "b":
+        samples = [rng.random(500) < 0.5]
+    else:
+        info = np.iinfo(dtype)
+        samples = [rng.integers(info.min, info.max, 500, endpoint=True, dtype=dtype),
+                   rng.integers(0, 256, 500).astype(dtype), np.array([info.min, 0, info.max])]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for x in samples:
+            x = x.astype(dtype)
+            np.testing.assert_array_equal(ours(x), img_as_ubyte(x), err_msg=str(x.dtype))
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_shifts_match_skimage(backend):
+    """Every admissible shift of an even and an odd footprint, 2-D and 3-D."""
+    rng = np.random.default_rng(4)
+    image = random_image(rng, (17, 19), np.uint8, 6)
+    for fp in (random_footprint(rng, (4, 5)), disk(1)):
+        h, w = fp.shape
+        for sy in range(-(h // 2), h - h // 2):
+            for sx in range(-(w // 2), w - w // 2):
+                got = K.local_entropy(image, fp, shift_x=sx, shift_y=sy, backend=backend)
+                expected = skimage_entropy(image, fp, shift_x=sx, shift_y=sy)
+                assert_like_skimage(got, expected, fp, f"shift_x={sx} shift_y={sy}")
+    volume = random_image(rng, (6, 9, 10), np.uint8, 6)
+    fp = random_footprint(rng, (2, 3, 4))
+    for sx, sy, sz in itertools.product((-1, 0), (-1, 0, 1), (-2, 1)):
+        shifts = {"shift_x": sx, "shift_y": sy, "shift_z": sz}
+        got = K.local_entropy(volume, fp, backend=backend, **shifts)
+        assert_like_skimage(got, skimage_entropy(volume, fp, **shifts), fp, str(shifts))
+
+
+def test_cpu_volumes_do_not_depend_on_thread_count():
+    pytest.importorskip("frmap.kernels.cpu._ext")
+    rng = np.random.default_rng(3)
+    volumes = random_image(rng, (3, 40, 33, 35), np.uint8, 12)
+    runs = []
+    for threads in (1, 2, None):
+        K.set_num_threads(threads)
+        runs.append((K.local_entropy(volumes, ball(2), backend="cpu"),
+                     K.mean_local_entropy(volumes, ball(2), backend="cpu")))
+    for maps, means in runs[1:]:
+        np.testing.assert_array_equal(maps, runs[0][0])
+        np.testing.assert_array_equal(means, runs[0][1])
+
+
+@settings(max_examples=40, deadline=None)
+@given(case=shifted_entropy_cases(ndim=3, max_size=9, max_footprint=4))
+def test_property_volumes_and_shifts_match_skimage(case):
+    volume, fp, mask, shifts = case
+    expected = skimage_entropy(volume, fp, mask=mask, **shifts)
+    got = K.local_entropy(volume, fp, mask=mask, backend="auto", **shifts)
+    assert_like_skimage(got, expected, fp)
+    mean = K.mean_local_entropy(volume, fp, mask=mask, backend="auto", **shifts)
+    np.testing.assert_allclose(mean, expected.mean(), rtol=1e-12, atol=1e-15)
+
+
+@settings(max_examples=40, deadline=None)
+@given(case=shifted_entropy_cases(ndim=2, max_size=20, max_footprint=6))
+def test_property_shifts_match_skimage(case):
+    image, fp, mask, shifts = case
+    expected = skimage_entropy(image, fp, mask=mask, **shifts)
+    assert_like_skimage(K.local_entropy(image, fp, mask=mask, backend="auto", **shifts),
+                        expected, fp)
 
 
 @pytest.mark.parametrize(
