@@ -10,15 +10,18 @@
 // planes), not with its area or volume or the number of bins. A 2-D footprint is a volume of
 // one plane.
 //
-// Exact fixed point: T[c] = c * L[c] with L[c] = e * 2^P + round(log2(o) * 2^P) for c = 2^e o,
-// o odd (P = 58 fraction bits, log2 of the odd part in long double). T is an integer up to 2^94,
-// kept as two int64 words (bits above and below 2^32) that are summed separately, so the running
-// sums are exact integers: no drift along a row, and a window holding one value gives exactly 0.
-// Because log2 of a power of two is exact in L, windows of 2^k equally frequent values
-// (c_v = c, n = 2^k c) give n L[n] - 2^k c L[c] = n k 2^P exactly, hence exactly k bits. The
-// final conversion rounds once to double (hi * 2^32 + lo, both exact) and once in the division
-// by n: the result is within an ulp or two of the true entropy (the table's rounding adds at
-// most 2^-58 bits).
+// Exact fixed point: T[c] = c * L[c], where L[c] is log2 c in fixed point with P = 58 fraction
+// bits, built additively from its prime factors: L[2] = 2^P exactly, L[p] = round(log2 p * 2^P)
+// (long double) for an odd prime p, L[ab] = L[a] + L[b]. T is an integer up to 2^94, kept as two
+// int64 words (bits above and below 2^32) that are summed separately, so the running sums are
+// exact integers: no drift along a row, and a window holding one value gives exactly 0. Because
+// L is additive, the numerator N = n L[n] - sum_v c_v L[c_v] is exactly m 2^P whenever the true
+// entropy is a rational m / n (the logs of distinct primes are independent over the rationals):
+// windows of 2^k equally frequent values (c_v = c, n = 2^k c) give N = n k 2^P. The final
+// conversion tests whether N is a multiple of 2^P; if so it returns m / n (one correctly rounded
+// division: exact wherever the value is representable), otherwise N (rounded once to double)
+// times 2^-P / n: within about an ulp of the true entropy (L's rounding adds at most ~2^-55
+// bits).
 //
 // Borders and masks: each band of rows is copied into a padded index buffer in which pixels
 // outside the image or masked out carry an extra bin PAD. That bin is counted like any other but
@@ -92,32 +95,54 @@ struct Window {
 };
 
 // Exact fixed-point tables for windows of up to `area` pixels (see the top of the file):
-// T[c] = c log2 c * 2^P as two words, D[c] = T[c+1] - T[c]. The two words travel as one
-// two-lane vector, so a histogram step is one load and one add.
+// T[c] = c log2 c * 2^P as two words, D[c] = T[c+1] - T[c], and U[m] = T[area - m] + T[m] for
+// a window with m pixels outside (n = area - m inside: its numerator is U[m] - sum over all
+// bins). The two words travel as one two-lane vector, so a histogram step is one load and one
+// add.
 struct Tables {
     static constexpr int kP = 58;
     typedef int64_t Words __attribute__((vector_size(16)));  // {hi, lo}: hi * 2^32 + lo
-    std::vector<Words> T, D;
+    std::vector<Words> D, U;
+    std::vector<double> inv;  // inv[n] = 2^-P / n
 
-    explicit Tables(int64_t area) : T(size_t(area + 2)), D(size_t(area + 1)) {
+    explicit Tables(int64_t area)
+        : D(size_t(area + 1)), U(size_t(area + 1)), inv(size_t(area + 1)) {
         if (area >= (int64_t(1) << 31)) throw std::invalid_argument("footprint too large");
-        T[0] = Words{0, 0};
+        // L[c] = sum over the prime factors p of c of round(log2(p) * 2^P), exactly 2^P for
+        // p = 2: additive, L[ab] = L[a] + L[b], so every integer relation between the logs holds.
+        std::vector<uint64_t> L(size_t(area + 2), 0);
+        for (int64_t c = 2; c <= area + 1; ++c) {
+            int64_t p = 2;
+            while (c % p != 0 && p * p <= c) ++p;
+            if (c % p != 0) p = c;  // c is prime
+            const uint64_t lp =
+                p == 2 ? uint64_t(1) << kP
+                       : uint64_t(llroundl(log2l((long double)p) * ldexpl(1.0L, kP)));
+            L[size_t(c)] = L[size_t(c / p)] + lp;
+        }
+        std::vector<Words> T(size_t(area + 2), Words{0, 0});
         for (int64_t c = 1; c <= area + 1; ++c) {
-            int e = 0;
-            while (((c >> e) & 1) == 0) ++e;
-            const long double frac = log2l((long double)(c >> e)) * ldexpl(1.0L, kP);
-            const uint64_t L = (uint64_t(e) << kP) + uint64_t(llroundl(frac));
-            const unsigned __int128 t = (unsigned __int128)(uint64_t(c)) * L;
+            const unsigned __int128 t = (unsigned __int128)(uint64_t(c)) * L[size_t(c)];
             T[size_t(c)] = Words{int64_t(t >> 32), int64_t(uint64_t(t) & 0xffffffffu)};
         }
-        for (int64_t c = 0; c <= area; ++c) D[size_t(c)] = T[size_t(c + 1)] - T[size_t(c)];
+        for (int64_t c = 0; c <= area; ++c) {
+            D[size_t(c)] = T[size_t(c + 1)] - T[size_t(c)];
+            U[size_t(c)] = T[size_t(area - c)] + T[size_t(c)];
+            inv[size_t(c)] = c ? 1.0 / (double(c) * std::ldexp(1.0, kP)) : 0.0;
+        }
     }
 
     // Bits of a window of population n > 0 whose fixed-point numerator
-    // n log2 n - sum_v c_v log2 c_v is `num`: one rounding to double, one in the division.
-    static double bits(Words num, int64_t n) {
-        constexpr double k2p32 = 4294967296.0, k2mP = 1.0 / double(int64_t(1) << kP);
-        return (double(num[0]) * k2p32 + double(num[1])) / double(n) * k2mP;
+    // n log2 n - sum_v c_v log2 c_v is `num`. When num is a multiple of 2^P, the entropy is a
+    // rational m / n (m = num / 2^P), divided exactly: exact wherever it is representable
+    // (2^k equally frequent values -> k). Otherwise one rounding to double and one product.
+    double bits(Words num, int64_t n) const {
+        constexpr uint64_t kLow = (uint64_t(1) << kP) - 1;
+        if ((((uint64_t(num[0]) << 32) + uint64_t(num[1])) & kLow) == 0) {
+            const int64_t m = (num[0] + (num[1] >> 32)) >> (kP - 32);
+            return double(m) / double(n);
+        }
+        return (double(num[0]) * 4294967296.0 + double(num[1])) * inv[size_t(n)];
     }
 };
 
@@ -153,7 +178,7 @@ void entropy_row(const Idx* center, int64_t w, const Window& win, const Tables& 
         const int32_t outside = hist[pad];
         const int64_t n = win.area - outside;
         if (n > 0) {
-            sink(c, Tables::bits(tab.T[size_t(n)] - (sum - tab.T[size_t(outside)]), n));
+            sink(c, tab.bits(tab.U[size_t(outside)] - sum, n));
         } else {
             sink(c, 0.0);
         }

@@ -134,6 +134,25 @@ def test_equally_frequent_values_give_k_bits(backend, k):
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize(
+    ("counts", "bits"),
+    [((6, 3, 3), 1.5), ((2, 1, 1), 1.5), ((9, 9), 1.0), ((3,) * 8, 3.0), ((5,) * 4, 2.0),
+     ((12, 6, 6), 1.5), ((1,) * 32, 5.0)],
+)
+def test_rational_entropies_are_exact(backend, counts, bits):
+    """Windows whose entropy is a representable rational give it exactly (scikit-image too)."""
+    values = np.repeat(np.arange(len(counts)) * 7, counts).astype(np.uint8)
+    image = np.random.default_rng(len(counts)).permutation(values)[None, :]
+    fp = np.ones((1, 2 * image.shape[1] - 1), np.uint8)  # every window holds the whole row
+    got = K.local_entropy(image, fp, backend=backend)
+    assert (got == bits).all(), np.unique(got - bits)
+    assert (skimage_entropy(image, fp) == bits).all()
+    volume = np.broadcast_to(values.reshape(1, -1, 1), (3, values.size, 2))
+    got3 = K.local_entropy(volume, np.ones((1, 2 * values.size - 1, 3)), backend=backend)
+    assert (got3 == bits).all()
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_float32_out_and_torch_input(backend):
     rng = np.random.default_rng(11)
     image = random_image(rng, (3, 33, 29))
