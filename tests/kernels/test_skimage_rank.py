@@ -109,24 +109,30 @@ def _random_volume(low: int, high: int, shape, dtype) -> np.ndarray:
     return np.random.RandomState(0).randint(low, high, size=shape).astype(dtype)
 
 
-def test_compare_ubyte_vs_float_3d():
-    volume_uint = _random_volume(0, 256, (10, 20, 30), np.uint8)
-    volume_float = img_as_float(volume_uint)
-    out_u = K.local_entropy(volume_uint, ball(3), backend="cpu")
-    with pytest.warns(UserWarning, match=PRECISION_LOSS):
-        out_f = K.local_entropy(volume_float, ball(3), backend="cpu")
-    np.testing.assert_array_equal(out_u, out_f)
-    expected = rank.entropy(volume_uint, ball(3))
-    np.testing.assert_allclose(out_u, expected, rtol=skimage_rtol(ball(3)), atol=0)
+def _uint8_and_float_volumes() -> tuple[np.ndarray, np.ndarray]:
+    """test_compare_ubyte_vs_float_3d's volumes: uint8, and the same as float in [0, 1]."""
+    volume = _random_volume(0, 256, (10, 20, 30), np.uint8)
+    return volume, img_as_float(volume)
 
 
-def test_compare_8bit_unsigned_vs_signed_3d():
-    volume_s = _random_volume(0, 127, (10, 20, 30), np.int8)
-    volume_u = img_as_ubyte(volume_s)
-    out_u = K.local_entropy(volume_u, ball(3), backend="cpu")
+def _uint8_and_int8_volumes() -> tuple[np.ndarray, np.ndarray]:
+    """test_compare_8bit_unsigned_vs_signed_3d's volumes: int8 in [0, 127), and as uint8."""
+    volume = _random_volume(0, 127, (10, 20, 30), np.int8)
+    return img_as_ubyte(volume), volume
+
+
+@pytest.mark.parametrize("backend", [CPU])
+@pytest.mark.parametrize(
+    "volumes", [_uint8_and_float_volumes, _uint8_and_int8_volumes],
+    ids=["ubyte_vs_float_3d", "8bit_unsigned_vs_signed_3d"],
+)
+def test_compare_converted_volumes(backend, volumes):
+    """A float or signed volume gives the entropy of its uint8 conversion, with a warning."""
+    volume_u, volume_other = volumes()
+    out_u = K.local_entropy(volume_u, ball(3), backend=backend)
     with pytest.warns(UserWarning, match=PRECISION_LOSS):
-        out_s = K.local_entropy(volume_s, ball(3), backend="cpu")
-    np.testing.assert_array_equal(out_u, out_s)
+        out_other = K.local_entropy(volume_other, ball(3), backend=backend)
+    np.testing.assert_array_equal(out_u, out_other)
     expected = rank.entropy(volume_u, ball(3))
     np.testing.assert_allclose(out_u, expected, rtol=skimage_rtol(ball(3)), atol=0)
 
