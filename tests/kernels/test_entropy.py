@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
+from hypothesis import strategies as st
 from skimage.filters.rank import entropy as skimage_entropy
 from skimage.morphology import ball, disk
 
@@ -225,11 +226,13 @@ def test_volumes_match_skimage(backend, fp_name, shape):
     """A 3-D footprint: [D, H, W] volumes, and a batch of them with a mask, as scikit-image."""
     rng = np.random.default_rng([sum(map(ord, fp_name)), *shape])
     fp = FOOTPRINTS_3D[fp_name]
-    for high in (256, 5):
-        volumes = random_image(rng, (2, *shape), np.uint8, high)
+    for dtype, high in ((np.uint8, 256), (np.uint8, 5), (np.uint16, 700)):
+        volumes = random_image(rng, (2, *shape), dtype, high)
         mask = rng.random(shape) < 0.7
         got = K.local_entropy(volumes, fp, mask=mask, backend=backend)
-        expected = np.stack([skimage_entropy(v, fp, mask=mask) for v in volumes])
+        with warnings.catch_warnings():  # uint16: scikit-image warns that it is slow
+            warnings.simplefilter("ignore")
+            expected = np.stack([skimage_entropy(v, fp, mask=mask) for v in volumes])
         assert got.shape == volumes.shape
         assert_like_skimage(got, expected, fp, f"{fp_name} {shape} high={high}")
         means = K.mean_local_entropy(volumes, fp, mask=mask, backend=backend)
@@ -338,6 +341,34 @@ def test_property_volumes_and_shifts_match_skimage(case):
     assert_like_skimage(got, expected, fp)
     mean = K.mean_local_entropy(volume, fp, mask=mask, backend="auto", **shifts)
     np.testing.assert_allclose(mean, expected.mean(), rtol=1e-12, atol=1e-15)
+
+
+# uint8 levels -> other dtypes, as a caller might hold them (floats in [-1, 1], signed around 0)
+RETYPE = {
+    "float64": lambda x: x / 255.0,
+    "float32": lambda x: (x / 127.5 - 1).astype(np.float32),
+    "float16": lambda x: (x / 255).astype(np.float16),
+    "int8": lambda x: (x.astype(np.int16) - 128).astype(np.int8),
+    "int16": lambda x: (x.astype(np.int16) - 128) * 3,
+    "uint32": lambda x: x.astype(np.uint32) * 2**24,
+}
+
+
+@pytest.mark.filterwarnings("ignore:Possible precision loss", "ignore:Downcasting")
+@settings(max_examples=40, deadline=None)
+@given(case=shifted_entropy_cases(ndim=3, max_size=7, max_footprint=3),
+       retype=st.sampled_from(sorted(RETYPE)), volume=st.booleans())
+def test_property_other_dtypes_match_skimage(case, retype, volume):
+    image, fp, mask, shifts = case
+    image = RETYPE[retype](image)
+    if not volume:  # the first plane, as an image, with the footprint's first plane
+        image, fp, mask = image[0], fp[0], None if mask is None else mask[0]
+        shifts = {"shift_x": shifts["shift_z"], "shift_y": shifts["shift_y"]}
+    if not fp.any():
+        fp = np.ones_like(fp)
+    expected = skimage_entropy(image, fp, mask=mask, **shifts)
+    got = K.local_entropy(image, fp, mask=mask, backend="auto", **shifts)
+    assert_like_skimage(got, expected, fp, retype)
 
 
 @settings(max_examples=40, deadline=None)
