@@ -27,23 +27,24 @@ Two kernels (K = pixels the footprint selects, R = its runs of set pixels, about
   store, a D gather, an int64 add), plus K updates per segment to fill the first window
   (K / SEG per pixel).
 
-Operation counts per output pixel (compares + integer adds; loads apart), old kernel (a
-[BLOCK, KP] tile, K x KP compares and row sums, KP = K rounded up to a power of two) vs new:
+Operation counts per output pixel (`operation_count`; register operations + memory operations).
+Old kernel: a [BLOCK, KP] tile, K x KP compares, as many adds and K row reductions (KP = K
+rounded up to a power of two). New: `operation_count` for 64 x 224 x 224 uint8 images.
 
-    footprint   K   R   old: K*KP cmp (+ as many adds, K row reductions)   new
-    square(3)   9   3      144                                   pairwise 36 + 36, 9 gathers
-    disk(2)    13   5      208                                   pairwise 78 + 78, 13 gathers
-    disk(3)    29   7      928                                   pairwise 406 + 406, 29 gathers
-    disk(5)    81  11   10,368                                   sliding 22 updates + 2.5 fill
-    disk(7)   149  15   38,144                                   sliding 30 updates + 4.7 fill
+    footprint   K   R   old: compares + adds        new kernel   register + memory ops
+    square(3)   9   3          144 + 144            pairwise       144 + 18
+    disk(2)    13   5          208 + 208            pairwise       260 + 26
+    disk(3)    29   7          928 + 928            pairwise     1,044 + 58
+    disk(5)    81  11       10,368 + 10,368         sliding        238 + 95
+    disk(7)   149  15       38,144 + 38,144         sliding        333 + 133
 
-Crossover. A sliding update is ~5 memory operations of which 3 are scattered (histogram load and
-store, D gather), each worth roughly 20-30 register operations in L1 throughput on an H100/H200
-(4 sectors per clock per SM against 64-128 integer lanes per clock): ~100-150 operations per
-update, 2R updates per pixel. The pairwise kernel costs ~K^2 register operations. At K = 29
-(disk(3), R = 7) they meet (~850 vs ~1,000-2,000); beyond it the pairwise cost grows with the
-area squared and the sliding one with the height. Hence PAIRWISE_MAX_K = 32; the first GPU run
-(frmap bench entropy --device cuda) checks it.
+Crossover. Three of a sliding update's four memory operations are scattered (bin load and store,
+D gather), each worth roughly 20-30 register operations of L1 throughput on an H100/H200 (4
+sectors per clock per SM against 64-128 integer lanes per clock), so an update costs ~80-100
+register-operation equivalents and a pixel ~2R of them: disk(3) ~1,300 sliding against ~1,100
+pairwise. The pairwise cost grows with the area squared, the sliding one with the height: they
+cross near K = 30, hence PAIRWISE_MAX_K = 32. The first GPU run (`frmap bench entropy --device
+cuda`, which prints these estimates beside the measured rates) checks it.
 
 Levels: uint8 images are read as they are; uint16 as int32. The sliding kernel's histogram has
 max + 1 bins (256 for uint8; one device-to-host read of the maximum for uint16), its scratch is
@@ -53,6 +54,7 @@ capped per launch (waves of lanes), and its counts are uint8, int16 or int32 by 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from functools import lru_cache
 
 import numpy as np
@@ -77,6 +79,38 @@ def variant_for(k: int) -> str:
     """The kernel for a footprint of `k` pixels: "pairwise" up to PAIRWISE_MAX_K, else
     "sliding" (see the module docstring for the operation counts behind the crossover)."""
     return "pairwise" if k <= PAIRWISE_MAX_K else "sliding"
+
+
+@dataclass(frozen=True)
+class OperationCount:
+    """Estimated work per output pixel, counted from the kernel's code (not measured).
+
+    Attributes:
+        variant: "pairwise" or "sliding".
+        register_ops: compares, integer adds and selects.
+        memory_ops: loads and stores (image levels, histogram bins, table gathers).
+    """
+
+    variant: str
+    register_ops: float
+    memory_ops: float
+
+
+def operation_count(footprint: np.ndarray, shape: tuple[int, int, int]) -> OperationCount:
+    """The estimate for `footprint` ([h, w] binary) on [N, H, W] images (no mask).
+
+    pairwise: K(K-1) (a compare and an add per pair) + 8K (offsets, bounds, select, sum)
+    register operations, 2K memory operations (K levels, K D gathers). sliding: u = 2R + K/SEG
+    histogram updates (R runs, SEG pixels per lane), each ~10 register and 4 memory operations
+    (a level load, a bin load and store, a D gather).
+    """
+    k = int(np.count_nonzero(footprint))
+    variant = variant_for(k)
+    if variant == "pairwise":
+        return OperationCount(variant, k * (k - 1) + 8 * k, 2 * k)
+    seg, _ = _segments(*shape)
+    updates = 2 * len(_runs(np.asarray(footprint, np.uint8))) + k / seg
+    return OperationCount(variant, 10 * updates, 4 * updates)
 
 
 @triton.jit
@@ -218,15 +252,28 @@ def _walk_tables(fp_bytes: bytes, shape: tuple[int, int],
     offsets and [R, 3] (dy, dx entering, dx leaving) per run of set pixels in a footprint row."""
     fp = np.frombuffer(fp_bytes, dtype=np.uint8).reshape(shape)
     dy, dx = _offsets(fp)
-    cy, cx = shape[0] // 2, shape[1] // 2
+    offs = torch.tensor(list(zip(dy, dx, strict=True)), dtype=torch.int32, device=device)
+    return offs, torch.tensor(_runs(fp), dtype=torch.int32, device=device)
+
+
+def _runs(footprint: np.ndarray) -> list[tuple[int, int, int]]:
+    """(dy, dx entering, dx leaving) of a step right, per run of set pixels in a row."""
+    cy, cx = footprint.shape[0] // 2, footprint.shape[1] // 2
     runs = []
-    for i, row in enumerate(fp):
+    for i, row in enumerate(footprint):
         edges = np.diff(np.concatenate([[0], row.astype(np.int8), [0]]))
         starts, stops = np.flatnonzero(edges == 1), np.flatnonzero(edges == -1)
-        runs += [(i - cy, stop - 1 - cx, start - 1 - cx)
+        runs += [(i - cy, int(stop) - 1 - cx, int(start) - 1 - cx)
                  for start, stop in zip(starts, stops, strict=True)]
-    offs = torch.tensor(list(zip(dy, dx, strict=True)), dtype=torch.int32, device=device)
-    return offs, torch.tensor(runs, dtype=torch.int32, device=device)
+    return runs
+
+
+def _segments(n: int, h: int, w: int) -> tuple[int, int]:
+    """(SEG, segments per row) of the sliding kernel: rows split until about _SLIDING_LANES
+    lanes are in flight, but never below _MIN_SEGMENT pixels per lane."""
+    segments = min(triton.cdiv(w, _MIN_SEGMENT), max(1, triton.cdiv(_SLIDING_LANES, n * h)))
+    seg = triton.cdiv(w, segments)
+    return seg, triton.cdiv(w, seg)
 
 
 def _count_dtype(k: int) -> torch.dtype:
@@ -255,21 +302,19 @@ def _sliding(images, mask, footprint, out_dtype):
     offs, runs = _walk_tables(footprint.tobytes(), footprint.shape, device)
     k = len(offs)
     t, d, scale = _tables(k, device)
-    segments = min(triton.cdiv(w, _MIN_SEGMENT), max(1, triton.cdiv(_SLIDING_LANES, n * h)))
-    seg = triton.cdiv(w, segments)
-    segments = triton.cdiv(w, seg)
+    seg, segments = _segments(n, h, w)
     total = n * h * segments
     bins = 256 if images.dtype == torch.uint8 else int(images.max()) + 1
     count_dtype = _count_dtype(k)
-    block = block_size(total, device, _SLIDING_BLOCK, least=_SLIDING_BLOCK)
-    per_wave = max(block, _SCRATCH_BYTES // (bins * count_dtype.itemsize) // block * block)
-    per_wave = min(per_wave, triton.cdiv(total, block) * block)
+    per_wave = _SCRATCH_BYTES // (bins * count_dtype.itemsize) // _SLIDING_BLOCK * _SLIDING_BLOCK
+    per_wave = min(max(_SLIDING_BLOCK, per_wave), total)
+    block = block_size(per_wave, device, _SLIDING_BLOCK, least=_SLIDING_BLOCK)
     mean = out_dtype is None
     out = torch.empty(total if mean else (n, h, w), dtype=torch.float64 if mean else out_dtype,
                       device=device)
     for lane0 in range(0, total, per_wave):
         hist = torch.zeros(bins * per_wave, dtype=count_dtype, device=device)
-        _sliding_kernel[(per_wave // block,)](
+        _sliding_kernel[(triton.cdiv(per_wave, block),)](
             images, mask, hist, offs, runs, t, d, out, h, w, k, len(runs), seg, segments,
             lane0, per_wave, total, SCALE=scale, MEAN=mean, BLOCK=block,
             num_warps=_SLIDING_WARPS, num_stages=1, enable_fp_fusion=False,
