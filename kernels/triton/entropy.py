@@ -281,7 +281,8 @@ def _count_dtype(k: int) -> torch.dtype:
     return torch.uint8 if k <= 255 else torch.int16 if k <= 32767 else torch.int32
 
 
-def _pairwise(images, mask, footprint, out_dtype):
+def _pairwise(images: torch.Tensor, mask: torch.Tensor | None, footprint: np.ndarray,
+              out_dtype: torch.dtype | None) -> torch.Tensor:
     n, h, w = images.shape
     dy, dx = _offsets(footprint)
     t, d, scale = _tables(len(dy), images.device)
@@ -296,7 +297,8 @@ def _pairwise(images, mask, footprint, out_dtype):
     return out.sum(dim=1) / (h * w) if mean else out
 
 
-def _sliding(images, mask, footprint, out_dtype):
+def _sliding(images: torch.Tensor, mask: torch.Tensor | None, footprint: np.ndarray,
+             out_dtype: torch.dtype | None) -> torch.Tensor:
     n, h, w = images.shape
     device = images.device
     offs, runs = _walk_tables(footprint.tobytes(), footprint.shape, device)
@@ -322,7 +324,9 @@ def _sliding(images, mask, footprint, out_dtype):
     return out.view(n, h * segments).sum(dim=1) / (h * w) if mean else out
 
 
-def _run(images, footprint, mask, out_dtype, variant):
+def _run(images: torch.Tensor, footprint: np.ndarray, mask: torch.Tensor | None,
+         out_dtype: torch.dtype | None, variant: str | None) -> torch.Tensor:
+    """The entropy map (out_dtype) or, with out_dtype None, the [N] float64 means."""
     images = images.to(torch.int32) if images.dtype == torch.uint16 else images
     mask = None if mask is None else mask.contiguous()
     variant = variant or variant_for(int(np.count_nonzero(footprint)))

@@ -7,6 +7,7 @@ CUDA host the CPU cases skip, so compiled Triton never sees a CPU tensor.
 
 from __future__ import annotations
 
+import os
 import warnings
 
 import numpy as np
@@ -19,7 +20,6 @@ from skimage.morphology import disk
 
 import frmap.kernels as K
 from frmap.kernels import reference
-from frmap.kernels._backend import interpreting
 
 from helpers import (
     ENTROPY_ATOL,
@@ -35,22 +35,25 @@ from helpers import (
 
 triton_entropy = pytest.importorskip("frmap.kernels.triton.entropy")
 
-DEVICES = [
-    pytest.param(
-        "cpu",
-        marks=[
-            pytest.mark.triton_interpret,
-            pytest.mark.skipif(not interpreting(), reason="CPU tensors need TRITON_INTERPRET=1"),
-        ],
-    ),
-    pytest.param(
-        "cuda",
-        marks=[
-            pytest.mark.cuda,
-            pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
-        ],
-    ),
-]
+_INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1" and not torch.cuda.is_available()
+needs_interpreter = pytest.mark.skipif(
+    not _INTERPRETING,
+    reason="CPU tensors go to Triton only through the interpreter, and only where there is no GPU",
+)
+
+
+@pytest.fixture(params=[
+    pytest.param("cpu", marks=[pytest.mark.triton_interpret, needs_interpreter]),
+    pytest.param("cuda", marks=[
+        pytest.mark.cuda,
+        pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+    ]),
+])
+def device(request: pytest.FixtureRequest) -> str:
+    """The device of the tensors given to the Triton kernels."""
+    return request.param
+
+
 VARIANTS = triton_entropy.VARIANTS
 
 # Footprints beyond the crossover (more than PAIRWISE_MAX_K pixels), regular and irregular.
@@ -113,7 +116,7 @@ def test_variant_crossover():
 
 
 @pytest.mark.triton_interpret
-@pytest.mark.skipif(not interpreting(), reason="CPU tensors need TRITON_INTERPRET=1")
+@needs_interpreter
 @pytest.mark.parametrize("fp_name", ["disk3", "disk4"])
 def test_public_op_runs_the_chosen_variant(monkeypatch, fp_name):
     fp = ALL_FOOTPRINTS[fp_name]
@@ -128,7 +131,6 @@ def test_public_op_runs_the_chosen_variant(monkeypatch, fp_name):
     assert_close(got, expected_entropy(images, fp), 1e-9, fp_name)
 
 
-@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("fp_name", list(ALL_FOOTPRINTS))
 def test_variant_matches_skimage(device, variant, fp_name):
@@ -142,7 +144,6 @@ def test_variant_matches_skimage(device, variant, fp_name):
         assert_close(got, expected_entropy(images, fp), 1e-9, f"{variant} {fp_name} {shape}")
 
 
-@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("high", [3, 1000, 65536])
 def test_uint16(device, variant, high):
@@ -155,7 +156,7 @@ def test_uint16(device, variant, high):
 
 
 @pytest.mark.triton_interpret
-@pytest.mark.skipif(not interpreting(), reason="CPU tensors need TRITON_INTERPRET=1")
+@needs_interpreter
 def test_sliding_in_waves(monkeypatch):
     """A scratch buffer too small for all lanes at once: the lanes run in several launches."""
     monkeypatch.setattr(triton_entropy, "_SCRATCH_BYTES", 256 * 300)  # 256 lanes per wave
@@ -168,7 +169,6 @@ def test_sliding_in_waves(monkeypatch):
     assert_close(means, expected_entropy(images, fp).mean(axis=(1, 2)), 1e-9, "wave means")
 
 
-@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("dtype", [np.uint8, np.uint16])
 def test_constant_image_is_exactly_zero(device, variant, dtype):
@@ -178,7 +178,6 @@ def test_constant_image_is_exactly_zero(device, variant, dtype):
         assert (mean_entropy(images, fp, variant) == 0).all()
 
 
-@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize(("shape", "k"), [((1, 2), 1), ((2, 2), 2), ((2, 4), 3), ((4, 4), 4),
                                           ((4, 4), 2), ((4, 8), 5), ((8, 8), 3)])
@@ -196,7 +195,6 @@ def test_power_of_two_equally_frequent_values_give_exactly_k_bits(device, varian
     assert (expected_entropy(images, fp)[0][inner] == k).all()
 
 
-@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("mask_kind", ["per_image", "spatial"])
 def test_mask_and_batch(device, variant, mask_kind):
@@ -212,7 +210,6 @@ def test_mask_and_batch(device, variant, mask_kind):
     assert_close(means, expected.mean(axis=(-2, -1)).reshape(4), 1e-9, f"{mask_kind} means")
 
 
-@pytest.mark.parametrize("device", DEVICES)
 def test_public_op_with_mask(device):
     rng = np.random.default_rng(4)
     images = random_image(rng, (2, 3, 11, 13), np.uint8, 7)
@@ -223,7 +220,6 @@ def test_public_op_with_mask(device):
         assert_close(got.cpu(), expected_entropy(images, fp, mask), 1e-9, "public op, mask")
 
 
-@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_fully_masked_gives_zero(device, variant):
     images = on(device, random_image(np.random.default_rng(0), (1, 6, 6)))
@@ -231,7 +227,6 @@ def test_fully_masked_gives_zero(device, variant):
     assert (entropy(images, disk(1), variant, mask) == 0).all()
 
 
-@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_float32_out(device, variant):
     images = random_image(np.random.default_rng(11), (2, 21, 19))
@@ -242,7 +237,6 @@ def test_float32_out(device, variant):
     assert_close(got.cpu(), expected_entropy(images, disk(3)), atol, "float32 out")
 
 
-@pytest.mark.parametrize("device", DEVICES)
 def test_public_float32_out(device):
     images = random_image(np.random.default_rng(12), (3, 17, 15))
     out = torch.empty(images.shape, dtype=torch.float32, device=device)
@@ -252,7 +246,6 @@ def test_public_float32_out(device):
     assert_close(out.cpu(), expected_entropy(images, disk(2)), atol, "float32 out")
 
 
-@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("fp_name", ["disk1", "disk3", "even4x4", "one", "disk4"])
 def test_mean_local_entropy(device, variant, fp_name):
@@ -264,7 +257,6 @@ def test_mean_local_entropy(device, variant, fp_name):
     assert_close(got, expected_entropy(images, fp).mean(axis=(1, 2)), 1e-9, fp_name)
 
 
-@pytest.mark.parametrize("device", DEVICES)
 def test_public_mean_and_non_contiguous_input(device):
     base = on(device, random_image(np.random.default_rng(5), (2, 24, 30)))
     view = base.transpose(1, 2)
@@ -276,7 +268,7 @@ def test_public_mean_and_non_contiguous_input(device):
 
 
 @pytest.mark.triton_interpret
-@pytest.mark.skipif(not interpreting(), reason="CPU tensors need TRITON_INTERPRET=1")
+@needs_interpreter
 @settings(max_examples=12, deadline=None)
 @given(case=entropy_cases(max_size=16, max_footprint=7), variant=st.sampled_from(VARIANTS))
 def test_property_matches_skimage(case, variant):
@@ -291,7 +283,6 @@ def random_responses(rng: np.random.Generator, shape, dtype) -> np.ndarray:
     return (rng.standard_normal(shape) * rng.exponential(1.0, shape) ** 2).astype(dtype)
 
 
-@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("channels", [1, 3])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_response_image(device, channels, dtype):
@@ -311,7 +302,6 @@ def test_response_image(device, channels, dtype):
     assert forgiven <= 2, f"{forgiven} levels differ on a rounding boundary"
 
 
-@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("channels", [1, 3])
 def test_zero_response_is_flat_127(device, channels):
     responses = torch.zeros((2, channels, 5, 7), device=device)
@@ -319,7 +309,6 @@ def test_zero_response_is_flat_127(device, channels):
     assert (K.response_score(responses, disk(2), backend="triton") == 0).all()
 
 
-@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("channels", [1, 3])
 @pytest.mark.parametrize("fp_name", ["disk2", "square3", "irregular", "disk4"])
 def test_response_score(device, channels, fp_name):
