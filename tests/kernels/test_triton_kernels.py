@@ -155,6 +155,17 @@ def test_uint16(device, variant, high):
         assert_close(got, expected_entropy(images, fp), 1e-9, f"{variant} uint16 high={high}")
 
 
+def test_several_programs_per_image(device):
+    """More pixels than one interpreter program holds (2**16): the pairwise kernel's blocks
+    and per-program partial sums for the mean."""
+    images = random_image(np.random.default_rng(6), (1, 300, 230), high=16)
+    fp = np.ones((3, 3), np.uint8)
+    expected = expected_entropy(images, fp)
+    assert_close(entropy(on(device, images), fp, "pairwise"), expected, 1e-9, "map")
+    assert_close(mean_entropy(on(device, images), fp, "pairwise"), expected.mean(axis=(1, 2)),
+                 1e-9, "mean")
+
+
 @pytest.mark.triton_interpret
 @needs_interpreter
 def test_sliding_in_waves(monkeypatch):
