@@ -12,10 +12,12 @@ Design, three passes over one batch:
        gray  = (19595 R + 38470 G + 7471 B + 2^15) >> 16                      PIL convert("L")
 3. The score is the mean-entropy kernel of `entropy.py` on that gray image.
 
-Two passes over the gray image beat fusing it into the entropy kernel: the fused kernel
-recomputed every gray level once per window that holds it (K times, 9 for square(3), 149 for
-disk(7)) from C float responses, while the gray image of a 64-image 224x224 batch is 3.2 MB and
-stays in L2 between the passes. The only host-device traffic is the kernels' launch.
+Operation counts per pixel, old (one fused kernel) vs new: the fused kernel computed KP + K
+gray levels per output pixel (KP = K rounded up to a power of two: 25 for square(3), 405 for
+disk(7)), each from C float responses in float64, and its statistics went through a float64
+copy of the responses; now each gray level is computed once (pass 2) and the entropy kernel
+reads K uint8 levels per pixel from a gray image that stays in L2 (3.2 MB for 64 images of
+224x224). The moments read each response once. The only host-device traffic is the launches.
 """
 
 from __future__ import annotations
