@@ -10,10 +10,10 @@ import foolbox
 import pytest
 import torch
 
-from frmap.engine import bench_attacks
+import frmap.bench.attacks as bench_attacks
 from frmap.engine.attacks import FGSM, GradientAttack, run_attack
-from frmap.engine.digits import load_digits_model, load_digits_split
-from frmap.engine.predict import predict
+from frmap.engine.data import load_digits_split
+from frmap.engine.models import load_digits_model, predict, torch_settings
 
 IMAGES = 40
 ATTACKS = [FGSM(), GradientAttack()]
@@ -25,10 +25,8 @@ def digits():
     test = load_digits_split("test")
     x, y = test.images[:IMAGES], test.labels[:IMAGES]
     correct = predict(model, x)[0] == y
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield model, x[correct], y[correct]
-    torch.set_num_threads(threads)
+    with torch_settings(1):
+        yield model, x[correct], y[correct]
 
 
 def _info(benchmark, attack, x, method: str) -> None:

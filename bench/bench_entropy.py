@@ -10,7 +10,7 @@ import pytest
 from skimage.filters.rank import entropy as skimage_entropy
 from skimage.morphology import disk
 
-from frmap.engine.bench_entropy import bench_image
+from frmap.bench.entropy import bench_image
 from frmap.kernels import local_entropy, response_score, set_num_threads
 
 CASES = [

@@ -10,16 +10,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from frmap.engine.bench_responses import FULL, METHODS, accuracy, bench_images, runner
-from frmap.engine.models import load_vgg
+from frmap.bench.responses import FULL, METHODS, accuracy, bench_images, runner
+from frmap.engine.models import load_vgg, torch_settings
 
 
 @pytest.fixture(scope="module")
 def vgg():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(FULL.threads)
-    yield load_vgg(FULL.arch, seed=0)
-    torch.set_num_threads(threads)
+    with torch_settings(FULL.threads):
+        yield load_vgg(FULL.arch, seed=0)
 
 
 @pytest.mark.parametrize("method", METHODS)

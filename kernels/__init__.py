@@ -1,45 +1,63 @@
 """frmap.kernels: the fast ops behind the feature responses and their entropy score.
 
-Every op validates its input, picks a backend (`cpu`: the C++ kernels; `triton`: CUDA tensors;
-for the entropy ops `reference`: scikit-image/numpy/PIL; for the ReLU rules and pooling
-`torch`: eager torch ops) and returns the same kind of array it was given.
+Every op validates its input, picks a backend by the one policy of `frmap.kernels._dispatch`
+(`cpu`: the C++ kernels; `triton`: CUDA tensors; for the entropy ops `reference`:
+scikit-image/numpy/PIL; for the ReLU rules and pooling `torch`: eager torch ops) and returns the
+same kind of array it was given.
+
+`import frmap.kernels` needs numpy only: the entropy and response ops run on numpy arrays with
+the C++ backend where torch is not installed. The ReLU rules and pooling work on torch tensors;
+their names are attributes loaded on first use (PEP 562), which imports torch then and raises
+an ImportError naming the extra to install where it is missing.
 """
 
-from ._backend import BACKENDS, get_num_threads, resolve_backend, set_num_threads
+from __future__ import annotations
+
+import importlib
+
+from ._arrays import footprint_array as check_footprint
+from ._constants import RULES
+from ._dispatch import BACKENDS, POOL_BACKENDS, RULE_BACKENDS, resolve_backend
+from ._threads import get_num_threads, set_num_threads
 from .entropy import local_entropy, mean_local_entropy
-from .pooling import POOL_BACKENDS, max_pool_offsets, max_unpool_offsets
-from .relu_rules import (
-    RULE_BACKENDS,
-    RULES,
-    ReLUMask,
-    ReLURule,
-    ReLURuleFunction,
-    relu_backward,
-    relu_forward,
-    relu_rule,
-    swap_relus,
-)
 from .response import response_score, response_to_image
+
+# The torch-only names and the module that defines each.
+_TORCH_NAMES = {
+    **dict.fromkeys(("ReLUMask", "ReLURule", "ReLURuleFunction", "relu_backward", "relu_forward",
+                     "relu_rule", "swap_relus"), "relu_rules"),
+    **dict.fromkeys(("max_pool_offsets", "max_unpool_offsets"), "pooling"),
+}
 
 __all__ = [
     "BACKENDS",
     "POOL_BACKENDS",
     "RULES",
     "RULE_BACKENDS",
-    "ReLUMask",
-    "ReLURule",
-    "ReLURuleFunction",
+    "check_footprint",
     "get_num_threads",
     "local_entropy",
-    "max_pool_offsets",
-    "max_unpool_offsets",
     "mean_local_entropy",
-    "relu_backward",
-    "relu_forward",
-    "relu_rule",
     "resolve_backend",
     "response_score",
     "response_to_image",
     "set_num_threads",
-    "swap_relus",
+    *_TORCH_NAMES,
 ]
+
+
+def __getattr__(name: str) -> object:
+    if name not in _TORCH_NAMES:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    try:
+        module = importlib.import_module(f"{__name__}.{_TORCH_NAMES[name]}")
+    except ModuleNotFoundError as err:
+        if err.name != "torch":
+            raise
+        raise ImportError(f"frmap.kernels.{name} needs torch, which is not installed: install "
+                          "frmap's engine extra, pip install 'frmap[engine]'") from err
+    return getattr(module, name)
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_TORCH_NAMES})

@@ -1,27 +1,32 @@
-"""Conversions between the caller's arrays (numpy or torch) and what a backend computes on."""
+"""Conversions between the caller's arrays (numpy or torch) and what a backend computes on.
+
+torch is never imported here for numpy data: a tensor can only exist once its caller imported
+torch, so `is_tensor` looks it up in `sys.modules`.
+"""
 
 from __future__ import annotations
 
-import numpy as np
-import torch
+import sys
+from typing import TYPE_CHECKING
 
-Array = np.ndarray | torch.Tensor
+import numpy as np
+
+if TYPE_CHECKING:
+    import torch
+
+    Array = np.ndarray | torch.Tensor
+
+
+def is_tensor(x: object) -> bool:
+    """Whether `x` is a torch tensor (without importing torch)."""
+    torch = sys.modules.get("torch")
+    return torch is not None and isinstance(x, torch.Tensor)
 
 
 def check_array(x: object, name: str) -> None:
     """Raise TypeError unless `x` is a numpy array or a torch tensor."""
-    if not isinstance(x, np.ndarray | torch.Tensor):
+    if not (isinstance(x, np.ndarray) or is_tensor(x)):
         raise TypeError(f"{name} must be a numpy array or a torch tensor, got {type(x).__name__}")
-
-
-def on_cuda(x: Array) -> bool:
-    return isinstance(x, torch.Tensor) and x.is_cuda
-
-
-def is_channels_last(x: torch.Tensor) -> bool:
-    """Whether `x` is a channels-last 4-D tensor that is not also plainly contiguous."""
-    return (x.dim() == 4 and not x.is_contiguous()
-            and x.is_contiguous(memory_format=torch.channels_last))
 
 
 def dtype_name(x: Array) -> str:
@@ -31,24 +36,28 @@ def dtype_name(x: Array) -> str:
 def for_backend(x: Array, backend: str) -> Array:
     """`x` as the backend computes on it: contiguous numpy for reference/cpu, torch for triton."""
     if backend == "triton":
-        t = x if isinstance(x, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(x))
+        import torch
+
+        t = x if is_tensor(x) else torch.from_numpy(np.ascontiguousarray(x))
         return t.contiguous()
-    if isinstance(x, torch.Tensor):
+    if is_tensor(x):
         x = x.detach().cpu().numpy()
     return np.ascontiguousarray(x)
 
 
 def for_caller(result: Array, like: Array) -> Array:
     """The backend's `result` as the same kind of array as the caller's input `like`."""
-    if isinstance(like, torch.Tensor):
-        t = result if isinstance(result, torch.Tensor) else torch.from_numpy(result)
+    if is_tensor(like):
+        import torch
+
+        t = result if is_tensor(result) else torch.from_numpy(result)
         return t.to(like.device)
-    return result.cpu().numpy() if isinstance(result, torch.Tensor) else result
+    return result.cpu().numpy() if is_tensor(result) else result
 
 
 def footprint_array(footprint: object) -> np.ndarray:
     """Validate a 2-D binary footprint with at least one element set; return it as uint8."""
-    fp = footprint.detach().cpu().numpy() if isinstance(footprint, torch.Tensor) else footprint
+    fp = footprint.detach().cpu().numpy() if is_tensor(footprint) else footprint
     fp = np.asarray(fp)
     if fp.ndim != 2:
         raise ValueError(f"footprint must be 2-D, got shape {fp.shape}")
@@ -59,3 +68,11 @@ def footprint_array(footprint: object) -> np.ndarray:
     if not fp.any():
         raise ValueError(f"footprint of shape {fp.shape} selects no pixel")
     return np.ascontiguousarray(fp, dtype=np.uint8)
+
+
+def is_channels_last(x: torch.Tensor) -> bool:
+    """Whether `x` is a channels-last 4-D tensor that is not also plainly contiguous."""
+    import torch
+
+    return (x.dim() == 4 and not x.is_contiguous()
+            and x.is_contiguous(memory_format=torch.channels_last))

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
-import numpy as np
-import torch
+from typing import TYPE_CHECKING
 
-from ._arrays import Array, check_array, dtype_name, footprint_array, for_backend, for_caller
-from ._arrays import on_cuda as _on_cuda
-from ._backend import load_backend, resolve_backend
+import numpy as np
+
+from ._arrays import check_array, dtype_name, footprint_array, for_backend, for_caller, is_tensor
+from ._dispatch import implementation
+
+if TYPE_CHECKING:
+    from ._arrays import Array
 
 _IMAGE_DTYPES = ("uint8", "uint16")
 _OUT_DTYPES = ("float32", "float64")
@@ -36,19 +39,21 @@ def _validate_mask(mask: Array | None, image: Array) -> Array | None:
             f"mask shape {tuple(mask.shape)} matches neither the image shape "
             f"{tuple(image.shape)} nor its spatial shape {tuple(image.shape[-2:])}"
         )
-    if isinstance(image, torch.Tensor):
+    if is_tensor(image):
+        import torch
+
         m = torch.as_tensor(mask, device=image.device) != 0
         return m.to(torch.uint8).expand(image.shape)
-    m = (mask.detach().cpu().numpy() if isinstance(mask, torch.Tensor) else mask) != 0
+    m = (mask.detach().cpu().numpy() if is_tensor(mask) else mask) != 0
     return np.broadcast_to(m.astype(np.uint8), image.shape)
 
 
 def _dispatch(images: Array, mask: Array | None, backend: str):
-    name = resolve_backend(backend, on_cuda=_on_cuda(images))
+    name, module = implementation("entropy", backend, images)
     h, w = images.shape[-2:]
     flat = for_backend(images, name).reshape(-1, h, w)
     flat_mask = None if mask is None else for_backend(mask, name).reshape(-1, h, w)
-    return load_backend(name), flat, flat_mask
+    return module, flat, flat_mask
 
 
 def local_entropy(

@@ -10,23 +10,19 @@ the ReLU. `max_unpool_offsets` routes a signal on the pooled grid back to those 
 max-pool's vector-Jacobian product), zeros elsewhere, rows and columns left out by the floor
 included.
 
-Backends: `cpu` (the C++ kernels, CPU float32/float64 tensors), `torch` (eager torch ops on any
-device); `auto` picks `cpu` where it runs, else `torch`. Outputs keep the input's memory format
-(channels-last or contiguous).
+Backends (see `frmap.kernels._dispatch`): `cpu`, the C++ kernels, for float32/float64 CPU tensors;
+`torch`, eager torch ops on any device; `auto` picks `cpu` where it runs, else `torch`. Outputs
+keep the input's memory format (channels-last or contiguous).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from types import ModuleType
 
 import torch
-import torch.nn.functional as F
 
 from ._arrays import is_channels_last
-from ._backend import cpu_runs, cpu_tensor_backend
-
-POOL_BACKENDS = ("auto", "cpu", "torch")
+from ._dispatch import implementation
 
 
 def _pair(value: int | Sequence[int]) -> tuple[int, int]:
@@ -47,51 +43,6 @@ def _planes(x: torch.Tensor, name: str) -> torch.Tensor:
     return x if dense else x.contiguous()
 
 
-def _impl(backend: str, x: torch.Tensor) -> ModuleType | type:
-    if backend not in POOL_BACKENDS:
-        raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(POOL_BACKENDS)}")
-    if backend == "auto":
-        backend = "cpu" if cpu_runs(x) else "torch"
-    return _TorchPath if backend == "torch" else cpu_tensor_backend(x)
-
-
-def _physical(x: torch.Tensor, channels_last: bool) -> torch.Tensor:
-    """The dense 4-D view of `x` in memory order ([N, H, W, C] for channels-last)."""
-    return x.permute(0, 2, 3, 1) if channels_last else x
-
-
-def _windows(x: torch.Tensor, kernel: tuple[int, int]) -> torch.Tensor:
-    """[N, C, oh, kh, ow, kw] view of the pooled part of `x`."""
-    (kh, kw), (h, w) = kernel, x.shape[-2:]
-    pooled = x[..., :h // kh * kh, :w // kw * kw]
-    return pooled.unflatten(3, (w // kw, kw)).unflatten(2, (h // kh, kh))
-
-
-class _TorchPath:
-    """Eager torch ops on the logical [N, C, ...] views (any device, any memory format)."""
-
-    @staticmethod
-    def max_pool(x, y, offsets, kernel, channels_last, dead_first) -> None:
-        del channels_last  # the views follow the logical layout
-        windows, kw = _windows(x, kernel), kernel[1]
-        y.copy_(F.max_pool2d(x, kernel))
-        offsets.zero_()
-        for code in reversed(range(kernel[0] * kw)):  # the first maximum wins
-            v = windows[:, :, :, code // kw, :, code % kw]
-            offsets.masked_fill_((v == y) | (v.isnan() & y.isnan()), code)
-        if dead_first:
-            offsets.masked_fill_(y <= 0, 0)
-
-    @staticmethod
-    def max_unpool(r, offsets, out, kernel, channels_last) -> None:
-        del channels_last
-        out.zero_()
-        windows, kw = _windows(out, kernel), kernel[1]
-        zero = r.new_zeros(())
-        for code in range(kernel[0] * kw):
-            windows[:, :, :, code // kw, :, code % kw] = torch.where(offsets == code, r, zero)
-
-
 def max_pool_offsets(x: torch.Tensor, kernel_size: int | Sequence[int], *,
                      dead_first: bool = False,
                      backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
@@ -109,16 +60,14 @@ def max_pool_offsets(x: torch.Tensor, kernel_size: int | Sequence[int], *,
     kernel = _pair(kernel_size)
     x = _planes(x, "x")
     channels_last = is_channels_last(x)
-    impl = _impl(backend, x)
+    _, impl = implementation("pooling", backend, x)
     n, c, h, w = x.shape
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     y = torch.empty(n, c, h // kernel[0], w // kernel[1], dtype=x.dtype, device=x.device,
                     memory_format=fmt)
     offsets = torch.empty(y.shape, dtype=torch.uint8, device=x.device, memory_format=fmt)
     if y.numel():
-        views = (x, y, offsets) if impl is _TorchPath else (
-            _physical(t, channels_last) for t in (x, y, offsets))
-        impl.max_pool(*views, kernel, channels_last, dead_first)
+        impl.max_pool(x, y, offsets, kernel, channels_last, dead_first)
     return y, offsets
 
 
@@ -156,7 +105,7 @@ def max_unpool_offsets(r: torch.Tensor, offsets: torch.Tensor, kernel_size: int 
         offsets = offsets.contiguous()
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     r = r.contiguous(memory_format=fmt)
-    impl = _impl(backend, r)
+    _, impl = implementation("pooling", backend, r)
     shape = (*r.shape[:2], h, w)
     if out is None:
         out = torch.empty(shape, dtype=r.dtype, device=r.device, memory_format=fmt)
@@ -165,7 +114,5 @@ def max_unpool_offsets(r: torch.Tensor, offsets: torch.Tensor, kernel_size: int 
         raise ValueError(f"out must be a {fmt} {r.dtype} tensor of shape {shape} on {r.device}, "
                          f"got {out.dtype} of shape {tuple(out.shape)} on {out.device}")
     if out.numel():
-        views = (r, offsets, out) if impl is _TorchPath else (
-            _physical(t, channels_last) for t in (r, offsets, out))
-        impl.max_unpool(*views, kernel, channels_last)
+        impl.max_unpool(r, offsets, out, kernel, channels_last)
     return out

@@ -12,34 +12,24 @@ and `relu_backward` are the two halves, `ReLURuleFunction` / `relu_rule` / `ReLU
 autograd forms, and `swap_relus` puts `ReLURule`s in place of a model's `nn.ReLU`s for the
 length of a `with` block. The rules are not gradients by design: do not gradcheck them.
 
-Backends: `triton` (`frmap.kernels.triton.relu`) for CUDA tensors, or CPU tensors under
+Backends (see `frmap.kernels._dispatch`): `triton` for CUDA tensors, or CPU tensors under
 TRITON_INTERPRET=1; `cpu`, the C++ kernels, for float32/float64 CPU tensors; `torch`, eager torch
 ops on any device; `auto` picks Triton on CUDA, the C++ kernels where they run, else torch ops.
 """
 
 from __future__ import annotations
 
-import functools
-import importlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
 
 from ._arrays import is_channels_last
-from ._backend import _triton_unavailable_reason, cpu_runs, cpu_tensor_backend, interpreting
-
-RULES = ("gradient", "deconvnet", "guided")
-# The rules as the C++ and Triton kernels number them.
-RULE_CODES = {"gradient": 0, "deconvnet": 1, "guided": 2}
-RULE_BACKENDS = ("auto", "cpu", "torch", "triton")
-
-# Elements per step of the torch path: a multiple of 8 whose temporaries stay in cache.
-_CHUNK = 1 << 19
+from ._constants import RULES
+from ._dispatch import check_backend, implementation
 
 
 @dataclass(frozen=True)
@@ -62,11 +52,6 @@ def _check_rule(rule: str) -> None:
         raise ValueError(f"unknown rule {rule!r}; choose one of {', '.join(RULES)}")
 
 
-def _check_backend(backend: str) -> None:
-    if backend not in RULE_BACKENDS:
-        raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(RULE_BACKENDS)}")
-
-
 def _check_float(x: torch.Tensor, name: str) -> None:
     if not isinstance(x, torch.Tensor) or not x.is_floating_point():
         kind = x.dtype if isinstance(x, torch.Tensor) else type(x).__name__
@@ -76,70 +61,6 @@ def _check_float(x: torch.Tensor, name: str) -> None:
 def _flat(x: torch.Tensor, channels_last: bool) -> torch.Tensor:
     """A 1-D view of a dense tensor in memory order."""
     return x.permute(0, 2, 3, 1).reshape(-1) if channels_last else x.view(-1)
-
-
-def _backend_impl(backend: str, x: torch.Tensor):
-    """The module or namespace that runs `backend` for tensor `x` (imported only when chosen)."""
-    _check_backend(backend)
-    if backend == "auto":
-        if x.is_cuda and not _triton_unavailable_reason():
-            backend = "triton"
-        else:
-            backend = "cpu" if cpu_runs(x) else "torch"
-    if backend == "torch":
-        return _TorchPath
-    if backend == "cpu":
-        return cpu_tensor_backend(x)
-    if reason := _triton_unavailable_reason():
-        raise RuntimeError(f"the triton backend is unavailable: {reason}")
-    if not x.is_cuda and not interpreting():
-        raise ValueError(
-            "the triton backend takes CUDA tensors (or CPU ones with TRITON_INTERPRET=1)")
-    return importlib.import_module("frmap.kernels.triton.relu")
-
-
-class _TorchPath:
-    """Eager torch ops on flat tensors, `_CHUNK` elements at a time (same layout as Triton)."""
-
-    @staticmethod
-    def relu_forward(x: torch.Tensor, y: torch.Tensor, bits: torch.Tensor | None) -> None:
-        for start in range(0, x.numel(), _CHUNK):
-            yc = torch.clamp_min(x[start:start + _CHUNK], 0, out=y[start:start + _CHUNK])
-            if bits is not None:
-                # f > 0 <=> sign(relu(f)) = 1, and byte_j = sum_i sign_{8j+i} 2^i: a matrix-vector
-                # product (exact in floating point; much faster than comparisons to bool)
-                on = torch.sign(yc).nan_to_num_(0.0)
-                if on.dtype not in (torch.float32, torch.float64):
-                    on = on.float()
-                if on.numel() % 8:
-                    on = F.pad(on, (0, -on.numel() % 8))
-                powers = _bit_tables(on.dtype, on.device)[0]
-                bits[start // 8:start // 8 + on.numel() // 8] = torch.mv(on.view(-1, 8), powers)
-
-    @staticmethod
-    def relu_backward(g: torch.Tensor, bits: torch.Tensor | None, out: torch.Tensor,
-                      rule: str) -> None:
-        if bits is None:  # deconvnet: (R > 0) * R
-            torch.clamp_min(g, 0, out=out)
-            return
-        _, keep, upper = _bit_tables(g.dtype, g.device)
-        for start in range(0, g.numel(), _CHUNK):
-            gc, oc = g[start:start + _CHUNK], out[start:start + _CHUNK]
-            byte = bits[start // 8:start // 8 + (gc.numel() + 7) // 8].int()
-            if rule == "gradient":  # (f > 0) * R
-                torch.mul(gc, keep.index_select(0, byte).view(-1)[:gc.numel()], out=oc)
-            else:  # (f > 0) * (R > 0) * R = clamp(R, 0, f > 0 ? inf : 0)
-                torch.clamp(gc, min=upper.new_zeros(()),
-                            max=upper.index_select(0, byte).view(-1)[:gc.numel()], out=oc)
-
-
-@functools.cache
-def _bit_tables(dtype: torch.dtype,
-                device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """[8] powers of two, and [256, 8] tables of a mask byte's bits as 0/1 and as 0/inf."""
-    powers = torch.arange(8, device=device)
-    on = (torch.arange(256, device=device)[:, None] >> powers) & 1 == 1
-    return (2 ** powers).to(dtype), on.to(dtype), torch.where(on, float("inf"), 0.0).to(dtype)
 
 
 def relu_forward(x: torch.Tensor, rule: str, *, inplace: bool = False,
@@ -162,7 +83,7 @@ def relu_forward(x: torch.Tensor, rule: str, *, inplace: bool = False,
         if inplace:
             raise ValueError("inplace=True needs a contiguous or channels-last tensor")
         x = x.contiguous()
-    impl = _backend_impl(backend, x)
+    _, impl = implementation("relu", backend, x)
     y = x if inplace else torch.empty_like(x, memory_format=torch.preserve_format)
     bits = None
     if rule != "deconvnet":
@@ -198,7 +119,7 @@ def relu_backward(grad: torch.Tensor, mask: ReLUMask | None, rule: str, *, inpla
         channels_last = mask.channels_last
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     dense = grad.contiguous(memory_format=fmt)
-    impl = _backend_impl(backend, dense)
+    _, impl = implementation("relu", backend, dense)
     out = dense if inplace or dense is not grad else torch.empty_like(dense)
     impl.relu_backward(_flat(dense, channels_last), None if mask is None else mask.bits,
                        _flat(out, channels_last), rule)
@@ -232,7 +153,7 @@ class ReLURule(nn.Module):
     def __init__(self, rule: str = "guided", backend: str = "auto") -> None:
         super().__init__()
         _check_rule(rule)
-        _check_backend(backend)
+        check_backend(backend, "relu")
         self.rule, self.backend = rule, backend
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

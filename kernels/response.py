@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
-import numpy as np
-import torch
+from typing import TYPE_CHECKING
 
-from ._arrays import Array, check_array, dtype_name, footprint_array, for_backend, for_caller
-from ._arrays import on_cuda as _on_cuda
-from ._backend import load_backend, resolve_backend
+import numpy as np
+
+from ._arrays import check_array, dtype_name, footprint_array, for_backend, for_caller, is_tensor
+from ._dispatch import implementation
+
+if TYPE_CHECKING:
+    from ._arrays import Array
 
 _FLOAT_DTYPES = ("float16", "bfloat16", "float32", "float64")
 
@@ -25,9 +28,7 @@ def _validate_responses(responses: Array) -> None:
         raise ValueError(f"responses must have 1 or 3 channels, got {c} (shape [N, C, H, W])")
     if h == 0 or w == 0:
         raise ValueError(f"responses have an empty spatial shape {(h, w)}")
-    finite = torch.isfinite(responses) if isinstance(responses, torch.Tensor) else np.isfinite(
-        responses
-    )
+    finite = responses.isfinite() if is_tensor(responses) else np.isfinite(responses)
     if not finite.all():
         bad_rows = (~finite).reshape(n, -1).any(1)
         bad_images = [i for i in range(n) if bad_rows[i]]
@@ -38,12 +39,10 @@ def _validate_responses(responses: Array) -> None:
 
 def _dispatch(responses: Array, backend: str):
     _validate_responses(responses)
-    name = resolve_backend(backend, on_cuda=_on_cuda(responses))
+    name, module = implementation("response", backend, responses)
     if dtype_name(responses) in ("float16", "bfloat16"):
-        responses = responses.float() if isinstance(responses, torch.Tensor) else responses.astype(
-            np.float32
-        )
-    return load_backend(name), for_backend(responses, name)
+        responses = responses.float() if is_tensor(responses) else responses.astype(np.float32)
+    return module, for_backend(responses, name)
 
 
 def response_to_image(responses: Array, *, backend: str = "auto") -> Array:

@@ -1,24 +1,35 @@
 """The C++ CPU backend: allocates outputs, then calls the OpenMP kernels in `_ext`.
 
 Inputs arrive validated and C-contiguous (see `frmap.kernels.entropy`, `.response`,
-`.relu_rules` and `.pooling`); torch tensors are passed as numpy views of their memory.
+`.relu_rules` and `.pooling`); torch tensors are passed as numpy views of their memory, and torch
+is never imported here.
 """
 
 from __future__ import annotations
 
-import numpy as np
-import torch
+from typing import TYPE_CHECKING
 
-from .._backend import get_num_threads
-from ..relu_rules import RULE_CODES
+import numpy as np
+
+from .._constants import RULE_CODES
+from .._threads import get_num_threads
 from . import _ext
+
+if TYPE_CHECKING:
+    import torch
+
+
+def _writeable(x: np.ndarray) -> np.ndarray:
+    """`x`, or a copy where it is read-only: the bindings of the images and responses take
+    writeable arrays only, although the kernels only read them."""
+    return x if x.flags.writeable else x.copy()
 
 
 def local_entropy(
     images: np.ndarray, footprint: np.ndarray, mask: np.ndarray | None, out_dtype: np.dtype
 ) -> np.ndarray:
     out = np.empty(images.shape, dtype=out_dtype)
-    _ext.local_entropy(images, footprint, mask, out, get_num_threads())
+    _ext.local_entropy(_writeable(images), footprint, mask, out, get_num_threads())
     return out
 
 
@@ -26,25 +37,26 @@ def mean_local_entropy(
     images: np.ndarray, footprint: np.ndarray, mask: np.ndarray | None
 ) -> np.ndarray:
     out = np.empty(images.shape[0], dtype=np.float64)
-    _ext.mean_local_entropy(images, footprint, mask, out, get_num_threads())
+    _ext.mean_local_entropy(_writeable(images), footprint, mask, out, get_num_threads())
     return out
 
 
 def response_image(responses: np.ndarray) -> np.ndarray:
     n, _, h, w = responses.shape
     out = np.empty((n, h, w), dtype=np.uint8)
-    _ext.response_image(responses, out, get_num_threads())
+    _ext.response_image(_writeable(responses), out, get_num_threads())
     return out
 
 
 def response_score(responses: np.ndarray, footprint: np.ndarray) -> np.ndarray:
     out = np.empty(responses.shape[0], dtype=np.float64)
-    _ext.response_score(responses, footprint, out, get_num_threads())
+    _ext.response_score(_writeable(responses), footprint, out, get_num_threads())
     return out
 
 
-def _view(t: torch.Tensor) -> np.ndarray:
-    return t.detach().numpy()
+def _view(t: torch.Tensor, channels_last: bool = False) -> np.ndarray:
+    """The numpy view of `t`'s memory; a 4-D channels-last tensor in memory order [N, H, W, C]."""
+    return (t.permute(0, 2, 3, 1) if channels_last else t).detach().numpy()
 
 
 def relu_forward(x: torch.Tensor, y: torch.Tensor, bits: torch.Tensor | None) -> None:
@@ -61,13 +73,13 @@ def relu_backward(g: torch.Tensor, bits: torch.Tensor | None, out: torch.Tensor,
 
 def max_pool(x: torch.Tensor, y: torch.Tensor, offsets: torch.Tensor, kernel: tuple[int, int],
              channels_last: bool, dead_first: bool) -> None:
-    """Pooled maxima into `y` and their window offsets into `offsets` (physical order)."""
-    _ext.max_pool(_view(x), _view(y), _view(offsets), *kernel, channels_last, dead_first,
-                  get_num_threads())
+    """Pooled maxima into `y` and their window offsets into `offsets`."""
+    _ext.max_pool(*(_view(t, channels_last) for t in (x, y, offsets)), *kernel, channels_last,
+                  dead_first, get_num_threads())
 
 
 def max_unpool(r: torch.Tensor, offsets: torch.Tensor, out: torch.Tensor,
                kernel: tuple[int, int], channels_last: bool) -> None:
-    """`r` routed to each window's offset in `out`, zeros elsewhere (physical order)."""
-    _ext.max_unpool(_view(r), _view(offsets), _view(out), *kernel, channels_last,
-                    get_num_threads())
+    """`r` routed to each window's offset in `out`, zeros elsewhere."""
+    _ext.max_unpool(*(_view(t, channels_last) for t in (r, offsets, out)), *kernel,
+                    channels_last, get_num_threads())

@@ -6,7 +6,7 @@ program BLOCK consecutive elements, loaded as a [BLOCK // 8, 8] tile: row r hold
 
     byte_r = sum_i (f_{8r+i} > 0) << i        (bit i of byte j <-> element 8j + i)
 
-the layout the torch path of `frmap.kernels.relu_rules` packs too. The forward reads `f` once
+the layout the torch backend, `frmap.kernels.eager.relu`, packs too. The forward reads `f` once
 and writes `relu(f)` (in place when `y` aliases `f`) and, unless the rule needs no mask, one
 byte per 8 elements: 1 bit of state per activation instead of a float copy (32x less). The
 backward reads the signal R and the mask bytes once, expands the bits in registers and writes
@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..relu_rules import RULE_CODES
+from .._constants import RULE_CODES
 from ._launch import grid
 
 _BLOCK_GPU = 2048  # elements per program on a GPU

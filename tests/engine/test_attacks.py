@@ -10,8 +10,8 @@ import pytest
 import torch
 from torch import nn
 
-from frmap.engine import adversarial_sets
-from frmap.engine.adversarial_sets import attack_stats, generate, load_adversarial_set
+import frmap.engine.attacks.sets as adversarial_sets
+from frmap.bench.attacks import check_same_index, foolbox_minimal_index, minimal_index
 from frmap.engine.attacks import (
     ATTACKS,
     FGSM,
@@ -22,9 +22,9 @@ from frmap.engine.attacks import (
     make_attack,
     run_attack,
 )
-from frmap.engine.bench_attacks import check_same_index, foolbox_minimal_index, minimal_index
-from frmap.engine.digits import load_digits_model, load_digits_split
-from frmap.engine.predict import predict
+from frmap.engine.attacks.sets import attack_stats, generate, load_adversarial_set
+from frmap.engine.data import load_digits_split
+from frmap.engine.models import load_digits_model, predict
 
 FINE_LINF = tuple(float(e) for e in np.linspace(0, 0.2, 51)[1:])
 FINE_L2 = tuple(float(e) for e in np.linspace(0, 1.0, 51)[1:])

@@ -14,8 +14,8 @@ import pytest
 from PIL import Image
 
 from frmap.engine.cli import build_parser
-from frmap.engine.digits import load_digits_split
-from frmap.kernels._backend import _cpu_unavailable_reason
+from frmap.engine.data import load_digits_split
+from frmap.engine.detectors import load_detector
 
 
 def frmap(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
@@ -76,7 +76,7 @@ def test_score_paths_on_stdin_match_arguments(digit_files):
 
 
 def test_calibrate_then_score_with_detector(digit_files, tmp_path):
-    det = tmp_path / "det.json"
+    det = tmp_path / "det.npz"
     result = frmap("calibrate", "--fpr", "0.1", "--footprint", "disk2", "--out", str(det))
     assert result.returncode == 0, result.stderr
     summary = json.loads(result.stdout)
@@ -84,18 +84,18 @@ def test_calibrate_then_score_with_detector(digit_files, tmp_path):
     scored = frmap("score", *sorted(str(p) for p in digit_files.glob("d*.png")),
                    "--detector", str(det))
     assert scored.returncode == 0, scored.stderr
-    threshold = json.loads(det.read_text())["threshold"]
+    threshold = load_detector(det).threshold.value
     for line in map(json.loads, scored.stdout.splitlines()):
         assert line["flagged"] == (line["score"] > threshold)
 
 
 def test_detector_from_another_model_is_refused(digit_files, tmp_path):
-    det = tmp_path / "det.json"
+    det = tmp_path / "det.npz"
     assert frmap("calibrate", "--out", str(det)).returncode == 0
     other = tmp_path / "other.safetensors"
     from safetensors.torch import save_file
 
-    from frmap.engine.digits import load_digits_model
+    from frmap.engine.models.digits import load_digits_model
 
     model = load_digits_model()
     state = {k: v.clone() for k, v in model.state_dict().items()}
@@ -105,7 +105,7 @@ def test_detector_from_another_model_is_refused(digit_files, tmp_path):
     result = frmap("score", str(digit_files / "d0_7.png"), "--weights", str(other),
                    "--detector", str(det))
     assert result.returncode == 1
-    assert "calibrated for model" in result.stderr
+    assert "fit for model" in result.stderr
     for bad, match in (("missing.json", "no such detector"), ("det.txt", "not a detector")):
         (tmp_path / "det.txt").write_text("{}")
         result = frmap("score", str(digit_files / "d0_7.png"), "--detector", str(tmp_path / bad))
@@ -135,7 +135,7 @@ def test_attack_is_resumable_and_visualize_draws(tmp_path, digit_files):
     assert Image.open(png).size[0] > 300
 
 
-@pytest.mark.skipif(_cpu_unavailable_reason() is not None, reason="no C++ extension")
+@pytest.mark.needs_extension
 def test_bench_entropy_quick_writes_json(tmp_path):
     out = tmp_path / "sub" / "bench.json"
     result = frmap("bench", "entropy", "--quick", "--json", str(out))
@@ -178,7 +178,7 @@ def test_imagenet_path_end_to_end_with_random_weights(tmp_path):
     assert "fgsm" in result.stdout
     study = json.loads((out / "study.json").read_text())
     assert study["model"].startswith("VGG:") and study["footprint"] == "square3"
-    assert (out / "roc.png").exists() and (out / "detector.json").exists()
+    assert (out / "roc.png").exists() and (out / "detector.npz").exists()
 
 
 def test_demo_quick_end_to_end(tmp_path):
@@ -187,7 +187,7 @@ def test_demo_quick_end_to_end(tmp_path):
     assert result.returncode == 0, result.stderr
     for attack in ("fgsm", "gradient", "one_pixel", "deepfool", "boundary"):
         assert attack in result.stdout
-    for name in ("study.json", "results.json", "results.csv", "attacks.json", "detector.json",
+    for name in ("study.json", "results.json", "results.csv", "attacks.json", "detector.npz",
                  "roc.png", "histogram.png", "trace.png"):
         assert (out / name).is_file(), name
     assert not list(out.rglob(".*.tmp")), "temporary file left behind"

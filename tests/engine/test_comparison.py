@@ -12,20 +12,20 @@ import numpy as np
 import pytest
 import torch
 
-from frmap.engine import comparison
-from frmap.engine.comparison import (
+import frmap.engine.evaluation.comparison as comparison
+from frmap.engine.detectors.distance_evolution import DistanceEvolutionDetector, EvolutionConfig
+from frmap.engine.detectors.features import default_layers
+from frmap.engine.detectors.knn import KNNConfig, KNNDetector
+from frmap.engine.detectors.squeeze import DIGITS_SQUEEZERS
+from frmap.engine.evaluation.comparison import (
     COMBINED,
     DETECTORS,
     ComparisonConfig,
     compare_detectors,
     comparison_table,
 )
-from frmap.engine.digits import load_digits_model, load_digits_split
-from frmap.engine.distance_evolution import DistanceEvolutionDetector, EvolutionConfig
-from frmap.engine.evaluation import AttackEvaluation
-from frmap.engine.features import default_layers
-from frmap.engine.knn import KNNConfig, KNNDetector
-from frmap.engine.squeeze import DIGITS
+from frmap.engine.evaluation.metrics import AttackEvaluation
+from frmap.engine.models.digits import load_digits_model, load_digits_split
 
 ATTACKS = ("fgsm", "deepfool")
 NETWORKS = ("distance-lstm", "distance-mlp")
@@ -43,12 +43,13 @@ def run(tmp_path_factory):
     layers = default_layers(model)
     config = ComparisonConfig(
         attacks=ATTACKS, knn=KNNConfig(layers[-1], components=16, k=10),
-        evolution=EvolutionConfig(layers, epochs=2), squeeze=DIGITS, attack_limit=40,
+        evolution=EvolutionConfig(layers, epochs=2), squeeze=DIGITS_SQUEEZERS, attack_limit=40,
         train_limit=60,
     )
     calls: dict[str, list] = {"knn": [], "network": [], "combiner": []}
-    knn_fit, network_fit, combine = (KNNDetector.fit.__func__,
-                                     DistanceEvolutionDetector.fit.__func__, comparison._combine)
+    knn_fit = KNNDetector.fit.__func__
+    network_fit = DistanceEvolutionDetector.fit.__func__
+    combine = comparison.combine_scores
 
     def record_knn(cls, features, *args, **kwargs):
         calls["knn"].append(len(features))
@@ -69,7 +70,7 @@ def run(tmp_path_factory):
         with pytest.MonkeyPatch.context() as mp:
             mp.setattr(KNNDetector, "fit", classmethod(record_knn))
             mp.setattr(DistanceEvolutionDetector, "fit", classmethod(record_network))
-            mp.setattr(comparison, "_combine", record_combiner)
+            mp.setattr(comparison, "combine_scores", record_combiner)
             report = compare_detectors(
                 model, train=_split("train"), calibration=_split("calibration"),
                 test=_split("test"), out_dir=out, config=config, progress=False,

@@ -9,9 +9,16 @@ import numpy as np
 import pytest
 import torch
 
-from frmap.engine.detector import EntropyDetector, calibrate_threshold, model_identity
-from frmap.engine.evaluation import FPRS, evaluate_attack, roc, table, write_results
-from frmap.engine.footprints import STUDY, parse_footprint
+from frmap.engine.data.footprints import STUDY, parse_footprint
+from frmap.engine.detectors import (
+    EntropyDetector,
+    KNNDetector,
+    Threshold,
+    calibrate_threshold,
+    load_detector,
+)
+from frmap.engine.evaluation.metrics import FPRS, evaluate_attack, roc, table, write_results
+from frmap.engine.models import model_identity
 
 
 @pytest.mark.parametrize("fpr", [0.0, 0.01, 0.05, 0.10, 0.5])
@@ -50,31 +57,60 @@ def _detector(model="Net:abc"):
                                target="conv_max", model=model)
 
 
-def test_detector_fit_predict_and_round_trip(tmp_path):
+def test_threshold_fit_flags_the_share_asked_for():
+    clean = np.random.default_rng(0).normal(size=1000)
+    t = Threshold.fit(clean, 0.05)
+    assert t.n_clean == 1000 and t.fpr == 0.05 and t.achieved_fpr == pytest.approx(0.05)
+    assert (clean > t.value).sum() == 50
+
+
+def test_detector_fit_flag_and_round_trip(tmp_path):
     det = _detector()
-    assert det.n_clean == 500 and det.achieved_fpr == pytest.approx(0.05, abs=1 / 500)
-    scores = np.array([det.threshold - 1e-9, det.threshold, det.threshold + 1e-9])
-    np.testing.assert_array_equal(det.predict(scores), [False, False, True])
-    path = det.save(tmp_path / "d" / "det.json")
+    t = det.threshold
+    assert t.n_clean == 500 and t.achieved_fpr == pytest.approx(0.05, abs=1 / 500)
+    scores = np.array([t.value - 1e-9, t.value, t.value + 1e-9])
+    np.testing.assert_array_equal(det.flag(scores), [False, False, True])
+    path = det.save(tmp_path / "d" / "det.npz")
     loaded = EntropyDetector.load(path)
-    assert loaded == det
+    assert loaded == det and load_detector(path) == det
     probe = np.random.default_rng(1).normal(1.0, 0.5, 200)
-    np.testing.assert_array_equal(loaded.predict(probe), det.predict(probe))
+    np.testing.assert_array_equal(loaded.flag(probe), det.flag(probe))
+    with pytest.raises(ValueError, match="calibrate it first"):
+        EntropyDetector("square3", "guided", "conv_max", "Net:abc").flag(probe)
+
+
+def test_entropy_detector_json_of_version_one_still_loads(tmp_path):
+    old = {"format": "frmap.entropy-detector/1", "threshold": 2.5, "fpr": 0.05,
+           "achieved_fpr": 0.048, "n_clean": 356, "footprint": "square3", "rule": "guided",
+           "target": "conv_max", "model": "DigitsCNN:0123456789abcdef",
+           "versions": {"torch": "2.14.1", "numpy": "2.0", "frmap": "0.1.0"}}
+    (tmp_path / "det.json").write_text(json.dumps(old))
+    det = EntropyDetector.load(tmp_path / "det.json")
+    assert det == EntropyDetector("square3", "guided", "conv_max", "DigitsCNN:0123456789abcdef",
+                                  Threshold(2.5, 0.05, 0.048, 356))
+    np.testing.assert_array_equal(det.flag([2.5, 2.6]), [False, True])
 
 
 def test_detector_rejects_other_models_and_bad_files(tmp_path):
     det = _detector()
     det.check_model("Net:abc")
-    with pytest.raises(ValueError, match="calibrated for model Net:abc"):
+    with pytest.raises(ValueError, match="fit for model Net:abc"):
         det.check_model("Net:xyz")
     (tmp_path / "a.json").write_text("{not json")
     (tmp_path / "b.json").write_text(json.dumps({"format": "other"}))
     (tmp_path / "c.json").write_text(json.dumps({"format": "frmap.entropy-detector/1"}))
-    for name, match in (("a", "invalid JSON"), ("b", "format"), ("c", "malformed")):
+    (tmp_path / "junk.npz").write_bytes(b"not a zip file at all")
+    np.save(tmp_path / "plain.npy", np.arange(3))
+    np.savez(tmp_path / "nometa.npz", a=np.arange(3))
+    for name, match in (("a.json", "invalid JSON"), ("b.json", "format"),
+                        ("c.json", "malformed"), ("junk.npz", "not a readable npz"),
+                        ("plain.npy", "not a readable npz"), ("nometa.npz", "format is not")):
         with pytest.raises(ValueError, match=match):
-            EntropyDetector.load(tmp_path / f"{name}.json")
+            EntropyDetector.load(tmp_path / name)
     with pytest.raises(FileNotFoundError, match="no such detector"):
-        EntropyDetector.load(tmp_path / "missing.json")
+        EntropyDetector.load(tmp_path / "missing.npz")
+    with pytest.raises(ValueError, match="holds a detector of kind entropy, not knn"):
+        KNNDetector.load(det.save(tmp_path / "entropy.npz"))
 
 
 def test_model_identity_tracks_weights():

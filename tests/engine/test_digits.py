@@ -10,13 +10,12 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from frmap.engine.digits import (
+from frmap.engine.data.digits import SPLITS, load_digits_split
+from frmap.engine.models.digits import (
     CHECKPOINT,
-    SPLITS,
     DigitsCNN,
     accuracy,
     load_digits_model,
-    load_digits_split,
     load_report,
     save_checkpoint,
     train_digits,
@@ -128,8 +127,9 @@ def test_loader_names_the_problem(tmp_path):
     with pytest.raises(ValueError) as err:
         load_digits_model(bad)
     message = str(err.value)
-    assert "missing features.0.bias" in message and "unexpected extra" in message
-    assert "classifier.2.weight has shape (5, 64), expected (10, 64)" in message
+    assert 'Missing key(s) in state_dict: "features.0.bias"' in message
+    assert 'Unexpected key(s) in state_dict: "extra"' in message
+    assert "size mismatch for classifier.2.weight" in message and "[10, 64]" in message
 
 
 def test_shipped_checkpoint_reaches_its_recorded_accuracy():

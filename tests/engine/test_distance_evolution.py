@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from frmap.engine.distance_evolution import (
+from frmap.engine.detectors.distance_evolution import (
     CLEAN,
     DistanceEvolutionDetector,
     EvolutionConfig,
@@ -16,8 +16,8 @@ from frmap.engine.distance_evolution import (
     leave_one_attack_out,
     split_by_image,
 )
-from frmap.engine.evaluation import evaluate_attack
-from frmap.engine.features import Features
+from frmap.engine.detectors.features import Features
+from frmap.engine.evaluation.metrics import evaluate_attack
 
 CLASSES, LAYERS, DIM = 3, ("l0", "l1", "l2"), 6
 # Class c's mean on every layer: 4 on dimensions 2c and 2c + 1, 1 elsewhere.
@@ -168,6 +168,6 @@ def test_bad_config_and_files(problem, tmp_path):
                                       validation.take(validation.attack == CLEAN),
                                       EvolutionConfig(LAYERS, epochs=1))
     np.savez(tmp_path / "bad.npz",
-             meta=np.array('{"format": "frmap.distance-evolution-detector/1"}'))
+             meta=np.array('{"format": "frmap.detector/2", "kind": "distance-evolution"}'))
     with pytest.raises(ValueError, match="malformed distance-evolution"):
         DistanceEvolutionDetector.load(tmp_path / "bad.npz")

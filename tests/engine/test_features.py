@@ -8,16 +8,8 @@ import torch
 from torch import nn
 from torchvision.models import vgg19
 
-from frmap.engine.digits import DigitsCNN
-from frmap.engine.features import (
-    Calibrated,
-    Features,
-    Threshold,
-    collect_features,
-    default_layers,
-    read_detector_file,
-    write_detector_file,
-)
+from frmap.engine.detectors import Features, collect_features, default_layers
+from frmap.engine.models import DigitsCNN
 
 DIGITS_LAYERS = ("features.4", "features.9", "features.12", "classifier.1")
 VGG19_LAYERS = ("features.4", "features.9", "features.18", "features.27", "features.36",
@@ -102,42 +94,3 @@ def test_logits_only_and_feature_helpers(digits_model, images):
         np.testing.assert_array_equal(back.layers[name], feats.layers[name])
     with pytest.raises(ValueError, match="same layers"):
         Features.concat([feats, only])
-
-
-class _Scorer(Calibrated):
-    def __init__(self, threshold=None, model="Net:1"):
-        self.threshold, self.model = threshold, model
-
-
-def test_threshold_and_calibration():
-    clean = np.random.default_rng(0).normal(size=1000)
-    t = Threshold.fit(clean, 0.05)
-    assert t.n_clean == 1000 and t.fpr == 0.05 and t.achieved_fpr == pytest.approx(0.05)
-    assert (clean > t.value).sum() == 50
-    with pytest.raises(ValueError, match="calibrate it first"):
-        _Scorer().predict(clean)
-    _Scorer(t).check_model("Net:1")
-    with pytest.raises(ValueError, match="fit for model Net:1"):
-        _Scorer(t).check_model("Net:2")
-    np.testing.assert_array_equal(_Scorer(t).predict([t.value, t.value + 1e-9]), [False, True])
-
-
-def test_detector_file_round_trip_and_bad_files(tmp_path):
-    arrays = {"a": np.arange(5.0), "b:c": np.eye(2, dtype=np.float32)}
-    path = write_detector_file(tmp_path / "sub" / "d.npz", "fmt/1", {"x": [1, 2]}, arrays)
-    meta, back = read_detector_file(path, "fmt/1")
-    assert meta == {"x": [1, 2]} and list(back) == ["a", "b:c"]
-    for key, value in arrays.items():
-        np.testing.assert_array_equal(back[key], value)
-        assert back[key].dtype == value.dtype
-    with pytest.raises(ValueError, match="format is not other/1"):
-        read_detector_file(path, "other/1")
-    (tmp_path / "junk.npz").write_bytes(b"not a zip file at all")
-    np.save(tmp_path / "plain.npy", np.arange(3))
-    np.savez(tmp_path / "nometa.npz", a=np.arange(3))
-    for name, match in (("junk.npz", "not a readable npz"), ("plain.npy", "not a readable npz"),
-                        ("nometa.npz", "format is not")):
-        with pytest.raises(ValueError, match=match):
-            read_detector_file(tmp_path / name, "fmt/1")
-    with pytest.raises(FileNotFoundError, match="no such detector file"):
-        read_detector_file(tmp_path / "missing.npz", "fmt/1")

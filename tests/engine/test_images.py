@@ -7,7 +7,13 @@ import pytest
 import torch
 from PIL import Image
 
-from frmap.engine.images import DIGITS, IMAGENET, ImageFileError, expand_paths, load_image
+from frmap.engine.data.images import (
+    DIGITS_IMAGES,
+    IMAGENET_IMAGES,
+    ImageFileError,
+    expand_paths,
+    load_image,
+)
 
 
 def _save(path, array, mode=None):
@@ -17,7 +23,7 @@ def _save(path, array, mode=None):
 
 def test_digits_image_round_trip(tmp_path):
     array = np.random.default_rng(0).integers(0, 256, (32, 32), dtype=np.uint8)
-    t = load_image(_save(tmp_path / "a.png", array), DIGITS)
+    t = load_image(_save(tmp_path / "a.png", array), DIGITS_IMAGES)
     assert t.shape == (1, 32, 32) and t.dtype == torch.float32
     np.testing.assert_allclose(t[0].numpy(), array / 255.0, atol=1e-7)
 
@@ -26,7 +32,7 @@ def test_imagenet_resize_and_centre_crop(tmp_path):
     yy, xx = np.mgrid[0:300, 0:400]
     smooth = np.stack([xx / 400, yy / 300, 0.5 + 0.5 * np.sin(xx / 30.0)], axis=-1)
     array = (smooth * 255).astype(np.uint8)
-    t = load_image(_save(tmp_path / "a.png", array), IMAGENET)
+    t = load_image(_save(tmp_path / "a.png", array), IMAGENET_IMAGES)
     assert t.shape == (3, 224, 224)
     assert 0.0 <= float(t.min()) and float(t.max()) <= 1.0
     # independent oracle: PIL resize (shorter side 256) and a centre crop of 224
@@ -39,12 +45,14 @@ def test_imagenet_resize_and_centre_crop(tmp_path):
 @pytest.mark.parametrize(
     ("make", "spec", "match"),
     [
-        (lambda p: _save(p, np.zeros((32, 32, 4), np.uint8), "RGBA"), IMAGENET, "RGBA image"),
-        (lambda p: _save(p, np.zeros((32, 32), np.uint8)), IMAGENET, "grayscale image"),
-        (lambda p: _save(p, np.zeros((32, 32, 3), np.uint8)), DIGITS, "colour image"),
-        (lambda p: _save(p, np.zeros((28, 30), np.uint8)), DIGITS, "size 30x28"),
-        (lambda p: p.write_bytes(b"\x89PNG\r\n\x1a\n garbage"), DIGITS, "unreadable or corrupt"),
-        (lambda p: p.write_text("not an image"), DIGITS, "unreadable or corrupt"),
+        (lambda p: _save(p, np.zeros((32, 32, 4), np.uint8), "RGBA"), IMAGENET_IMAGES,
+         "RGBA image"),
+        (lambda p: _save(p, np.zeros((32, 32), np.uint8)), IMAGENET_IMAGES, "grayscale image"),
+        (lambda p: _save(p, np.zeros((32, 32, 3), np.uint8)), DIGITS_IMAGES, "colour image"),
+        (lambda p: _save(p, np.zeros((28, 30), np.uint8)), DIGITS_IMAGES, "size 30x28"),
+        (lambda p: p.write_bytes(b"\x89PNG\r\n\x1a\n garbage"), DIGITS_IMAGES,
+         "unreadable or corrupt"),
+        (lambda p: p.write_text("not an image"), DIGITS_IMAGES, "unreadable or corrupt"),
     ],
 )
 def test_bad_files_name_the_file_and_problem(tmp_path, make, spec, match):
@@ -60,7 +68,7 @@ def test_truncated_png_is_reported(tmp_path):
     data = good.read_bytes()
     (tmp_path / "cut.png").write_bytes(data[: len(data) // 2])
     with pytest.raises(ImageFileError, match="cut.png: unreadable or corrupt"):
-        load_image(tmp_path / "cut.png", DIGITS)
+        load_image(tmp_path / "cut.png", DIGITS_IMAGES)
 
 
 def test_expand_paths(tmp_path):

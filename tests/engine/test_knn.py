@@ -7,8 +7,8 @@ import pytest
 from sklearn.decomposition import PCA
 from sklearn.neighbors import NearestNeighbors
 
-from frmap.engine.features import Features
-from frmap.engine.knn import WEIGHTS, KNNConfig, KNNDetector
+from frmap.engine.detectors.features import Features
+from frmap.engine.detectors.knn import WEIGHTS, KNNConfig, KNNDetector
 
 
 def _features(x: np.ndarray, predicted: np.ndarray, classes: int = 2) -> Features:
@@ -111,8 +111,9 @@ def test_save_load_round_trip(tmp_path):
     assert loaded.config == det.config and loaded.threshold == det.threshold
     assert loaded.model == "Net:abc"
     np.testing.assert_array_equal(loaded.score(mixed), det.score(mixed))
-    np.testing.assert_array_equal(loaded.predict(loaded.score(mixed)),
-                                  det.predict(det.score(mixed)))
-    np.savez(tmp_path / "bad.npz", meta=np.array('{"format": "frmap.knn-detector/1"}'))
-    with pytest.raises(ValueError, match="malformed kNN detector"):
+    np.testing.assert_array_equal(loaded.flag(loaded.score(mixed)),
+                                  det.flag(det.score(mixed)))
+    np.savez(tmp_path / "bad.npz",
+             meta=np.array('{"format": "frmap.detector/2", "kind": "knn", "model": "x"}'))
+    with pytest.raises(ValueError, match="malformed knn detector"):
         KNNDetector.load(tmp_path / "bad.npz")

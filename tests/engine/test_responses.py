@@ -11,7 +11,9 @@ import torch.nn.functional as F
 from captum.attr import Deconvolution, GuidedBackprop, Saliency
 from torch import nn
 
-from frmap.engine import Normalized, ResponseEngine, load_vgg, reverse_walk
+from frmap.engine import Normalized, ResponseEngine, load_vgg
+from frmap.engine.models import DigitsCNN
+from frmap.engine.responses import reverse_walk
 from frmap.kernels import RULES, response_score
 
 CAPTUM = {"guided": (GuidedBackprop, {}), "deconvnet": (Deconvolution, {}),
@@ -314,22 +316,24 @@ def test_functional_relu_is_an_error(model, where):
         ResponseEngine(model, preprocess=None).responses(x)
 
 
-def test_paths_are_chosen_and_checked():
+def test_paths_are_chosen_from_the_structure_at_construction():
     x = images((2, 1, 8, 8), 9)
-    chain = ResponseEngine(Chain(), preprocess=None)
-    walked = chain.responses(x, target="logit")
-    assert chain.path == "reverse_walk"
-    assert_rel_close(walked, ResponseEngine(Chain(), preprocess=None, path="autograd")
-                     .responses(x, target="logit"), "chain layout")
-    for mislaid in (Chain(scale=2.0), Chain(pooled=True)):  # wrong values; wrong shapes
-        engine = ResponseEngine(mislaid, preprocess=None, target="logit")
-        assert_rel_close(engine.responses(x), ResponseEngine(
-            mislaid, preprocess=None, target="logit", path="autograd").responses(x), "fallback")
+    layers = Chain()
+    sequential = nn.Sequential(*layers.features, nn.Flatten(), *layers.classifier)
+    walked = ResponseEngine(sequential, preprocess=None)
+    assert walked.path == "reverse_walk"
+    assert_rel_close(walked.responses(x, target="logit"), ResponseEngine(
+        sequential, preprocess=None, path="autograd").responses(x, target="logit"), "chain")
+    assert ResponseEngine(DigitsCNN(), preprocess=None).path == "reverse_walk"
+    # a VGG-like layout whose forward is its own (it may do more than chain its layers)
+    for own_forward in (Chain(), Chain(scale=2.0), Chain(pooled=True), Residual()):
+        engine = ResponseEngine(own_forward, preprocess=None, target="logit")
         assert engine.path == "autograd"
-        with pytest.raises(ValueError, match="not the chain of its layers"):
-            ResponseEngine(mislaid, preprocess=None, path="reverse_walk").responses(x)
-    with pytest.raises(ValueError, match="not a chain of layers"):
-        ResponseEngine(Residual(), preprocess=None, path="reverse_walk")
+        with pytest.raises(ValueError, match="not a chain of layers"):
+            ResponseEngine(own_forward, preprocess=None, path="reverse_walk")
+    assert_rel_close(walked.responses(x, target="logit"),
+                     ResponseEngine(Chain(), preprocess=None).responses(x, target="logit"),
+                     "the same layers through their own forward")
 
 
 def test_numpy_images_and_one_class_for_all(vgg11):

@@ -8,10 +8,10 @@ import torch
 from skimage.restoration import denoise_nl_means
 from torch import nn
 
-from frmap.engine.features import collect_features
-from frmap.engine.squeeze import (
-    DIGITS,
-    IMAGENET,
+from frmap.engine.detectors.features import collect_features
+from frmap.engine.detectors.squeeze import (
+    DIGITS_SQUEEZERS,
+    IMAGENET_SQUEEZERS,
     FeatureSqueezer,
     NLMeans,
     SqueezeConfig,
@@ -59,8 +59,8 @@ def test_nl_means_against_scikit_image(channels):
 
 
 def test_paper_settings():
-    assert IMAGENET == SqueezeConfig(5, 2, NLMeans(11, 3, 4.0))
-    assert DIGITS == SqueezeConfig(5, 2, NLMeans(13, 3, 2.0))
+    assert IMAGENET_SQUEEZERS == SqueezeConfig(5, 2, NLMeans(11, 3, 4.0))
+    assert DIGITS_SQUEEZERS == SqueezeConfig(5, 2, NLMeans(13, 3, 2.0))
     with pytest.raises(ValueError, match="bits"):
         SqueezeConfig(bits=9)
     with pytest.raises(ValueError, match="at least one"):
@@ -96,7 +96,7 @@ def test_score_against_direct_computation_and_shared_pass():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 10 * 8, 5))
     images = torch.from_numpy(_images(3))
-    det = FeatureSqueezer(IMAGENET)
+    det = FeatureSqueezer(IMAGENET_SQUEEZERS)
     with torch.no_grad():
         p = model(images).double().softmax(1)
         x = images.numpy()
@@ -113,7 +113,7 @@ def test_score_against_direct_computation_and_shared_pass():
 def test_save_load_round_trip(tmp_path):
     model = _Checkerboard()
     images = torch.rand(6, 1, 16, 16, generator=torch.Generator().manual_seed(1))
-    det = FeatureSqueezer(DIGITS, model="Net:abc")
+    det = FeatureSqueezer(DIGITS_SQUEEZERS, model="Net:abc")
     det = det.calibrate(det.score(model, images), 0.1)
     loaded = FeatureSqueezer.load(det.save(tmp_path / "squeeze.npz"))
     assert loaded == det

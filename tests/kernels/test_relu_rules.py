@@ -15,7 +15,7 @@ from frmap.kernels import (
     relu_rule,
     swap_relus,
 )
-from frmap.kernels.relu_rules import _CHUNK
+from frmap.kernels.eager.relu import CHUNK
 
 
 def oracle(x: torch.Tensor, grad: torch.Tensor, rule: str) -> torch.Tensor:
@@ -52,10 +52,14 @@ LAYOUTS = {
 }
 
 
+CPU = pytest.param("cpu", marks=pytest.mark.needs_extension)
 # the C++ kernels take float32/float64 (auto runs them there, torch ops for float16)
-DTYPE_BACKENDS = [(dtype, backend) for dtype in (torch.float32, torch.float64, torch.float16)
-                  for backend in ("auto", "torch", "cpu")
-                  if not (backend == "cpu" and dtype == torch.float16)]
+DTYPE_BACKENDS = [
+    pytest.param(dtype, backend, marks=pytest.mark.needs_extension if backend == "cpu" else ())
+    for dtype in (torch.float32, torch.float64, torch.float16)
+    for backend in ("auto", "torch", "cpu")
+    if not (backend == "cpu" and dtype == torch.float16)
+]
 
 
 @pytest.mark.parametrize("rule", RULES)
@@ -71,16 +75,16 @@ def test_rule_matches_autograd_oracle(rule, layout, dtype, backend):
 
 
 @pytest.mark.parametrize("rule", RULES)
-@pytest.mark.parametrize("backend", ["torch", "cpu"])
+@pytest.mark.parametrize("backend", ["torch", CPU])
 def test_module_matches_oracle_across_chunks(rule, backend):
     """More than one torch-path chunk (C++: thread), and a length not a multiple of 8."""
-    x = sample((_CHUNK + 13,), 2).requires_grad_()
+    x = sample((CHUNK + 13,), 2).requires_grad_()
     grad = sample(x.shape, 3)
     ReLURule(rule, backend)(x).backward(grad)
     assert_equal(x.grad, oracle(x, grad, rule).float(), f"{rule} backward")
 
 
-@pytest.mark.parametrize("backend", ["torch", "cpu"])
+@pytest.mark.parametrize("backend", ["torch", CPU])
 def test_mask_is_bit_packed_lsb_first(backend):
     x = torch.tensor([1.0, -1.0, 0.0, 2.0, 3.0, 0.0, 0.0, 0.0, 5.0, -2.0, 7.0])
     y, mask = relu_forward(x, "guided", backend=backend)
@@ -92,7 +96,7 @@ def test_mask_is_bit_packed_lsb_first(backend):
 
 
 @pytest.mark.parametrize("rule", RULES)
-@pytest.mark.parametrize("backend", ["torch", "cpu"])
+@pytest.mark.parametrize("backend", ["torch", CPU])
 def test_inplace_pair(rule, backend):
     x = sample((3, 4, 5, 6), 4).contiguous(memory_format=torch.channels_last)
     grad = sample(x.shape, 5)
@@ -108,12 +112,12 @@ def test_inplace_pair(rule, backend):
 
 
 def check_matches_torch(shape: tuple[int, ...], rule: str, backend: str,
-                        dtype=torch.float32) -> None:
+                        dtype=torch.float32, device: str = "cpu") -> None:
     """`backend` gives torch's outputs and mask bytes exactly."""
-    x = sample(shape, 6, dtype)
+    x = sample(shape, 6, dtype).to(device)
     if len(shape) == 4:
         x = x.contiguous(memory_format=torch.channels_last)
-    grad = sample(shape, 7, dtype)
+    grad = sample(shape, 7, dtype).to(device)
     y_t, m_t = relu_forward(x, rule, backend="torch")
     y_k, m_k = relu_forward(x, rule, backend=backend)
     assert_equal(y_k, y_t, f"{backend} forward")
@@ -127,6 +131,7 @@ def check_matches_torch(shape: tuple[int, ...], rule: str, backend: str,
 SHAPES = [(1,), (7,), (8,), (1000,), (70_001,), (2, 3, 17, 19)]
 
 
+@pytest.mark.needs_extension
 @pytest.mark.parametrize("shape", [*SHAPES, (1 << 19, 3)])  # the last: several threads
 @pytest.mark.parametrize("rule", RULES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -134,17 +139,15 @@ def test_cpu_matches_torch_exactly(shape, rule, dtype):
     check_matches_torch(shape, rule, "cpu", dtype)
 
 
-@pytest.mark.triton_interpret
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("rule", RULES)
-def test_triton_matches_torch_exactly(shape, rule):
-    check_matches_torch(shape, rule, "triton")
+def test_triton_matches_torch_exactly(shape, rule, triton_device):
+    check_matches_torch(shape, rule, "triton", device=triton_device)
 
 
-@pytest.mark.triton_interpret
-def test_triton_through_autograd():
-    x = sample((4, 3, 8, 8), 8).requires_grad_()
-    grad = sample(x.shape, 9)
+def test_triton_through_autograd(triton_device):
+    x = sample((4, 3, 8, 8), 8).to(triton_device).requires_grad_()
+    grad = sample(x.shape, 9).to(triton_device)
     relu_rule(x, "guided", backend="triton").backward(grad)
     assert_equal(x.grad, oracle(x, grad, "guided").float(), "triton guided")
 

@@ -1,25 +1,25 @@
 """The triton backend against scikit-image (entropy) and numpy/PIL (response images).
 
-Every kernel variant runs on CPU tensors through the Triton interpreter where TRITON_INTERPRET=1
-(conftest.py sets it on machines without CUDA) and on CUDA tensors where a GPU is present; on a
-CUDA host the CPU cases skip, so compiled Triton never sees a CPU tensor.
+Every kernel variant runs on CUDA tensors where a GPU is present, else on CPU tensors through
+the Triton interpreter (the `triton_device` fixture); on a CUDA host the CPU cases skip, so
+compiled Triton never sees a CPU tensor.
 """
 
 from __future__ import annotations
 
-import os
 import warnings
 
 import numpy as np
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from skimage.filters.rank import entropy as skimage_entropy
 from skimage.morphology import disk
 
 import frmap.kernels as K
 from frmap.kernels import reference
+from frmap.kernels._dispatch import interpreting
 
 from helpers import (
     ENTROPY_ATOL,
@@ -35,24 +35,10 @@ from helpers import (
 
 triton_entropy = pytest.importorskip("frmap.kernels.triton.entropy")
 
-_INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1" and not torch.cuda.is_available()
 needs_interpreter = pytest.mark.skipif(
-    not _INTERPRETING,
+    not interpreting() or torch.cuda.is_available(),
     reason="CPU tensors go to Triton only through the interpreter, and only where there is no GPU",
 )
-
-
-@pytest.fixture(params=[
-    pytest.param("cpu", marks=[pytest.mark.triton_interpret, needs_interpreter]),
-    pytest.param("cuda", marks=[
-        pytest.mark.cuda,
-        pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
-    ]),
-])
-def device(request: pytest.FixtureRequest) -> str:
-    """The device of the tensors given to the Triton kernels."""
-    return request.param
-
 
 VARIANTS = triton_entropy.VARIANTS
 
@@ -133,37 +119,37 @@ def test_public_op_runs_the_chosen_variant(monkeypatch, fp_name):
 
 @pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("fp_name", list(ALL_FOOTPRINTS))
-def test_variant_matches_skimage(device, variant, fp_name):
+def test_variant_matches_skimage(triton_device, variant, fp_name):
     rng = np.random.default_rng(list(ALL_FOOTPRINTS).index(fp_name))
     fp = ALL_FOOTPRINTS[fp_name]
     # the large footprints (slow under the interpreter in the pairwise kernel): two shapes
     for shape in SHAPES if fp_name in FOOTPRINTS else SHAPES[1::3]:
         # full range, and few levels so that windows repeat values
         images = np.stack([random_image(rng, shape), random_image(rng, shape, high=5)])
-        got = entropy(on(device, images), fp, variant)
+        got = entropy(on(triton_device, images), fp, variant)
         assert_close(got, expected_entropy(images, fp), 1e-9, f"{variant} {fp_name} {shape}")
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("high", [3, 1000, 65536])
-def test_uint16(device, variant, high):
+def test_uint16(triton_device, variant, high):
     rng = np.random.default_rng(high)
     images = random_image(rng, (2, 17, 21), np.uint16, high)
     images[0, 0, 0] = high - 1
     for fp in (disk(2), np.ones((2, 3), np.uint8)):
-        got = entropy(on(device, images), fp, variant)
+        got = entropy(on(triton_device, images), fp, variant)
         assert_close(got, expected_entropy(images, fp), 1e-9, f"{variant} uint16 high={high}")
 
 
-def test_several_programs_per_image(device):
+def test_several_programs_per_image(triton_device):
     """More pixels than one interpreter program holds (2**16): the pairwise kernel's blocks
     and per-program partial sums for the mean."""
     images = random_image(np.random.default_rng(6), (1, 300, 230), high=16)
     fp = np.ones((3, 3), np.uint8)
     expected = expected_entropy(images, fp)
-    assert_close(entropy(on(device, images), fp, "pairwise"), expected, 1e-9, "map")
-    assert_close(mean_entropy(on(device, images), fp, "pairwise"), expected.mean(axis=(1, 2)),
-                 1e-9, "mean")
+    assert_close(entropy(on(triton_device, images), fp, "pairwise"), expected, 1e-9, "map")
+    means = mean_entropy(on(triton_device, images), fp, "pairwise")
+    assert_close(means, expected.mean(axis=(1, 2)), 1e-9, "mean")
 
 
 @pytest.mark.triton_interpret
@@ -182,8 +168,8 @@ def test_sliding_in_waves(monkeypatch):
 
 @pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("dtype", [np.uint8, np.uint16])
-def test_constant_image_is_exactly_zero(device, variant, dtype):
-    images = on(device, np.full((2, 9, 11), 200, dtype))
+def test_constant_image_is_exactly_zero(triton_device, variant, dtype):
+    images = on(triton_device, np.full((2, 9, 11), 200, dtype))
     for fp in (FOOTPRINTS["irregular"], FOOTPRINTS["even4x4"]):
         assert (entropy(images, fp, variant) == 0).all()
         assert (mean_entropy(images, fp, variant) == 0).all()
@@ -192,14 +178,15 @@ def test_constant_image_is_exactly_zero(device, variant, dtype):
 @pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize(("shape", "k"), [((1, 2), 1), ((2, 2), 2), ((2, 4), 3), ((4, 4), 4),
                                           ((4, 4), 2), ((4, 8), 5), ((8, 8), 3)])
-def test_power_of_two_equally_frequent_values_give_exactly_k_bits(device, variant, shape, k):
+def test_power_of_two_equally_frequent_values_give_exactly_k_bits(triton_device, variant, shape,
+                                                                  k):
     """Every full window of a pattern tiled with the footprint's period holds 2**k values
     equally often: exactly k bits, as scikit-image gives them (its own test asserts ==)."""
     fh, fw = shape
     pattern = (np.arange(fh)[:, None] * fw + np.arange(fw)[None, :]) % 2**k
     images = np.tile(pattern, (3, 3)).astype(np.uint8)[None] * 7
     fp = np.ones(shape, np.uint8)
-    got = entropy(on(device, images), fp, variant)[0]
+    got = entropy(on(triton_device, images), fp, variant)[0]
     inner = (slice(fh // 2, images.shape[1] - (fh - 1 - fh // 2)),
              slice(fw // 2, images.shape[2] - (fw - 1 - fw // 2)))
     assert (got[inner] == k).all(), np.unique(got[inner])
@@ -208,50 +195,52 @@ def test_power_of_two_equally_frequent_values_give_exactly_k_bits(device, varian
 
 @pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("mask_kind", ["per_image", "spatial"])
-def test_mask_and_batch(device, variant, mask_kind):
+def test_mask_and_batch(triton_device, variant, mask_kind):
     rng = np.random.default_rng(3)
     images = random_image(rng, (2, 2, 13, 17), np.uint8, 7)
     mask = rng.random(images.shape if mask_kind == "per_image" else images.shape[-2:]) < 0.6
     expected = expected_entropy(images, disk(2), mask)
-    flat_mask = on(device, np.broadcast_to(mask, images.shape).reshape(4, 13, 17).astype(np.uint8))
-    flat = on(device, images.reshape(4, 13, 17))
+    flat_mask = np.broadcast_to(mask, images.shape).reshape(4, 13, 17).astype(np.uint8)
+    flat_mask = on(triton_device, flat_mask)
+    flat = on(triton_device, images.reshape(4, 13, 17))
     got = entropy(flat, disk(2), variant, flat_mask)
     assert_close(got.reshape(images.shape), expected, 1e-9, f"{mask_kind} mask")
     means = mean_entropy(flat, disk(2), variant, flat_mask)
     assert_close(means, expected.mean(axis=(-2, -1)).reshape(4), 1e-9, f"{mask_kind} means")
 
 
-def test_public_op_with_mask(device):
+def test_public_op_with_mask(triton_device):
     rng = np.random.default_rng(4)
     images = random_image(rng, (2, 2, 9, 40), np.uint8, 7)  # two row segments when sliding
     mask = rng.random(images.shape[-2:]) < 0.6
     for fp in (disk(2), disk(4)):
-        got = K.local_entropy(on(device, images), fp, mask=on(device, mask), backend="triton")
+        got = K.local_entropy(on(triton_device, images), fp, mask=on(triton_device, mask),
+                              backend="triton")
         assert got.shape == images.shape and got.dtype == torch.float64
         assert_close(got.cpu(), expected_entropy(images, fp, mask), 1e-9, "public op, mask")
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
-def test_fully_masked_gives_zero(device, variant):
-    images = on(device, random_image(np.random.default_rng(0), (1, 6, 6)))
-    mask = torch.zeros((1, 6, 6), dtype=torch.uint8, device=device)
+def test_fully_masked_gives_zero(triton_device, variant):
+    images = on(triton_device, random_image(np.random.default_rng(0), (1, 6, 6)))
+    mask = torch.zeros((1, 6, 6), dtype=torch.uint8, device=triton_device)
     assert (entropy(images, disk(1), variant, mask) == 0).all()
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
-def test_float32_out(device, variant):
+def test_float32_out(triton_device, variant):
     images = random_image(np.random.default_rng(11), (2, 21, 19))
-    got = triton_entropy.local_entropy(on(device, images), disk(3).astype(np.uint8), None,
+    got = triton_entropy.local_entropy(on(triton_device, images), disk(3).astype(np.uint8), None,
                                        np.float32, variant=variant)
     assert got.dtype == torch.float32
     atol = ENTROPY_ATOL[np.dtype(np.float32)]
     assert_close(got.cpu(), expected_entropy(images, disk(3)), atol, "float32 out")
 
 
-def test_public_float32_out(device):
+def test_public_float32_out(triton_device):
     images = random_image(np.random.default_rng(12), (3, 17, 15))
-    out = torch.empty(images.shape, dtype=torch.float32, device=device)
-    got = K.local_entropy(on(device, images), disk(2), out=out, backend="triton")
+    out = torch.empty(images.shape, dtype=torch.float32, device=triton_device)
+    got = K.local_entropy(on(triton_device, images), disk(2), out=out, backend="triton")
     assert got is out
     atol = ENTROPY_ATOL[np.dtype(np.float32)]
     assert_close(out.cpu(), expected_entropy(images, disk(2)), atol, "float32 out")
@@ -259,17 +248,17 @@ def test_public_float32_out(device):
 
 @pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("fp_name", ["disk1", "disk3", "even4x4", "one", "disk4"])
-def test_mean_local_entropy(device, variant, fp_name):
+def test_mean_local_entropy(triton_device, variant, fp_name):
     rng = np.random.default_rng(len(fp_name))
     images = np.stack([smooth_image(rng, (16, 40), sigma=2.0) for _ in range(2)])
     fp = ALL_FOOTPRINTS[fp_name]
-    got = mean_entropy(on(device, images), fp, variant)
+    got = mean_entropy(on(triton_device, images), fp, variant)
     assert got.shape == (2,)
     assert_close(got, expected_entropy(images, fp).mean(axis=(1, 2)), 1e-9, fp_name)
 
 
-def test_public_mean_and_non_contiguous_input(device):
-    base = on(device, random_image(np.random.default_rng(5), (2, 24, 30)))
+def test_public_mean_and_non_contiguous_input(triton_device):
+    base = on(triton_device, random_image(np.random.default_rng(5), (2, 24, 30)))
     view = base.transpose(1, 2)
     expected = expected_entropy(view.cpu().numpy(), disk(2))
     assert_close(K.local_entropy(view, disk(2), backend="triton").cpu(), expected, 1e-9)
@@ -278,14 +267,14 @@ def test_public_mean_and_non_contiguous_input(device):
     assert_close(means.cpu(), expected.mean(axis=(1, 2)), 1e-9)
 
 
-@pytest.mark.triton_interpret
-@needs_interpreter
-@settings(max_examples=12, deadline=None)
+# the fixture's device is the same for every example
+@settings(max_examples=12, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(case=entropy_cases(max_size=16, max_footprint=7), variant=st.sampled_from(VARIANTS))
-def test_property_matches_skimage(case, variant):
+def test_property_matches_skimage(triton_device, case, variant):
     image, fp, mask = case
-    got = entropy(torch.from_numpy(image[None]), fp, variant,
-                  None if mask is None else torch.from_numpy(mask[None].astype(np.uint8)))
+    got = entropy(on(triton_device, image[None]), fp, variant,
+                  None if mask is None else on(triton_device, mask[None].astype(np.uint8)))
     assert_close(got[0], expected_entropy(image, fp, mask), 1e-9, variant)
 
 
@@ -296,7 +285,7 @@ def random_responses(rng: np.random.Generator, shape, dtype) -> np.ndarray:
 
 @pytest.mark.parametrize("channels", [1, 3])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_response_image(device, channels, dtype):
+def test_response_image(triton_device, channels, dtype):
     rng = np.random.default_rng(channels)
     forgiven = 0
     # (150, 150) x 3 channels: the moments of one image span two interpreter programs.
@@ -305,7 +294,7 @@ def test_response_image(device, channels, dtype):
         responses = random_responses(rng, shape, dtype)
         # far from zero: the moments must not cancel (mean 1000, std ~1)
         for r in (responses, (responses + 1000).astype(dtype)):
-            got = K.response_to_image(on(device, r), backend="triton")
+            got = K.response_to_image(on(triton_device, r), backend="triton")
             assert got.dtype == torch.uint8 and got.shape == (shape[0], *shape[2:])
             forgiven += assert_levels_equal(got.cpu(), reference.response_image(r),
                                             unrounded_levels(r))
@@ -314,17 +303,17 @@ def test_response_image(device, channels, dtype):
 
 
 @pytest.mark.parametrize("channels", [1, 3])
-def test_zero_response_is_flat_127(device, channels):
-    responses = torch.zeros((2, channels, 5, 7), device=device)
+def test_zero_response_is_flat_127(triton_device, channels):
+    responses = torch.zeros((2, channels, 5, 7), device=triton_device)
     assert (K.response_to_image(responses, backend="triton") == 127).all()
     assert (K.response_score(responses, disk(2), backend="triton") == 0).all()
 
 
 @pytest.mark.parametrize("channels", [1, 3])
 @pytest.mark.parametrize("fp_name", ["disk2", "square3", "irregular", "disk4"])
-def test_response_score(device, channels, fp_name):
+def test_response_score(triton_device, channels, fp_name):
     rng = np.random.default_rng(channels + len(fp_name))
-    responses = on(device, random_responses(rng, (3, channels, 20, 45), np.float32))
+    responses = on(triton_device, random_responses(rng, (3, channels, 20, 45), np.float32))
     fp = ALL_FOOTPRINTS[fp_name]
     got = K.response_score(responses, fp, backend="triton")
     assert got.dtype == torch.float64 and got.shape == (3,)

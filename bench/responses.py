@@ -1,0 +1,247 @@
+"""`frmap bench responses`: the response engine's two paths vs Captum's GuidedBackprop.
+
+Full: VGG19 with random weights (seed 0), 224x224 images, batch 1 and 8, 2 intra-op threads;
+quick (a CI smoke test, no targets): VGG11 at 64x64, batch 4, once. All three compute the same
+responses (guided rule, target conv_max = features[35] for VGG19, ImageNet normalisation inside
+the model). Before timing, each is compared with Captum run in float64: at VGG19's depth a
+float32 rounding difference can flip a ReLU mask or a max-pool argmax, so float32 responses
+(Captum's too) differ from float64 ones by up to about 1e-2 of their maximum; an engine path
+must be as accurate as float32 Captum (relative L2 error at most twice Captum's, or 1e-5).
+
+- Speed: images per second, the best of a few repeats after a warm-up; the methods take turns
+  in every round, so a busy machine slows them alike.
+- Memory: every (method, batch) runs once in a fresh process; peak RSS (VmHWM, reset through
+  /proc/self/clear_refs) minus the RSS once the model and the images are loaded: the memory of
+  the responses beyond the weights. It includes what the allocator keeps of freed blocks,
+  which varies from run to run: the median of a few processes is reported.
+- Share outside the convolutions: of the engine's end-to-end `scores` (responses and the fused
+  3x3 score), 1 - (time inside aten::convolution and aten::convolution_backward) / (wall
+  time), both from one run under torch.profiler; the median of a few runs.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import multiprocessing
+import os
+import statistics
+import time
+import warnings
+from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+from torch import nn
+from torch.profiler import ProfilerActivity, profile
+
+import frmap.bench.machine as machine
+from frmap.engine.models import Normalized, load_vgg, torch_settings
+from frmap.engine.responses import ResponseEngine
+from frmap.engine.responses.targets import conv_max_index
+
+METHODS = ("reverse_walk", "autograd", "captum")
+_CONV_OPS = ("aten::convolution", "aten::convolution_backward")
+
+
+@dataclass(frozen=True)
+class Setup:
+    """What one benchmark run measures."""
+
+    arch: str
+    size: int
+    batches: tuple[int, ...]
+    threads: int
+    repeats: int
+    memory_repeats: int
+
+
+FULL = Setup("vgg19", 224, (1, 8), threads=2, repeats=3, memory_repeats=3)
+QUICK = Setup("vgg11", 64, (4,), threads=2, repeats=1, memory_repeats=1)
+
+
+def bench_images(batch: int, size: int, seed: int = 0) -> torch.Tensor:
+    """[batch, 3, size, size] uniform images in [0, 1]."""
+    return torch.rand(batch, 3, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+class _ChannelMaxSum(nn.Module):
+    """conv_max as a module: sum over positions of the channel-wise maximum."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.max(dim=1).values.sum((1, 2))
+
+
+def runner(model: nn.Module, method: str, batch: int) -> Callable[[torch.Tensor], torch.Tensor]:
+    """x -> guided conv_max responses of a torchvision VGG, by `method` (see `METHODS`)."""
+    if method != "captum":
+        return ResponseEngine(model, path=method, batch_size=batch).responses
+    from captum.attr import GuidedBackprop
+
+    features = model.features[:conv_max_index(list(model.features)) + 1]
+    attribution = GuidedBackprop(nn.Sequential(Normalized(features), _ChannelMaxSum()))
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # Captum announces its ReLU hooks on every call
+            return attribution.attribute(x)
+
+    return run
+
+
+def _status_mb(key: str) -> float:
+    with open("/proc/self/status") as status:
+        line = next(line for line in status if line.startswith(key + ":"))
+    return int(line.split()[1]) / 1024
+
+
+def _peak_memory(setup: Setup, method: str, batch: int) -> float:
+    """In a fresh process: peak RSS of one call beyond the loaded model and images (MiB)."""
+    torch.set_num_threads(setup.threads)
+    model = load_vgg(setup.arch, seed=0)
+    x = bench_images(batch, setup.size)
+    run = runner(model, method, batch)
+    baseline = _status_mb("VmRSS")
+    with open("/proc/self/clear_refs", "w") as refs:
+        refs.write("5")  # reset VmHWM to the current RSS
+    run(x)
+    return _status_mb("VmHWM") - baseline
+
+
+def _in_fresh_process(fn: Callable, *args: object):
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(fn, *args).result()
+
+
+def accuracy(model: nn.Module, x: torch.Tensor, outs: dict[str, torch.Tensor]) -> dict:
+    """Max and L2 relative errors of each method's responses `outs` against Captum in float64.
+
+    Raises:
+        RuntimeError: an engine path is less accurate than float32 Captum (see above).
+    """
+    truth = runner(copy.deepcopy(model).double(), "captum", len(x))(x.double())
+    errors = {}
+    for m, out in outs.items():
+        diff = out.double() - truth
+        errors[m] = {"max_rel": float(diff.abs().max() / truth.abs().max()),
+                     "l2_rel": float(diff.norm() / truth.norm())}
+    for m in METHODS[:2]:
+        if m in errors and errors[m]["l2_rel"] > max(2 * errors["captum"]["l2_rel"], 1e-5):
+            raise RuntimeError(f"{m} is less accurate than Captum: {errors}")
+    return errors
+
+
+def _conv_share(engine: ResponseEngine, x: torch.Tensor, repeats: int) -> dict:
+    """Wall time of `engine.scores` and the time of its convolutions: the median of `repeats`.
+
+    Each run is timed under the profiler, which only sees the convolutions and a few hundred
+    other ops (the walk's own kernels are single calls), so it adds little to the wall time.
+    """
+    footprint = np.ones((3, 3), dtype=bool)
+    engine.scores(x, footprint)  # warm-up, and the engine's one-off check of its path
+    runs = []
+    for _ in range(repeats):
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            start = time.perf_counter()
+            engine.scores(x, footprint)
+            wall = time.perf_counter() - start
+        spans = sorted((e.time_range.start, e.time_range.end) for e in prof.events()
+                       if e.name in _CONV_OPS)
+        conv, end = 0.0, float("-inf")
+        for lo, hi in spans:  # union of the spans, in microseconds
+            conv += max(0.0, hi - max(lo, end))
+            end = max(end, hi)
+        runs.append({"method": engine.path, "batch": len(x), "wall_s": wall,
+                     "conv_s": conv / 1e6, "outside_share": max(0.0, 1 - conv / 1e6 / wall)})
+    return sorted(runs, key=lambda r: r["outside_share"])[len(runs) // 2]
+
+
+def run(quick: bool = False) -> dict:
+    """Time, check and measure every method at every batch size; return rows and targets."""
+    if not os.path.exists("/proc/self/clear_refs"):
+        raise RuntimeError("the memory measurement needs Linux (/proc/self/clear_refs)")
+    if importlib.util.find_spec("captum") is None:
+        raise RuntimeError("frmap bench responses compares against Captum, which is not "
+                           "installed: pip install captum (or frmap[test])")
+    setup = QUICK if quick else FULL
+    with torch_settings(setup.threads):
+        model = load_vgg(setup.arch, seed=0)
+        rows, errors, shares = [], [], []
+        for batch in setup.batches:
+            x = bench_images(batch, setup.size)
+            runs = {m: runner(model, m, batch) for m in METHODS}
+            outs = {m: runs[m](x) for m in METHODS}  # warm-up and correctness
+            errors.append({"batch": batch, **accuracy(model, x, outs)})
+            del outs
+            best = dict.fromkeys(METHODS, float("inf"))
+            for _ in range(setup.repeats):
+                for m in METHODS:
+                    start = time.perf_counter()
+                    runs[m](x)
+                    best[m] = min(best[m], time.perf_counter() - start)
+            del runs
+            for m in METHODS:
+                peak = statistics.median(_in_fresh_process(_peak_memory, setup, m, batch)
+                                         for _ in range(setup.memory_repeats))
+                rows.append({"method": m, "batch": batch, "seconds": best[m],
+                             "images_per_s": batch / best[m], "peak_mib": peak})
+            shares += [_conv_share(ResponseEngine(model, path=m, batch_size=batch), x,
+                                   setup.repeats) for m in METHODS[:2]]
+    _add_ratios(rows)
+    weights = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20
+    return {"setup": asdict(setup), "weights_mib": weights, "rows": rows,
+            "errors_vs_float64": errors, "conv_share": shares,
+            "targets": [] if quick else _targets(rows, shares, max(setup.batches)),
+            "machine": machine.describe()}
+
+
+def _add_ratios(rows: list[dict]) -> None:
+    for r in rows:
+        captum = next(c for c in rows if c["method"] == "captum" and c["batch"] == r["batch"])
+        r["speed_vs_captum"] = r["images_per_s"] / captum["images_per_s"]
+        r["memory_vs_captum"] = r["peak_mib"] / captum["peak_mib"]
+
+
+def _targets(rows: list[dict], shares: list[dict], batch: int) -> list[dict]:
+    walk = [r for r in rows if r["method"] == "reverse_walk"]
+    out = [{"target": f"reverse walk speed / Captum, batch {r['batch']}",
+            "value": r["speed_vs_captum"], "goal": ">= 1", "ok": r["speed_vs_captum"] >= 1}
+           for r in walk]
+    memory = next(r["memory_vs_captum"] for r in walk if r["batch"] == batch)
+    out.append({"target": f"reverse walk peak memory beyond the weights / Captum, batch {batch}",
+                "value": memory, "goal": "<= 0.25", "ok": memory <= 0.25})
+    share = next(s["outside_share"] for s in shares
+                 if s["method"] == "reverse_walk" and s["batch"] == batch)
+    out.append({"target": f"share of reverse-walk scores time outside the convolutions, "
+                f"batch {batch}", "value": share, "goal": "< 0.05", "ok": share < 0.05})
+    return out
+
+
+def table(result: dict) -> str:
+    """A readable table of the rows, the correctness check, the conv share and the targets."""
+    s = result["setup"]
+    lines = [f"{s['arch']} {s['size']}x{s['size']}, {s['threads']} threads, guided conv_max; "
+             f"weights {result['weights_mib']:.0f} MiB",
+             f"{'method':13} {'batch':>5} {'s/batch':>9} {'img/s':>8} {'x Captum':>9} "
+             f"{'peak MiB':>9} {'x Captum':>9}"]
+    for r in result["rows"]:
+        lines.append(f"{r['method']:13} {r['batch']:>5} {r['seconds']:9.3f} "
+                     f"{r['images_per_s']:8.2f} {r['speed_vs_captum']:9.2f} "
+                     f"{r['peak_mib']:9.0f} {r['memory_vs_captum']:9.2f}")
+    lines.append("")
+    for c in result["conv_share"]:
+        lines.append(f"scores {c['method']:13} batch {c['batch']}: {c['wall_s']:.3f} s, "
+                     f"convolutions {c['conv_s']:.3f} s, outside {100 * c['outside_share']:.1f}%")
+    for e in result["errors_vs_float64"]:
+        errs = ", ".join(f"{m} {e[m]['max_rel']:.1e} / {e[m]['l2_rel']:.1e}" for m in METHODS)
+        lines.append(f"error vs float64 Captum, batch {e['batch']} (max rel / L2 rel): {errs}")
+    lines.append("")
+    if not result["targets"]:
+        lines.append("quick run: the targets apply to the full benchmark")
+    for t in result["targets"]:
+        lines.append(f"{'ok' if t['ok'] else 'MISSED':6} {t['target']}: {t['value']:.3f} "
+                     f"(goal {t['goal']})")
+    lines.append("\n" + machine.summary(result["machine"]))
+    return "\n".join(lines)

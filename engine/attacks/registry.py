@@ -1,0 +1,19 @@
+"""The attacks by name, in the order the study reports them."""
+
+from __future__ import annotations
+
+from frmap.engine.attacks.base import Attack
+from frmap.engine.attacks.foolbox_attacks import Boundary, DeepFool
+from frmap.engine.attacks.one_pixel import OnePixel
+from frmap.engine.attacks.single_step import FGSM, GradientAttack
+
+ATTACKS: dict[str, type[Attack]] = {
+    a.name: a for a in (FGSM, GradientAttack, OnePixel, DeepFool, Boundary)
+}
+
+
+def make_attack(name: str) -> Attack:
+    """The attack called `name` (one of `ATTACKS`) with its default settings."""
+    if name not in ATTACKS:
+        raise ValueError(f"unknown attack {name!r}; expected one of {sorted(ATTACKS)}")
+    return ATTACKS[name]()

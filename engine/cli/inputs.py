@@ -1,0 +1,133 @@
+"""What the commands read: the model named by the arguments, image files and data sets."""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+_LABEL_IN_NAME = re.compile(r"_(\d+)$")
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """A loaded classifier with how its inputs are read and preprocessed."""
+
+    name: str
+    net: nn.Module            # takes [N, C, H, W] images in [0, 1]
+    raw: nn.Module            # what the response engine wraps (`preprocess` applies on top)
+    preprocess: str | None
+    spec: object              # frmap.engine.data.images.ImageSpec
+
+
+def load_model(args: argparse.Namespace) -> LoadedModel:
+    from frmap.engine.data.images import DIGITS_IMAGES, IMAGENET_IMAGES
+    from frmap.engine.models.vgg import Normalized, load_vgg
+
+    if args.model == "digits":
+        from frmap.engine.models.digits import CHECKPOINT, load_digits_model
+
+        model = load_digits_model(args.weights or CHECKPOINT)
+        return LoadedModel("digits", model, model, None, DIGITS_IMAGES)
+    model = load_vgg(args.model, args.weights, seed=args.seed)
+    return LoadedModel(args.model, Normalized(model), model, "imagenet", IMAGENET_IMAGES)
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    from frmap.engine.models.vgg import VGG_ARCHS
+
+    p.add_argument("--model", default="digits", choices=("digits", *VGG_ARCHS),
+                   help="classifier (default: the embedded digits CNN)")
+    p.add_argument("--weights", metavar="NAME|FILE",
+                   help="torchvision weights name or a state-dict file (.pt/.pth/.safetensors); "
+                        "VGG without it: random weights from --seed")
+    p.add_argument("--seed", type=int, default=0, help="seed of random weights and attacks")
+    p.add_argument("--batch-size", type=int, default=32, help="images per pass (default 32)")
+    p.add_argument("--labels", default="auto", choices=("auto", "predicted"),
+                   help="true classes of --data images: from file/folder names where present "
+                        "(auto), or the model's own predictions (predicted)")
+
+
+def response_engine(model: LoadedModel, args: argparse.Namespace):
+    from frmap.engine.responses.engine import ResponseEngine
+
+    return ResponseEngine(model.raw, rule=getattr(args, "rule", "guided"),
+                          target=getattr(args, "target", "conv_max"),
+                          batch_size=args.batch_size, preprocess=model.preprocess)
+
+
+def load_files(paths: list[Path], spec: object) -> tuple[list[Path], list[torch.Tensor]]:
+    """Load what loads; report each bad file on stderr and skip it."""
+    from frmap.engine.data.images import ImageFileError, load_image
+
+    good, tensors = [], []
+    for path in paths:
+        try:
+            tensors.append(load_image(path, spec))
+            good.append(path)
+        except ImageFileError as err:
+            print(f"frmap: skipped {err}", file=sys.stderr)
+    return good, tensors
+
+
+def labels_from_paths(paths: list[Path]) -> torch.Tensor | None:
+    """Class labels from `name_<label>.ext` or from a parent folder named by a class index."""
+    labels = []
+    for path in paths:
+        m = _LABEL_IN_NAME.search(path.stem)
+        if m:
+            labels.append(int(m.group(1)))
+        elif path.parent.name.isdigit():
+            labels.append(int(path.parent.name))
+        else:
+            return None
+    return torch.tensor(labels)
+
+
+def dataset(model: LoadedModel, folder: str | None, split: str,
+             labels_from: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+    """(images, labels) from an image folder, or the digits split `split` by default.
+
+    Labels come from file names (`name_<label>.png`) or class-index folders; where there are
+    none, or with `labels_from="predicted"`, the model's own predictions stand in for them
+    (every image then counts as correctly classified).
+    """
+    from frmap.engine.data.images import expand_paths
+    from frmap.engine.models.predict import predict
+
+    if folder is None:
+        if model.name != "digits":
+            raise ValueError(f"--data is needed for model {model.name}")
+        from frmap.engine.data.digits import load_digits_split
+
+        s = load_digits_split(split)
+        return s.images, s.labels
+    paths, tensors = load_files(list(expand_paths([folder])), model.spec)
+    if not tensors:
+        raise ValueError(f"{folder}: no usable image")
+    images = torch.stack(tensors)
+    labels = labels_from_paths(paths) if labels_from == "auto" else None
+    return images, labels if labels is not None else predict(model.net, images)[0]
+
+
+def halves(data: tuple[torch.Tensor, torch.Tensor]):
+    """Alternate images into (calibration, test) when only one folder is given."""
+    images, labels = data
+    if len(images) < 2:
+        raise ValueError("need at least two images to calibrate on one half and test on the other")
+    return (images[0::2], labels[0::2]), (images[1::2], labels[1::2])
+
+
+def score_paths(args: argparse.Namespace) -> Iterator[Path]:
+    from frmap.engine.data.images import expand_paths
+
+    inputs = list(args.paths)
+    if not inputs or inputs == ["-"]:
+        inputs = (line.strip() for line in sys.stdin if line.strip())
+    yield from expand_paths(inputs)

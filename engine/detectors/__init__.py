@@ -1,0 +1,36 @@
+"""Detectors: each fits on clean data, scores images (higher = more adversarial), calibrates a
+threshold to a false-positive rate, and saves to one file format (`base`)."""
+
+from frmap.engine.detectors.base import (
+    Detector,
+    Threshold,
+    calibrate_threshold,
+    load_detector,
+)
+from frmap.engine.detectors.distance_evolution import (
+    DistanceEvolutionDetector,
+    EvolutionConfig,
+    EvolutionTrainReport,
+)
+from frmap.engine.detectors.entropy import EntropyDetector
+from frmap.engine.detectors.features import Features, collect_features, default_layers
+from frmap.engine.detectors.knn import KNNConfig, KNNDetector
+from frmap.engine.detectors.squeeze import FeatureSqueezer, SqueezeConfig
+
+__all__ = [
+    "Detector",
+    "DistanceEvolutionDetector",
+    "EntropyDetector",
+    "EvolutionConfig",
+    "EvolutionTrainReport",
+    "FeatureSqueezer",
+    "Features",
+    "KNNConfig",
+    "KNNDetector",
+    "SqueezeConfig",
+    "Threshold",
+    "calibrate_threshold",
+    "collect_features",
+    "default_layers",
+    "load_detector",
+]

@@ -1,0 +1,427 @@
+"""Feature-distance-space evolution (Carrara et al., ECCV 2018 Workshops).
+
+For each of L layers and C classes, a reference point from the training set: the class
+centroid, or its medoid (the member with the smallest sum of Euclidean distances to the other
+members). An image becomes a sequence over the layers of C-vectors, its Euclidean distances or
+cosine similarities to the layer's references; a small network reads the sequence and returns
+a logit, higher = more adversarial:
+
+- "lstm": unidirectional LSTM (hidden 100) over the layers, last output -> linear -> logit;
+- "mlp": the flattened L*C sequence -> 100 -> ReLU -> dropout 0.5 -> logit.
+
+Before the network, each layer's values are standardised with the mean and standard deviation
+of that layer over the training sequences (layers differ in scale by orders of magnitude).
+Training: binary cross-entropy, Adam, batches drawn with replacement so that clean and
+adversarial examples weigh half each and every attack weighs the same, and the epoch whose
+weights give the best mean over attacks of the validation AUC is kept. Examples carry the
+index of their source image, so splits (`split_by_image`, `leave_one_attack_out`) never put
+versions of one image on both sides.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from scipy.spatial.distance import cdist
+from sklearn.metrics import roc_auc_score
+from torch import nn
+from tqdm.auto import tqdm
+
+from frmap.engine.detectors.base import Detector, Threshold
+from frmap.engine.detectors.features import Features
+from frmap.engine.models.runtime import torch_settings
+
+REFERENCES = ("medoid", "centroid")
+EMBEDDINGS = ("cosine", "euclidean")
+NETWORKS = ("lstm", "mlp")
+CLEAN = "clean"
+
+
+def class_references(
+    x: np.ndarray, labels: np.ndarray, num_classes: int, kind: str = "medoid"
+) -> np.ndarray:
+    """One reference point per class: `[N, D]` features, `[N]` labels -> `[C, D]` float64.
+
+    "centroid": the mean of the class's features; "medoid": the class member with the smallest
+    sum of Euclidean distances to the class's members (the first one on ties).
+
+    Raises:
+        ValueError: unknown kind, or a class without members.
+    """
+    if kind not in REFERENCES:
+        raise ValueError(f"unknown reference {kind!r}; expected one of {REFERENCES}")
+    x, labels = np.asarray(x, dtype=np.float64), np.asarray(labels)
+    empty = [c for c in range(num_classes) if not (labels == c).any()]
+    if empty:
+        raise ValueError(f"classes {empty} have no training samples")
+    out = np.empty((num_classes, x.shape[1]))
+    for c in range(num_classes):
+        members = x[labels == c]
+        if kind == "centroid":
+            out[c] = members.mean(0)
+        else:
+            out[c] = members[cdist(members, members).sum(1).argmin()]
+    return out
+
+
+def embed(x: np.ndarray, references: np.ndarray, kind: str = "cosine") -> np.ndarray:
+    """`[N, D]` features, `[C, D]` references -> `[N, C]` float64 Euclidean distances or cosine
+    similarities (a zero vector has similarity 0 to everything)."""
+    if kind not in EMBEDDINGS:
+        raise ValueError(f"unknown embedding {kind!r}; expected one of {EMBEDDINGS}")
+    x = np.asarray(x, dtype=np.float64)
+    if kind == "euclidean":
+        return cdist(x, references)
+
+    def unit(v: np.ndarray) -> np.ndarray:
+        return v / np.maximum(np.linalg.norm(v, axis=1, keepdims=True), 1e-12)
+
+    return unit(x) @ unit(references).T
+
+
+@dataclass(frozen=True)
+class Examples:
+    """Labelled detector examples: one row per image version (clean or adversarial).
+
+    Attributes:
+        features: the versions' features.
+        attack: `[N]` str, the attack that made each version, or `CLEAN`.
+        image: `[N]` int64, the index of the source image each version comes from.
+    """
+
+    features: Features
+    attack: np.ndarray
+    image: np.ndarray
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "attack", np.asarray(self.attack, dtype=str))
+        object.__setattr__(self, "image", np.asarray(self.image, dtype=np.int64))
+        if not len(self.features) == len(self.attack) == len(self.image):
+            raise ValueError(
+                f"examples need as many attacks and images as features ({len(self.features)}),"
+                f" got {len(self.attack)} and {len(self.image)}"
+            )
+
+    @classmethod
+    def of(cls, features: Features, attack: str, image: np.ndarray) -> Examples:
+        """The versions made by one attack (or `CLEAN`) of the source images `image`."""
+        return cls(features, np.full(len(features), attack), image)
+
+    @classmethod
+    def concat(cls, parts: Sequence[Examples]) -> Examples:
+        """The examples of `parts` one after another."""
+        return cls(
+            Features.concat([p.features for p in parts]),
+            np.concatenate([p.attack for p in parts]),
+            np.concatenate([p.image for p in parts]),
+        )
+
+    def __len__(self) -> int:
+        return len(self.image)
+
+    def take(self, index: np.ndarray) -> Examples:
+        """The examples at `index` (integers or a boolean mask)."""
+        return Examples(self.features.take(index), self.attack[index], self.image[index])
+
+    @property
+    def adversarial(self) -> np.ndarray:
+        """`[N]` bool, True for adversarial versions."""
+        return self.attack != CLEAN
+
+    @property
+    def attacks(self) -> tuple[str, ...]:
+        """The attacks present, sorted."""
+        return tuple(sorted(set(self.attack[self.adversarial].tolist())))
+
+
+def split_by_image(
+    examples: Examples, fraction: float, seed: int = 0
+) -> tuple[Examples, Examples]:
+    """Divide by source image: every version of an image lands on the same side.
+
+    Returns:
+        (the rest, the versions of a random `fraction` of the source images).
+    """
+    images = np.unique(examples.image)
+    n = round(fraction * len(images))
+    if not 0 < n < len(images):
+        raise ValueError(
+            f"a fraction of {fraction} of {len(images)} images leaves one side empty"
+        )
+    picked = np.isin(examples.image, np.random.default_rng(seed).permutation(images)[:n])
+    return examples.take(~picked), examples.take(picked)
+
+
+def leave_one_attack_out(
+    examples: Examples, held_out: str, *, test_fraction: float = 0.3, seed: int = 0
+) -> tuple[Examples, Examples]:
+    """Split for testing on an attack never seen in training, on images never seen either.
+
+    Returns:
+        (training: the other attacks' and the clean versions of `1 - test_fraction` of the
+        source images; test: the clean and `held_out` versions of the remaining images).
+    """
+    if held_out not in examples.attacks:
+        raise ValueError(f"no {held_out!r} examples; the attacks are {examples.attacks}")
+    train, test = split_by_image(examples, test_fraction, seed)
+    return (train.take(train.attack != held_out),
+            test.take(np.isin(test.attack, [CLEAN, held_out])))
+
+
+@dataclass(frozen=True)
+class EvolutionConfig:
+    """How the detector embeds the layers and which network it trains how.
+
+    Attributes:
+        layers: the feature layers, in forward order (`Features.layers` keys).
+        reference: "medoid" or "centroid".
+        embedding: "cosine" (similarities) or "euclidean" (distances).
+        network: "lstm" or "mlp".
+        epochs: passes of `len(train)` balanced draws; the best epoch by validation is kept.
+        seed: seeds the weights, the dropout and the draws.
+    """
+
+    layers: tuple[str, ...]
+    reference: str = "medoid"
+    embedding: str = "cosine"
+    network: str = "lstm"
+    hidden: int = 100
+    epochs: int = 100
+    batch_size: int = 128
+    lr: float = 3e-4
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "layers", tuple(self.layers))
+        for value, allowed in ((self.reference, REFERENCES), (self.embedding, EMBEDDINGS),
+                               (self.network, NETWORKS)):
+            if value not in allowed:
+                raise ValueError(f"unknown option {value!r}; expected one of {allowed}")
+        if not self.layers or min(self.hidden, self.epochs, self.batch_size) < 1:
+            raise ValueError("need at least one layer, and hidden, epochs, batch_size >= 1")
+
+
+@dataclass(frozen=True)
+class EvolutionTrainReport:
+    """How training went.
+
+    Attributes:
+        best_epoch: the kept epoch (1-based).
+        validation_auc: per attack, the validation AUC of the kept epoch.
+        history: per epoch, the mean over attacks of the validation AUC.
+    """
+
+    best_epoch: int
+    validation_auc: dict[str, float]
+    history: tuple[float, ...]
+
+
+class _LastStep(nn.Module):
+    """LSTM over the layers; its output at the last layer -> linear -> logit."""
+
+    def __init__(self, classes: int, hidden: int) -> None:
+        super().__init__()
+        self.lstm = nn.LSTM(classes, hidden, batch_first=True)
+        self.out = nn.Linear(hidden, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(self.lstm(x)[0][:, -1]).squeeze(1)
+
+
+def _network(config: EvolutionConfig, classes: int) -> nn.Module:
+    if config.network == "lstm":
+        return _LastStep(classes, config.hidden)
+    return nn.Sequential(
+        nn.Flatten(), nn.Linear(len(config.layers) * classes, config.hidden), nn.ReLU(),
+        nn.Dropout(0.5), nn.Linear(config.hidden, 1), nn.Flatten(0),
+    )
+
+
+@dataclass(frozen=True, eq=False)
+class DistanceEvolutionDetector(Detector):
+    """A trained distance-space evolution detector (build it with `fit`).
+
+    Attributes:
+        references: layer -> `[C, D]` the class reference points.
+        mean, std: `[L]` per-layer standardisation of the embedded sequences.
+        state: the network's weights (`state_dict` as numpy arrays).
+        model: the `model_identity` of the CNN the features come from.
+    """
+
+    kind = "distance-evolution"
+    config: EvolutionConfig
+    model: str
+    references: dict[str, np.ndarray]
+    mean: np.ndarray
+    std: np.ndarray
+    state: dict[str, np.ndarray]
+    report: EvolutionTrainReport
+    threshold: Threshold | None = None
+    _net: nn.Module = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if list(self.references) != list(self.config.layers):
+            raise ValueError("references must be given for exactly the configured layers")
+        net = _network(self.config, self.classes)
+        net.load_state_dict({k: torch.from_numpy(v) for k, v in self.state.items()})
+        object.__setattr__(self, "_net", net.eval())
+
+    @property
+    def classes(self) -> int:
+        """C, the number of classes."""
+        return len(next(iter(self.references.values())))
+
+    @classmethod
+    def fit(
+        cls,
+        reference: Features,
+        labels: np.ndarray,
+        train: Examples,
+        validation: Examples,
+        config: EvolutionConfig,
+        *,
+        model: str = "",
+        progress: bool = False,
+    ) -> DistanceEvolutionDetector:
+        """Choose the references and train the network, deterministically for a given seed.
+
+        Args:
+            reference: Clean training-set features the references come from; C is the
+                number of its logits.
+            labels: `[N]` the classes of `reference`'s images.
+            train, validation: Clean and adversarial examples (disjoint source images).
+            config: What to build and how to train it.
+            model: The `model_identity` of the CNN.
+            progress: Show a tqdm bar over the epochs.
+
+        The same seed, data and thread count give bitwise the same weights (deterministic
+        algorithms are in force while training; the caller's RNG state is left untouched).
+        """
+        classes = reference.logits.shape[1]
+        references = {
+            layer: class_references(reference.layer(layer), labels, classes, config.reference)
+            for layer in config.layers
+        }
+        raw = _sequences(train.features, references, config.embedding)
+        mean, std = raw.mean((0, 2)), np.maximum(raw.std((0, 2)), 1e-12)
+        seq = _standardise(raw, mean, std)
+        val = _standardise(
+            _sequences(validation.features, references, config.embedding), mean, std
+        )
+        state, report = _train(config, classes, seq, train, val, validation, progress)
+        return cls(config, model, references, mean, std, state, report)
+
+    def sequences(self, features: Features) -> np.ndarray:
+        """`[N, L, C]` float32, the standardised sequences the network reads."""
+        raw = _sequences(features, self.references, self.config.embedding)
+        return _standardise(raw, self.mean, self.std)
+
+    @torch.no_grad()
+    def score(self, features: Features, batch_size: int = 4096) -> np.ndarray:
+        """`[N]` float64, the network's logits: higher = more adversarial."""
+        return np.concatenate([
+            _logits(self._net, self.sequences(features.take(slice(i, i + batch_size))))
+            for i in range(0, len(features), batch_size)
+        ])
+
+    def _settings(self) -> dict:
+        return {"config": asdict(self.config), "report": asdict(self.report)}
+
+    def _arrays(self) -> dict[str, np.ndarray]:
+        return {"mean": self.mean, "std": self.std,
+                **{f"reference:{k}": v for k, v in self.references.items()},
+                **{f"net:{k}": v for k, v in self.state.items()}}
+
+    @classmethod
+    def _from_file(cls, meta, arrays, *, model, threshold):
+        config, report = EvolutionConfig(**meta["config"]), meta["report"]
+        return cls(
+            config=config,
+            model=model,
+            references={k: arrays[f"reference:{k}"] for k in config.layers},
+            mean=arrays["mean"],
+            std=arrays["std"],
+            state={k[4:]: v for k, v in arrays.items() if k.startswith("net:")},
+            report=EvolutionTrainReport(report["best_epoch"], report["validation_auc"],
+                                        tuple(report["history"])),
+            threshold=threshold,
+        )
+
+def _sequences(features: Features, references: Mapping[str, np.ndarray], kind: str) -> np.ndarray:
+    return np.stack([embed(features.layer(k), r, kind) for k, r in references.items()], 1)
+
+
+def _standardise(raw: np.ndarray, mean: np.ndarray, std: np.ndarray) -> np.ndarray:
+    return ((raw - mean[:, None]) / std[:, None]).astype(np.float32)
+
+
+def _logits(net: nn.Module, seq: np.ndarray) -> np.ndarray:
+    return net(torch.from_numpy(seq)).double().numpy()
+
+
+def _balanced_weights(examples: Examples) -> torch.Tensor:
+    """Draw weights: clean and adversarial half each, every attack the same share."""
+    if examples.adversarial.all() or not examples.adversarial.any():
+        raise ValueError("training needs clean and adversarial examples")
+    weights = np.zeros(len(examples))
+    clean = ~examples.adversarial
+    weights[clean] = 0.5 / clean.sum()
+    for attack in examples.attacks:
+        rows = examples.attack == attack
+        weights[rows] = 0.5 / (len(examples.attacks) * rows.sum())
+    return torch.from_numpy(weights)
+
+
+def _validation_auc(
+    net: nn.Module, seq: np.ndarray, validation: Examples
+) -> dict[str, float]:
+    net.eval()
+    with torch.no_grad():
+        scores = _logits(net, seq)
+    clean = scores[~validation.adversarial]
+    return {a: float(roc_auc_score(np.r_[np.zeros(len(clean)), np.ones(len(adv))],
+                                   np.r_[clean, adv]))
+            for a in validation.attacks for adv in [scores[validation.attack == a]]}
+
+
+def _train(
+    config: EvolutionConfig,
+    classes: int,
+    seq: np.ndarray,
+    train: Examples,
+    val: np.ndarray,
+    validation: Examples,
+    progress: bool,
+) -> tuple[dict[str, np.ndarray], EvolutionTrainReport]:
+    if not validation.attacks or validation.adversarial.all():
+        raise ValueError("validation needs clean and adversarial examples")
+    weights = _balanced_weights(train)
+    x = torch.from_numpy(seq)
+    y = torch.from_numpy(train.adversarial.astype(np.float32))
+    with torch_settings(deterministic=True), torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.seed)
+        draws = torch.Generator().manual_seed(config.seed)
+        net = _network(config, classes)
+        optimizer = torch.optim.Adam(net.parameters(), lr=config.lr)
+        history, best = [], None
+        for epoch in tqdm(range(1, config.epochs + 1), desc=f"train {config.network}",
+                          unit="epoch", disable=not progress):
+            net.train()
+            order = torch.multinomial(weights, len(train), replacement=True, generator=draws)
+            for batch in order.split(config.batch_size):
+                loss = F.binary_cross_entropy_with_logits(net(x[batch]), y[batch])
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+            aucs = _validation_auc(net, val, validation)
+            history.append(float(np.mean(list(aucs.values()))))
+            if best is None or history[-1] > history[best[0] - 1]:
+                best = (epoch, aucs, copy.deepcopy(net.state_dict()))
+    epoch, aucs, state = best
+    report = EvolutionTrainReport(epoch, aucs, tuple(history))
+    return {k: v.numpy() for k, v in state.items()}, report

@@ -1,0 +1,471 @@
+"""Every detector on the same adversarial sets, in one table (METHOD sections 2 to 4).
+
+`compare_detectors` takes a classifier and clean train / calibration / test splits in [0, 1]:
+
+1. It crafts the adversarial sets of the test images under `out_dir/adversarial/<attack>` (the
+   very sets `run_study` makes, so each run reuses the other's) and of a subset of the train
+   images under `out_dir/adversarial-train/<attack>`, both resumable.
+2. It divides the attacked train images, by image, into disjoint parts: "combiner" images only
+   train the score combination, "validation" images only choose the distance-evolution
+   networks' epoch, and the other correctly classified train images are the "fit" images the
+   detectors learn from (kNN index, class references, the networks' training examples).
+3. One forward pass per image set gives the layer features and logits shared by kNN, distance
+   evolution and feature squeezing; the entropy detector runs its own response engine.
+4. Every detector scores clean calibration, clean test and adversarial test images, higher =
+   more adversarial; thresholds come from the calibration split and metrics from the test
+   split (`evaluate_attack`), images no detector was trained on.
+5. "combined" is a logistic regression over the detectors' standardised scores, fitted on the
+   clean and adversarial versions of the combiner images.
+6. kNN also runs on each feature layer alone ("knn:<layer>"), and each distance-evolution
+   network is also trained without one attack and tested on it ("<network> unseen").
+
+Everything it writes lands in `out_dir`, each file atomically.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+from sklearn.linear_model import LogisticRegression
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
+from torch import nn
+
+from frmap.engine.attacks import ATTACKS, AdversarialSet, AttackStats, attack_stats
+from frmap.engine.data.files import write_json
+from frmap.engine.data.footprints import parse_footprint
+from frmap.engine.detectors import (
+    DistanceEvolutionDetector,
+    EvolutionConfig,
+    EvolutionTrainReport,
+    Features,
+    FeatureSqueezer,
+    KNNConfig,
+    KNNDetector,
+    SqueezeConfig,
+    collect_features,
+    default_layers,
+)
+from frmap.engine.detectors.distance_evolution import CLEAN, Examples
+from frmap.engine.detectors.squeeze import IMAGENET_SQUEEZERS
+from frmap.engine.evaluation.figures import roc_figure
+from frmap.engine.evaluation.metrics import AttackEvaluation, evaluate_attack, roc, write_results
+from frmap.engine.evaluation.subject import Subject
+from frmap.engine.models import torch_settings
+from frmap.engine.responses import ResponseEngine
+
+DETECTORS = ("entropy", "knn", "distance-lstm", "distance-mlp", "squeeze")
+COMBINED = "combined"
+_NETWORKS = {"distance-lstm": "lstm", "distance-mlp": "mlp"}
+_DR_KEY = "5%"  # `AttackEvaluation.detection_rate` key of the FPR-5% detection rate
+
+
+@dataclass(frozen=True)
+class ComparisonConfig:
+    """What the comparison runs.
+
+    Attributes:
+        detectors: names from `DETECTORS`; the "combined" row is always added.
+        attacks: attack names (see `frmap.engine.attacks.ATTACKS`).
+        footprint, rule, target: the entropy detector's window, backward rule and target.
+        preprocess: "imagenet" for torchvision ImageNet models, None for models taking the
+            images as they are.
+        layers: feature layers (None: `default_layers`); kNN runs on each of them alone.
+        knn: the kNN score of the "knn" row (None: `KNNConfig` defaults on the last layer).
+        evolution: the distance-evolution settings (None: `EvolutionConfig` defaults on
+            `layers`); the network comes from the detector's name.
+        squeeze: the feature squeezers.
+        operating_fpr: the false-positive rate of precision and recall.
+        attack_limit: attack at most this many test images (None: all).
+        train_limit: attack at most this many train images (None: all).
+        combiner_fraction, validation_fraction: shares of the attacked train images kept for
+            the combination and for the networks' epoch choice.
+        batch_size: images per pass through the model.
+        seed: seeds the attacks and the division of the train images.
+    """
+
+    detectors: tuple[str, ...] = DETECTORS
+    attacks: tuple[str, ...] = tuple(ATTACKS)
+    footprint: str = "square3"
+    rule: str = "guided"
+    target: str = "conv_max"
+    preprocess: str | None = None
+    layers: tuple[str, ...] | None = None
+    knn: KNNConfig | None = None
+    evolution: EvolutionConfig | None = None
+    squeeze: SqueezeConfig = IMAGENET_SQUEEZERS
+    operating_fpr: float = 0.05
+    attack_limit: int | None = None
+    train_limit: int | None = None
+    combiner_fraction: float = 0.3
+    validation_fraction: float = 0.2
+    batch_size: int = 64
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        unknown = [d for d in self.detectors if d not in DETECTORS]
+        if unknown or not self.detectors:
+            raise ValueError(f"unknown detectors {unknown}; choose from {', '.join(DETECTORS)}")
+        unknown = [a for a in self.attacks if a not in ATTACKS]
+        if unknown or not self.attacks:
+            raise ValueError(f"unknown attacks {unknown}; choose from {', '.join(ATTACKS)}")
+        parse_footprint(self.footprint)
+        if not (0 < self.combiner_fraction and 0 < self.validation_fraction
+                and self.combiner_fraction + self.validation_fraction < 1):
+            raise ValueError("the combiner and validation fractions must be > 0, sum below 1")
+
+
+@dataclass(frozen=True)
+class ComparisonReport:
+    """What the comparison measured, and where it wrote it.
+
+    Attributes:
+        model: the `model_identity` of the classifier.
+        attacks, train_attacks: the statistics of the test and the train adversarial sets.
+        results: one row per detector (and "combined") and attack.
+        per_layer: kNN on each feature layer alone ("knn:<layer>").
+        unseen: each distance-evolution network trained without the row's attack.
+        combiner: the logistic regression's weight of each detector's standardised score.
+        training: the networks' training reports, by detector name (those trained without
+            attack A as "<network> unseen:A").
+        images: role ("fit", "validation", "combiner" in the train split; "calibration";
+            "test") -> the indices of the images of that role in their split.
+        files: what was written, by kind.
+    """
+
+    model: str
+    attacks: list[AttackStats]
+    train_attacks: list[AttackStats]
+    results: list[AttackEvaluation]
+    per_layer: list[AttackEvaluation]
+    unseen: list[AttackEvaluation]
+    combiner: dict[str, float]
+    training: dict[str, EvolutionTrainReport]
+    images: dict[str, list[int]]
+    files: dict[str, str]
+
+
+@dataclass(frozen=True)
+class Part:
+    """Versions made one way (clean, or by one attack) of some images of one split.
+
+    Attributes:
+        attack: "clean" or the attack's name.
+        images: `[N, C, H, W]` the versions.
+        features: their layer features and logits (one forward pass).
+        image: `[N]` the index of each version's source image in its split.
+    """
+
+    attack: str
+    images: torch.Tensor
+    features: Features
+    image: np.ndarray
+
+    def take(self, mask: np.ndarray) -> Part:
+        return Part(self.attack, self.images[torch.from_numpy(mask)], self.features.take(mask),
+                    self.image[mask])
+
+
+Scorer = Callable[[Part], np.ndarray]
+
+
+@dataclass(frozen=True)
+class ComparisonData:
+    """Every image set of a comparison, by role; no source image has two roles.
+
+    Attributes:
+        fit: the clean fit images first, then their adversarial versions: what the detectors
+            learn from.
+        validation: the networks' epoch choice; combiner: the score combination's fit.
+        evaluated: "calibration" (clean), "clean" (test) and one entry per attack (test).
+        labels: `[len(fit[0].image)]` the classes of the clean fit images.
+        ids: train image indices by role ("fit", "validation", "combiner").
+        attack_stats, train_attack_stats: the statistics of the test and train sets.
+    """
+
+    fit: list[Part]
+    validation: list[Part]
+    combiner: list[Part]
+    evaluated: dict[str, Part]
+    labels: np.ndarray
+    ids: dict[str, np.ndarray]
+    attack_stats: list[AttackStats]
+    train_attack_stats: list[AttackStats]
+
+    @property
+    def attacks(self) -> list[str]:
+        """The attacks with adversarial test images."""
+        return [k for k in self.evaluated if k not in ("calibration", "clean")]
+
+    def scores(self, scorer: Scorer) -> dict[str, np.ndarray]:
+        """The scorer on every evaluated set."""
+        return {key: scorer(p) for key, p in self.evaluated.items()}
+
+
+def _select(parts: Sequence[Part], ids: np.ndarray) -> list[Part]:
+    """The versions of the source images `ids`, without empty parts."""
+    chosen = [p.take(np.isin(p.image, ids)) for p in parts]
+    return [p for p in chosen if len(p.image)]
+
+
+def _examples(parts: Sequence[Part]) -> Examples:
+    return Examples.concat([Examples.of(p.features, p.attack, p.image) for p in parts])
+
+
+def _divide(attacked: np.ndarray, correct: np.ndarray, config: ComparisonConfig
+            ) -> dict[str, np.ndarray]:
+    """Train image indices by role: combiner and validation images drawn from the attacked
+    ones, fit images all other correctly classified ones."""
+    order = np.random.default_rng(config.seed).permutation(attacked)
+    n_comb = round(config.combiner_fraction * len(order))
+    n_val = round(config.validation_fraction * len(order))
+    if min(n_comb, n_val, len(order) - n_comb - n_val) < 1:
+        raise ValueError(f"{len(order)} attacked train images are too few to divide into fit,"
+                         " validation and combiner images")
+    combiner, validation = np.sort(order[:n_comb]), np.sort(order[n_comb:n_comb + n_val])
+    fit = np.setdiff1d(correct, np.r_[combiner, validation])
+    return {"fit": fit, "validation": validation, "combiner": combiner}
+
+
+class _Featurizer:
+    """Image sets with their layer features, from one forward pass each."""
+
+    def __init__(self, subject: Subject, layers: tuple[str, ...], batch_size: int) -> None:
+        self.subject, self.layers, self.batch_size = subject, layers, batch_size
+
+    def part(self, attack: str, images: torch.Tensor, image: np.ndarray) -> Part:
+        features = collect_features(self.subject.classifier, images, self.layers,
+                                    batch_size=self.batch_size)
+        return Part(attack, images, features, image)
+
+    def clean(self, split: tuple[torch.Tensor, torch.Tensor]) -> Part:
+        """The correctly classified images of a split."""
+        images, labels = split
+        everything = self.part(CLEAN, images, np.arange(len(images)))
+        return everything.take(everything.features.predictions == labels.numpy())
+
+    def adversarial(self, sets: dict[str, AdversarialSet]) -> list[Part]:
+        return [self.part(s.attack, s.images, s.index.numpy()) for s in sets.values()
+                if len(s.index)]
+
+
+def prepare(subject: Subject, train: tuple[torch.Tensor, torch.Tensor],
+            calibration: tuple[torch.Tensor, torch.Tensor],
+            test: tuple[torch.Tensor, torch.Tensor], out: Path, config: ComparisonConfig,
+            layers: tuple[str, ...], *, progress: bool) -> ComparisonData:
+    """Craft the adversarial sets, take the features, and divide the images by role.
+
+    Raises:
+        ValueError: no successful adversarial, or too few attacked train images to divide.
+    """
+    featurizer = _Featurizer(subject, layers, config.batch_size)
+    train_clean, cal, test_clean = (featurizer.clean(s) for s in (train, calibration, test))
+    train_sets, test_sets = (
+        subject.adversarial_sets(config.attacks, split[0][:limit], split[1][:limit],
+                                 out / folder, seed=config.seed, progress=progress)
+        for split, limit, folder in ((train, config.train_limit, "adversarial-train"),
+                                     (test, config.attack_limit, "adversarial")))
+    train_adv, test_adv = featurizer.adversarial(train_sets), featurizer.adversarial(test_sets)
+    if not test_adv or not train_adv:
+        raise ValueError("no attack produced a successful adversarial: nothing to compare")
+    n_attacked = len(train[0][:config.train_limit])
+    ids = _divide(train_clean.image[train_clean.image < n_attacked], train_clean.image, config)
+    fit, validation, combiner = (_select([train_clean, *train_adv], ids[role])
+                                 for role in ("fit", "validation", "combiner"))
+    return ComparisonData(
+        fit=fit, validation=validation, combiner=combiner,
+        evaluated={"calibration": cal, "clean": test_clean, **{p.attack: p for p in test_adv}},
+        labels=train[1].numpy()[fit[0].image], ids=ids,
+        attack_stats=[attack_stats(s) for s in test_sets.values()],
+        train_attack_stats=[attack_stats(s) for s in train_sets.values()],
+    )
+
+
+def _network(data: ComparisonData, config: EvolutionConfig, identity: str, progress: bool, *,
+             without: str | None = None) -> DistanceEvolutionDetector:
+    """A distance-evolution detector trained on the fit images (less one attack's)."""
+    # one thread: the networks are too small to gain from more (they lose a lot on a busy
+    # machine), and their weights then do not depend on the machine's thread count
+    with torch_settings(1):
+        return DistanceEvolutionDetector.fit(
+            data.fit[0].features, data.labels,
+            _examples([p for p in data.fit if p.attack != without]),
+            _examples([p for p in data.validation if p.attack != without]),
+            config, model=identity, progress=progress)
+
+
+def _scorer(name: str, subject: Subject, data: ComparisonData, config: ComparisonConfig,
+            knn: KNNConfig, evolution: EvolutionConfig, training: dict, progress: bool
+            ) -> Scorer:
+    """The scoring function of the detector `name`, fitted on the fit images."""
+    if name == "entropy":
+        engine = ResponseEngine(subject.model, rule=config.rule, target=config.target,
+                                batch_size=config.batch_size, preprocess=config.preprocess)
+        footprint = parse_footprint(config.footprint)
+        return lambda p: engine.scores(p.images, footprint).cpu().numpy()
+    if name == "squeeze":
+        squeezer = FeatureSqueezer(config.squeeze, subject.identity)
+        return lambda p: squeezer.score(subject.classifier, p.images, p.features,
+                                        batch_size=config.batch_size)
+    if name == "knn":
+        detector = KNNDetector.fit(data.fit[0].features, data.labels, knn, model=subject.identity)
+    else:
+        detector = _network(data, replace(evolution, network=_NETWORKS[name]), subject.identity,
+                            progress)
+        training[name] = detector.report
+    return lambda p: detector.score(p.features)
+
+
+def compare_detectors(
+    model: nn.Module,
+    *,
+    train: tuple[torch.Tensor, torch.Tensor],
+    calibration: tuple[torch.Tensor, torch.Tensor],
+    test: tuple[torch.Tensor, torch.Tensor],
+    out_dir: str | Path,
+    config: ComparisonConfig = ComparisonConfig(),
+    progress: bool = False,
+) -> ComparisonReport:
+    """Run every detector of `config` on the same adversarial sets; see the module docstring.
+
+    Args:
+        model: classifier of [N, C, H, W] images in [0, 1] (ImageNet normalisation inside when
+            `config.preprocess == "imagenet"`), C = 1 or 3.
+        train, calibration, test: (images [N, C, H, W] in [0, 1], labels [N]) clean splits;
+            only correctly classified images take part.
+        out_dir: where the adversarial sets, the results and the figures go.
+        config: see `ComparisonConfig`.
+        progress: show progress bars.
+
+    Raises:
+        ValueError: too few images or adversarials to train, combine or evaluate.
+    """
+    out = Path(out_dir)
+    subject = Subject.of(model, config.preprocess)
+    layers = config.layers or default_layers(subject.classifier)
+    knn = config.knn or KNNConfig(layers[-1])
+    evolution = config.evolution or EvolutionConfig(layers)
+    collected = tuple(dict.fromkeys((*layers, knn.layer, *evolution.layers)))
+    data = prepare(subject, train, calibration, test, out, config, collected, progress=progress)
+
+    training: dict[str, EvolutionTrainReport] = {}
+    scorers = {name: _scorer(name, subject, data, config, knn, evolution, training, progress)
+               for name in config.detectors}
+    scores = {name: data.scores(s) for name, s in scorers.items()}
+    weights, scores[COMBINED] = combine_scores(scorers, data.combiner, scores)
+    results = [row for name, s in scores.items()
+               for row in _rows(name, s, data.attacks, config.operating_fpr)]
+    per_layer = _per_layer_rows(data, layers, knn, subject.identity, config) \
+        if "knn" in config.detectors else []
+    unseen = _unseen_rows(data, evolution, subject.identity, config, training, progress)
+    files = _write(out, results, per_layer, unseen, scores, data.attacks)
+    images = {role: i.tolist() for role, i in data.ids.items()}
+    images |= {"calibration": data.evaluated["calibration"].image.tolist(),
+               "test": data.evaluated["clean"].image.tolist()}
+    report = ComparisonReport(subject.identity, data.attack_stats, data.train_attack_stats,
+                              results, per_layer, unseen, weights, training, images, files)
+    write_json(out / "comparison-report.json", asdict(report))
+    return report
+
+
+def _rows(name: str, scores: dict[str, np.ndarray], attacks: Sequence[str],
+          fpr: float) -> list[AttackEvaluation]:
+    return [evaluate_attack(scores["calibration"], scores["clean"], scores[a], detector=name,
+                            attack=a, operating_fpr=fpr) for a in attacks]
+
+
+def _per_layer_rows(data: ComparisonData, layers: Sequence[str], knn: KNNConfig, identity: str,
+                    config: ComparisonConfig) -> list[AttackEvaluation]:
+    """kNN on each feature layer alone ("knn:<layer>")."""
+    rows = []
+    for layer in layers:
+        detector = KNNDetector.fit(data.fit[0].features, data.labels, replace(knn, layer=layer),
+                                   model=identity)
+        rows += _rows(f"knn:{layer}", data.scores(lambda p, d=detector: d.score(p.features)),
+                      data.attacks, config.operating_fpr)
+    return rows
+
+
+def _unseen_rows(data: ComparisonData, evolution: EvolutionConfig, identity: str,
+                 config: ComparisonConfig, training: dict, progress: bool
+                 ) -> list[AttackEvaluation]:
+    """Each distance-evolution network trained without one attack and tested on it."""
+    trained_on = sorted({p.attack for p in data.fit} - {CLEAN})
+    left_out = [a for a in data.attacks if a in trained_on] if len(trained_on) > 1 else []
+    rows = []
+    for name in (d for d in config.detectors if d in _NETWORKS):
+        for attack in left_out:
+            detector = _network(data, replace(evolution, network=_NETWORKS[name]), identity,
+                                progress, without=attack)
+            training[f"{name} unseen:{attack}"] = detector.report
+            scores = data.scores(lambda p, d=detector: d.score(p.features))
+            rows += _rows(f"{name} unseen", scores, [attack], config.operating_fpr)
+    return rows
+
+
+def _write(out: Path, results: list[AttackEvaluation], per_layer: list[AttackEvaluation],
+           unseen: list[AttackEvaluation], scores: dict[str, dict[str, np.ndarray]],
+           attacks: Sequence[str]) -> dict[str, str]:
+    """The results (JSON, CSV) and one ROC figure per attack; returns what was written."""
+    write_results([*results, *per_layer, *unseen], out / "comparison.json",
+                  out / "comparison.csv")
+    files = {"results": str(out / "comparison.json"), "results_csv": str(out / "comparison.csv")}
+    for attack in attacks:
+        curves = {r.detector: (*roc(scores[r.detector]["clean"], scores[r.detector][attack]),
+                               r.auc) for r in results if r.attack == attack}
+        files[f"roc_{attack}"] = str(roc_figure(
+            curves, out / f"comparison-roc-{attack}.png", f"{attack}: every detector"))
+    files["report"] = str(out / "comparison-report.json")
+    return files
+
+
+def combine_scores(
+    scorers: dict[str, Scorer], combiner: Sequence[Part], scores: dict[str, dict[str, np.ndarray]]
+) -> tuple[dict[str, float], dict[str, np.ndarray]]:
+    """Fit a logistic regression on the combiner images' scores (both classes weigh the same).
+
+    Args:
+        scorers: the detectors, in the order of `scores`.
+        combiner: the combiner images' versions.
+        scores: detector -> evaluated set -> scores.
+
+    Returns:
+        (each detector's weight on its standardised score, the combination's decision values
+        on every evaluated set).
+    """
+    x = np.column_stack([np.concatenate([score(p) for p in combiner])
+                         for score in scorers.values()])
+    y = np.concatenate([np.full(len(p.image), p.attack != CLEAN) for p in combiner])
+    if y.all() or not y.any():
+        raise ValueError("the combiner images need clean and adversarial versions")
+    combination = make_pipeline(StandardScaler(), LogisticRegression(class_weight="balanced"))
+    combination.fit(x, y)
+    weights = dict(zip(scorers, combination[-1].coef_[0].tolist(), strict=True))
+    keys = next(iter(scores.values()))
+    combined = {k: combination.decision_function(np.column_stack([s[k] for s in scores.values()]))
+                for k in keys}
+    return weights, combined
+
+
+def comparison_table(results: Sequence[AttackEvaluation]) -> str:
+    """A terminal table: rows detectors, columns attacks and their mean, cells "AUC / DR@5%"
+    (the detection rate at the threshold calibrated to a 5% false-positive rate)."""
+    attacks = list(dict.fromkeys(r.attack for r in results))
+    detectors = list(dict.fromkeys(r.detector for r in results))
+    cells = {(r.detector, r.attack): r for r in results}
+    width = max(len("detector"), *map(len, detectors))
+    head = f"{'detector':{width}} " + " ".join(f"{a:>13}" for a in [*attacks, "mean"])
+    lines = [head, "-" * len(head)]
+    for name in detectors:
+        rows = [cells.get((name, a)) for a in attacks]
+        present = [r for r in rows if r is not None]
+        mean = (np.mean([r.auc for r in present]),
+                np.mean([r.detection_rate[_DR_KEY] for r in present]))
+        line = [f"{r.auc:.3f} / {r.detection_rate[_DR_KEY]:.3f}" if r else "-" for r in rows]
+        line.append(f"{mean[0]:.3f} / {mean[1]:.3f}")
+        lines.append(f"{name:{width}} " + " ".join(f"{c:>13}" for c in line))
+    return "\n".join(lines)

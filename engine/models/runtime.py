@@ -1,0 +1,48 @@
+"""Where a model runs and with which torch settings: device, identity, threads, determinism."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """The device of the model's first parameter (the CPU for a model without parameters)."""
+    parameter = next(model.parameters(), None)
+    return parameter.device if parameter is not None else torch.device("cpu")
+
+
+def model_identity(model: nn.Module) -> str:
+    """`ClassName:sha256-prefix` of the model's parameters and buffers, in state-dict order."""
+    return f"{type(model).__name__}:{tensors_digest(model.state_dict().items())[:16]}"
+
+
+def tensors_digest(named: Iterable[tuple[str, torch.Tensor]]) -> str:
+    """SHA-256 (hex) of (name, tensor) pairs: each name, dtype and shape, then its bytes."""
+    digest = hashlib.sha256()
+    for name, tensor in named:
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
+        flat = tensor.detach().cpu().contiguous().reshape(-1)
+        digest.update(flat.view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+@contextmanager
+def torch_settings(threads: int | None = None, *, deterministic: bool | None = None
+                   ) -> Iterator[None]:
+    """Inside: `threads` intra-op threads and deterministic algorithms on or off (None: as they
+    are); the caller's settings are restored afterwards, also when the block raises."""
+    saved = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+    try:
+        if threads is not None:
+            torch.set_num_threads(threads)
+        if deterministic is not None:
+            torch.use_deterministic_algorithms(deterministic)
+        yield
+    finally:
+        torch.set_num_threads(saved[0])
+        torch.use_deterministic_algorithms(saved[1])

@@ -1,0 +1,233 @@
+"""Feature responses of images and their entropy scores: `ResponseEngine`.
+
+A response is what a ReLU rule (`frmap.kernels.RULES`) back-propagates from a target
+(`frmap.engine.responses.targets`) to the images (METHOD section 1, steps 1-3). Two paths compute
+the same responses, chosen once, when the engine is built:
+
+- "reverse_walk" (chains of layers, `frmap.engine.responses.reverse_walk`): keeps 1 bit per
+  ReLU input and the argmax of each max-pool window instead of the activations;
+- "autograd" (`frmap.engine.responses.autograd_path`): any model whose ReLUs are `nn.ReLU`
+  modules.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from frmap.engine.models.runtime import model_device
+from frmap.engine.models.vgg import Normalized
+from frmap.engine.responses.autograd_path import autograd_responses
+from frmap.engine.responses.reverse_walk import ReverseWalk, sequential_layers
+from frmap.engine.responses.targets import Target, check_target, target_classes
+from frmap.kernels import RULES, check_footprint, response_score
+
+PATHS = ("auto", "reverse_walk", "autograd")
+PREPROCESS = ("imagenet", None)
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """How a `ResponseEngine` computes (see its arguments)."""
+
+    rule: str = "guided"
+    target: str | int = "conv_max"
+    batch_size: int = 8
+    preprocess: str | None = "imagenet"
+    path: str = "auto"
+
+    def __post_init__(self) -> None:
+        if self.rule not in RULES:
+            raise ValueError(f"unknown rule {self.rule!r}; choose one of {', '.join(RULES)}")
+        check_target(self.target)
+        if not isinstance(self.batch_size, int) or self.batch_size < 1:
+            raise ValueError(f"batch_size must be a positive integer, got {self.batch_size!r}")
+        if self.preprocess not in PREPROCESS:
+            raise ValueError(f"preprocess must be 'imagenet' or None, got {self.preprocess!r}")
+        if self.path not in PATHS:
+            raise ValueError(f"unknown path {self.path!r}; choose one of {', '.join(PATHS)}")
+
+
+class ResponseEngine:
+    """Feature responses and detection scores of images for one model.
+
+    Args:
+        model: a CNN taking [N, C, H, W] images; its ReLUs must be `nn.ReLU` modules. It is put
+            in eval mode while the engine runs and left exactly as it was afterwards.
+        rule: "guided" (the paper's), "deconvnet" or "gradient".
+        target: "conv_max" (the paper's), "logit" (top class) or one class index for every
+            image; `responses`/`scores` may override it per call, also with one class per image.
+        batch_size: images per pass through the model (halved, with a warning, when a batch
+            does not fit in memory).
+        device: where to compute; the model must already be there (default: where it is).
+        preprocess: "imagenet" normalises [0, 1] RGB images with the ImageNet mean/std inside
+            the differentiable model; None feeds the images as they are (any channel count).
+        path: "reverse_walk", "autograd", or "auto" (the walk where the model is a chain of
+            layers it supports: see `sequential_layers`).
+
+    Raises:
+        ValueError: a bad setting, a model on another device, or path="reverse_walk" for a
+            model that is not a chain of supported layers.
+    """
+
+    def __init__(self, model: nn.Module, *, rule: str = "guided", target: str | int = "conv_max",
+                 batch_size: int = 8, device: str | torch.device | None = None,
+                 preprocess: str | None = "imagenet", path: str = "auto") -> None:
+        self.config = EngineConfig(rule, target, batch_size, preprocess, path)
+        self.model = model
+        params = next(model.parameters(), None)
+        self.device = model_device(model)
+        wanted = self.device if device is None else torch.device(device)
+        if wanted.type != self.device.type or wanted.index not in (None, self.device.index):
+            raise ValueError(f"the model is on {self.device}, not on {wanted}: move it first")
+        self.dtype = params.dtype if params is not None else torch.float32
+        self._net = Normalized(model).to(self.device) if preprocess == "imagenet" else model
+        self.channels = self._input_channels()
+        layers = sequential_layers(self._net)
+        if path == "reverse_walk" and layers is None:
+            raise ValueError(f"{type(model).__name__} is not a chain of layers the reverse walk "
+                             "supports; use path='autograd' or 'auto'")
+        self._walk = ReverseWalk(layers, rule) if layers is not None and path != "autograd" \
+            else None
+
+    @property
+    def path(self) -> str:
+        """The path in use: "reverse_walk" or "autograd"."""
+        return "reverse_walk" if self._walk is not None else "autograd"
+
+    def responses(self, images: torch.Tensor | np.ndarray,
+                  target: Target | None = None) -> torch.Tensor:
+        """Feature responses of `images`, with respect to the images as given.
+
+        Args:
+            images: [N, C, H, W] floats in [0, 1], N >= 1, C the model's input channels.
+            target: overrides the engine's target: "conv_max", "logit", a class index, or N
+                class indices (one per image).
+
+        Returns:
+            [N, C, H, W] float responses, in input order, on the images' device.
+        """
+        x, classes = self._prepare(images, target)
+        parts = list(self._map_batches(self._responses, x, classes))
+        return torch.cat(parts).to(_device_of(images))
+
+    def scores(self, images: torch.Tensor | np.ndarray,
+               footprint: torch.Tensor | np.ndarray, target: Target | None = None, *,
+               backend: str = "auto") -> torch.Tensor:
+        """Detection scores: mean local entropy (bits) of each image's response image.
+
+        Equal to `frmap.kernels.response_score(self.responses(images), footprint)`, batch by
+        batch (responses are not kept). Higher = more likely adversarial.
+
+        Args:
+            images: as for `responses`; the model must take 1 or 3 channels.
+            footprint: [h, w] binary window of the local entropy.
+            target: as for `responses`.
+            backend: backend of `response_score`.
+
+        Returns:
+            [N] float64 scores on the images' device.
+        """
+        x, classes = self._prepare(images, target)
+        check_footprint(footprint)
+        parts = list(self._map_batches(
+            lambda b, c: response_score(self._responses(b, c), footprint, backend=backend),
+            x, classes))
+        return torch.cat(parts).to(_device_of(images))
+
+    def _input_channels(self) -> int | None:
+        if isinstance(self._net, Normalized):
+            return self._net.channels
+        conv = next((m for m in self.model.modules() if isinstance(m, nn.Conv2d)), None)
+        return None if conv is None else conv.in_channels
+
+    def _prepare(self, images: object, target: Target | None
+                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Validated images and the per-image classes (None for conv_max)."""
+        if isinstance(images, np.ndarray):
+            images = torch.from_numpy(images)
+        if not isinstance(images, torch.Tensor):
+            raise TypeError(f"images must be a torch tensor or numpy array, got "
+                            f"{type(images).__name__}")
+        if not images.is_floating_point():
+            raise TypeError(f"images must be floats in [0, 1], got {images.dtype} "
+                            "(divide uint8 images by 255)")
+        if images.dim() != 4:
+            raise ValueError(f"images must have shape [N, C, H, W], got {tuple(images.shape)}")
+        n, c, h, w = images.shape
+        if n == 0:
+            raise ValueError("images is an empty batch (N = 0)")
+        if self.channels is not None and c != self.channels:
+            hint = " (preprocess='imagenet' takes RGB; use preprocess=None)" if isinstance(
+                self._net, Normalized) else ""
+            raise ValueError(f"the model takes {self.channels}-channel images, got {c} channels "
+                             f"(shape {tuple(images.shape)}){hint}")
+        if h == 0 or w == 0:
+            raise ValueError(f"images have an empty spatial shape {(h, w)}")
+        bad = ~torch.isfinite(images)
+        if bad.any():
+            where = bad.flatten(1).any(1).nonzero().flatten().tolist()
+            raise ValueError(
+                f"images hold {int(bad.sum())} NaN or Inf values (images {where[:10]})")
+        low, high = float(images.min()), float(images.max())
+        if low < 0 or high > 1:
+            raise ValueError(f"images must lie in [0, 1], got values in [{low:.4g}, {high:.4g}]")
+        return images, target_classes(self.config.target if target is None else target, n)
+
+    def _map_batches(self, fn: Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor],
+                     images: torch.Tensor, classes: torch.Tensor | None) -> Iterator[torch.Tensor]:
+        """fn over fixed-size batches in order; a batch that runs out of memory is split."""
+        size, start = self.config.batch_size, 0
+        while start < len(images):
+            stop = min(start + size, len(images))
+            try:
+                out = fn(images[start:stop], None if classes is None else classes[start:stop])
+            except RuntimeError as err:
+                if stop - start == 1 or not _out_of_memory(err):
+                    raise
+                out = None  # retry outside the handler, so the failed batch's memory is freed
+            if out is None:
+                size = (stop - start) // 2
+                warnings.warn(f"a batch of {stop - start} images did not fit in memory; "
+                              f"continuing with batches of {size}", RuntimeWarning, stacklevel=3)
+                continue
+            yield out
+            start = stop
+
+    def _responses(self, images: torch.Tensor, classes: torch.Tensor | None) -> torch.Tensor:
+        """Responses of one batch (validated images; classes with -1 for the top class)."""
+        x = images.to(self.device, self.dtype)
+        classes = None if classes is None else classes.to(self.device)
+        with _eval_mode(self.model):
+            if self._walk is None:
+                return autograd_responses(self.model, self._net, x, classes, self.config.rule)
+            return self._walk.responses(x, classes)
+
+
+def _device_of(images: object) -> torch.device:
+    return images.device if isinstance(images, torch.Tensor) else torch.device("cpu")
+
+
+def _out_of_memory(err: RuntimeError) -> bool:
+    text = str(err)
+    return isinstance(err, torch.OutOfMemoryError) or "can't allocate memory" in text or \
+        "out of memory" in text
+
+
+@contextmanager
+def _eval_mode(model: nn.Module) -> Iterator[None]:
+    """Eval mode inside; every module's own training flag restored afterwards."""
+    flags = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for m, training in flags:
+            m.training = training
+
