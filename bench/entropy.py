@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from scipy import ndimage
 from skimage.filters.rank import entropy as skimage_entropy
-from skimage.morphology import disk
+from skimage.morphology import ball, disk
 
 import frmap.bench.machine as machine
 from frmap.kernels import local_entropy, resolve_backend, set_num_threads
@@ -60,18 +60,28 @@ def best_time(fn: Callable[[], object], repeats: int, sync: bool = False) -> flo
 
 
 def _skimage_stack(images: np.ndarray, fp: np.ndarray) -> np.ndarray:
-    return np.stack([skimage_entropy(x, fp) for x in images.reshape(-1, *images.shape[-2:])])
+    spatial = images.shape[-fp.ndim:]
+    return np.stack([skimage_entropy(x, fp) for x in images.reshape(-1, *spatial)])
 
 
-def _cases(quick: bool) -> list[tuple[str, str, tuple[int, ...], int]]:
-    """(case, image kind, shape, disk radius)."""
+def _footprint(name: str) -> np.ndarray:
+    """'disk(3)' -> disk(3); 'ball(2)' -> ball(2) (a 3-D footprint: the image is a volume)."""
+    shape, radius = name.rstrip(")").split("(")
+    return {"disk": disk, "ball": ball}[shape](int(radius))
+
+
+def _cases(quick: bool) -> list[tuple[str, str, tuple[int, ...], str]]:
+    """(case, image kind, shape, footprint)."""
     if quick:
-        return [("224", kind, (224, 224), 3) for kind in ("random", "smooth")] + [
-            ("batch", "random", (8, 224, 224), 3)
+        return [("224", kind, (224, 224), "disk(3)") for kind in ("random", "smooth")] + [
+            ("batch", "random", (8, 224, 224), "disk(3)"),
+            ("volume", "random", (16, 64, 64), "ball(2)"),
         ]
-    cases = [("224", kind, (224, 224), r) for kind in ("random", "smooth") for r in (2, 3, 5, 7)]
-    cases += [("1024", "random", (1024, 1024), r) for r in (2, 3, 5, 7)]
-    cases += [("batch64", "random", (64, 224, 224), 3)]
+    cases = [("224", kind, (224, 224), f"disk({r})") for kind in ("random", "smooth")
+             for r in (2, 3, 5, 7)]
+    cases += [("1024", "random", (1024, 1024), f"disk({r})") for r in (2, 3, 5, 7)]
+    cases += [("batch64", "random", (64, 224, 224), "disk(3)")]
+    cases += [("volume", "random", (64, 128, 128), f"ball({r})") for r in (2, 3)]
     return cases
 
 
@@ -88,8 +98,9 @@ def _two_halves(images: np.ndarray, fp: np.ndarray) -> None:
         set_num_threads(None)
 
 
-def _time_case(case: str, kind: str, shape: tuple[int, ...], radius: int, quick: bool) -> list[Row]:
-    image, fp = bench_image(kind, shape), disk(radius)
+def _time_case(case: str, kind: str, shape: tuple[int, ...], fp_name: str, quick: bool
+               ) -> list[Row]:
+    image, fp = bench_image(kind, shape), _footprint(fp_name)
     big = image.size > 300_000
     expected = _skimage_stack(image, fp).reshape(shape)
     np.testing.assert_allclose(local_entropy(image, fp, backend="cpu"), expected, atol=1e-9)
@@ -100,16 +111,16 @@ def _time_case(case: str, kind: str, shape: tuple[int, ...], radius: int, quick:
         t = best_time(lambda: local_entropy(image, fp, backend="cpu"), 5 if big else 20)
         times.append(("cpu", threads, t))
     set_num_threads(None)
-    if image.ndim == 3:
+    if image.ndim == fp.ndim + 1:
         times.append(("cpu-2x1", 2, best_time(lambda: _two_halves(image, fp), 5)))
-    if torch.cuda.is_available():
+    if torch.cuda.is_available() and fp.ndim == 2:
         x = torch.from_numpy(image).cuda()
         got = local_entropy(x, fp, backend="triton").cpu().numpy()
         np.testing.assert_allclose(got, expected, atol=1e-9)
         t = best_time(lambda: local_entropy(x, fp, backend="triton"), 20, sync=True)
         times.append(("triton", 0, t))
     return [
-        Row(case, kind, shape, f"disk({radius})", backend, threads, t, t_ref / t,
+        Row(case, kind, shape, fp_name, backend, threads, t, t_ref / t,
             image.size / t / 1e6)
         for backend, threads, t in times
     ]

@@ -55,12 +55,13 @@ def for_caller(result: Array, like: Array) -> Array:
     return result.cpu().numpy() if is_tensor(result) else result
 
 
-def footprint_array(footprint: object) -> np.ndarray:
-    """Validate a 2-D binary footprint with at least one element set; return it as uint8."""
+def footprint_array(footprint: object, ndims: tuple[int, ...] = (2,)) -> np.ndarray:
+    """Validate a binary footprint of `ndims` dims with at least one element set; as uint8."""
     fp = footprint.detach().cpu().numpy() if is_tensor(footprint) else footprint
     fp = np.asarray(fp)
-    if fp.ndim != 2:
-        raise ValueError(f"footprint must be 2-D, got shape {fp.shape}")
+    if fp.ndim not in ndims:
+        dims = " or ".join(f"{n}-D" for n in ndims)
+        raise ValueError(f"footprint must be {dims}, got shape {fp.shape}")
     if fp.dtype != np.bool_ and not np.isin(fp, (0, 1)).all():
         raise ValueError(
             f"footprint must be binary (bool, or only 0 and 1), got values {np.unique(fp)[:8]}"

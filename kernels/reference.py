@@ -16,7 +16,8 @@ from skimage.filters.rank import entropy as _skimage_entropy
 def local_entropy(
     images: np.ndarray, footprint: np.ndarray, mask: np.ndarray | None, out_dtype: np.dtype
 ) -> np.ndarray:
-    """[N, H, W] uint8/uint16 -> [N, H, W] local entropy in bits, one skimage call per image."""
+    """[N, H, W] images or [N, D, H, W] volumes (uint8/uint16) -> local entropy in bits of the
+    same shape, one skimage call per image or volume."""
     out = np.empty(images.shape, dtype=out_dtype)
     with warnings.catch_warnings():
         # skimage warns that many uint16 bins are slow; the oracle does not care.
@@ -31,8 +32,9 @@ def local_entropy(
 def mean_local_entropy(
     images: np.ndarray, footprint: np.ndarray, mask: np.ndarray | None
 ) -> np.ndarray:
-    """[N, H, W] -> [N] mean of each image's local-entropy map."""
-    return local_entropy(images, footprint, mask, np.dtype(np.float64)).mean(axis=(1, 2))
+    """[N, H, W] or [N, D, H, W] -> [N] mean of each local-entropy map."""
+    maps = local_entropy(images, footprint, mask, np.dtype(np.float64))
+    return maps.mean(axis=tuple(range(1, maps.ndim)))
 
 
 def response_image(responses: np.ndarray) -> np.ndarray:

@@ -6,24 +6,36 @@ oracle). The reference backend is scikit-image itself, so it is never tested aga
 
 from __future__ import annotations
 
+import importlib.util
+import itertools
+import warnings
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
+from hypothesis import strategies as st
 from skimage.filters.rank import entropy as skimage_entropy
-from skimage.morphology import disk
+from skimage.morphology import ball, disk
 
 import frmap.kernels as K
 
 from helpers import (
     ENTROPY_ATOL,
     FOOTPRINTS,
+    FOOTPRINTS_3D,
     assert_close,
     entropy_cases,
+    random_footprint,
     random_image,
+    shifted_entropy_cases,
+    skimage_rtol,
     smooth_image,
 )
 
 pytestmark = pytest.mark.needs_extension
+
+# scikit-image is the oracle; frmap's own reference backend never is.
+CPU_BACKENDS = ["cpu"]
 
 FOOTPRINTS = {**FOOTPRINTS, "large9": disk(4)}
 
@@ -110,7 +122,26 @@ def test_equally_frequent_values_give_k_bits(k):
     half = period * repeats // 2
     interior = got[:, half : image.shape[1] - (period * repeats - half - 1)]
     assert interior.size > 0
-    np.testing.assert_allclose(interior, k, rtol=0, atol=1e-12)
+    assert (interior == k).all(), np.unique(interior - k)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize(
+    ("counts", "bits"),
+    [((6, 3, 3), 1.5), ((2, 1, 1), 1.5), ((9, 9), 1.0), ((3,) * 8, 3.0), ((5,) * 4, 2.0),
+     ((12, 6, 6), 1.5), ((1,) * 32, 5.0)],
+)
+def test_rational_entropies_are_exact(backend, counts, bits):
+    """Windows whose entropy is a representable rational give it exactly (scikit-image too)."""
+    values = np.repeat(np.arange(len(counts)) * 7, counts).astype(np.uint8)
+    image = np.random.default_rng(len(counts)).permutation(values)[None, :]
+    fp = np.ones((1, 2 * image.shape[1] - 1), np.uint8)  # every window holds the whole row
+    got = K.local_entropy(image, fp, backend=backend)
+    assert (got == bits).all(), np.unique(got - bits)
+    assert (skimage_entropy(image, fp) == bits).all()
+    volume = np.broadcast_to(values.reshape(1, -1, 1), (3, values.size, 2))
+    got3 = K.local_entropy(volume, np.ones((1, 2 * values.size - 1, 3)), backend=backend)
+    assert (got3 == bits).all()
 
 
 def test_float32_out():
@@ -158,24 +189,200 @@ def test_property_matches_skimage(case):
     assert_close(K.mean_local_entropy(image, fp, mask=mask, backend="cpu"), expected.mean(), 1e-9)
 
 
+def assert_like_skimage(actual, expected, footprint, what: str = "values") -> None:
+    """Relative agreement with scikit-image within its own rounding (`skimage_rtol`)."""
+    np.testing.assert_allclose(actual, expected, rtol=skimage_rtol(footprint), atol=0, err_msg=what)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("fp_name", list(FOOTPRINTS_3D))
+@pytest.mark.parametrize("shape", [(1, 1, 1), (2, 1, 9), (5, 7, 3), (9, 23, 26)])
+def test_volumes_match_skimage(backend, fp_name, shape):
+    """A 3-D footprint: [D, H, W] volumes, and a batch of them with a mask, as scikit-image."""
+    rng = np.random.default_rng([sum(map(ord, fp_name)), *shape])
+    fp = FOOTPRINTS_3D[fp_name]
+    for dtype, high in ((np.uint8, 256), (np.uint8, 5), (np.uint16, 700)):
+        volumes = random_image(rng, (2, *shape), dtype, high)
+        mask = rng.random(shape) < 0.7
+        got = K.local_entropy(volumes, fp, mask=mask, backend=backend)
+        with warnings.catch_warnings():  # uint16: scikit-image warns that it is slow
+            warnings.simplefilter("ignore")
+            expected = np.stack([skimage_entropy(v, fp, mask=mask) for v in volumes])
+        assert got.shape == volumes.shape
+        assert_like_skimage(got, expected, fp, f"{fp_name} {shape} high={high}")
+        means = K.mean_local_entropy(volumes, fp, mask=mask, backend=backend)
+        assert means.shape == (2,)
+        np.testing.assert_allclose(means, expected.mean(axis=(1, 2, 3)), rtol=1e-12, atol=0)
+
+
+@pytest.mark.filterwarnings("ignore:Possible precision loss", "ignore:Downcasting")
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize(
+    "dtype", [np.int8, np.int16, np.int32, np.uint32, np.float16, np.float32, np.float64, bool]
+)
+@pytest.mark.parametrize("ndim", [2, 3])
+def test_other_dtypes_converted_as_skimage(backend, dtype, ndim):
+    """Float, signed, wide and bool inputs: scikit-image's conversion and result."""
+    rng = np.random.default_rng([ndim, np.dtype(dtype).num])
+    shape, fp = ((21, 19), disk(2)) if ndim == 2 else ((5, 9, 8), ball(1))
+    kind = np.dtype(dtype).kind
+    if kind == "f":
+        images = [rng.random(shape).astype(dtype), (rng.random(shape) * 2 - 1).astype(dtype)]
+    elif kind == "b":
+        images = [rng.random(shape) < 0.5]
+    else:
+        info = np.iinfo(dtype)
+        small = rng.integers(max(info.min, -50), 200, shape).astype(dtype)
+        images = [small, rng.integers(info.min, info.max, shape, endpoint=True).astype(dtype)]
+    for image in images:
+        if kind == "b" and ndim == 2:
+            with pytest.raises(ValueError, match="bool"):
+                skimage_entropy(image, fp)
+            with pytest.raises(ValueError, match="bool with a 2-D footprint"):
+                K.local_entropy(image, fp, backend=backend)
+            continue
+        expected = skimage_entropy(image, fp)
+        with pytest.warns(UserWarning, match="Possible precision loss"):
+            got = K.local_entropy(image, fp, backend=backend)
+        assert_like_skimage(got, expected, fp, f"{np.dtype(dtype)}")
+        if importlib.util.find_spec("torch") is not None:  # absent in the core install
+            import torch
+
+            tensor = torch.from_numpy(np.asarray(image))
+            got = K.local_entropy(tensor, fp, backend=backend)
+            assert_like_skimage(got.numpy(), expected, fp, f"torch {np.dtype(dtype)}")
+
+
+@pytest.mark.parametrize("dtype", [np.int8, np.int16, np.int64, np.uint32, np.uint64,
+                                   np.float16, np.float32, np.float64, bool])
+def test_img_as_ubyte_matches_skimage(dtype):
+    from skimage.util import img_as_ubyte
+
+    from frmap.kernels._rank_input import img_as_ubyte as ours
+
+    rng = np.random.default_rng(np.dtype(dtype).num)
+    kind = np.dtype(dtype).kind
+    if kind == "f":
+        samples = [rng.random(500) * 2 - 1, np.array([-1.0, 0.0, 1 / 510, 0.5, 1.0])]
+    elif kind == "b":
+        samples = [rng.random(500) < 0.5]
+    else:
+        info = np.iinfo(dtype)
+        samples = [rng.integers(info.min, info.max, 500, endpoint=True, dtype=dtype),
+                   rng.integers(0, 256, 500).astype(dtype), np.array([info.min, 0, info.max])]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for x in samples:
+            x = x.astype(dtype)
+            np.testing.assert_array_equal(ours(x), img_as_ubyte(x), err_msg=str(x.dtype))
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_shifts_match_skimage(backend):
+    """Every admissible shift of an even and an odd footprint, 2-D and 3-D."""
+    rng = np.random.default_rng(4)
+    image = random_image(rng, (17, 19), np.uint8, 6)
+    for fp in (random_footprint(rng, (4, 5)), disk(1)):
+        h, w = fp.shape
+        for sy in range(-(h // 2), h - h // 2):
+            for sx in range(-(w // 2), w - w // 2):
+                got = K.local_entropy(image, fp, shift_x=sx, shift_y=sy, backend=backend)
+                expected = skimage_entropy(image, fp, shift_x=sx, shift_y=sy)
+                assert_like_skimage(got, expected, fp, f"shift_x={sx} shift_y={sy}")
+    volume = random_image(rng, (6, 9, 10), np.uint8, 6)
+    fp = random_footprint(rng, (2, 3, 4))
+    for sx, sy, sz in itertools.product((-1, 0), (-1, 0, 1), (-2, 1)):
+        shifts = {"shift_x": sx, "shift_y": sy, "shift_z": sz}
+        got = K.local_entropy(volume, fp, backend=backend, **shifts)
+        assert_like_skimage(got, skimage_entropy(volume, fp, **shifts), fp, str(shifts))
+
+
+def test_cpu_volumes_do_not_depend_on_thread_count():
+    pytest.importorskip("frmap.kernels.cpu._ext")
+    rng = np.random.default_rng(3)
+    volumes = random_image(rng, (3, 40, 33, 35), np.uint8, 12)
+    runs = []
+    for threads in (1, 2, None):
+        K.set_num_threads(threads)
+        runs.append((K.local_entropy(volumes, ball(2), backend="cpu"),
+                     K.mean_local_entropy(volumes, ball(2), backend="cpu")))
+    for maps, means in runs[1:]:
+        np.testing.assert_array_equal(maps, runs[0][0])
+        np.testing.assert_array_equal(means, runs[0][1])
+
+
+@settings(max_examples=40, deadline=None)
+@given(case=shifted_entropy_cases(ndim=3, max_size=9, max_footprint=4))
+def test_property_volumes_and_shifts_match_skimage(case):
+    volume, fp, mask, shifts = case
+    expected = skimage_entropy(volume, fp, mask=mask, **shifts)
+    got = K.local_entropy(volume, fp, mask=mask, backend="auto", **shifts)
+    assert_like_skimage(got, expected, fp)
+    mean = K.mean_local_entropy(volume, fp, mask=mask, backend="auto", **shifts)
+    np.testing.assert_allclose(mean, expected.mean(), rtol=1e-12, atol=1e-15)
+
+
+# uint8 levels -> other dtypes, as a caller might hold them (floats in [-1, 1], signed around 0)
+RETYPE = {
+    "float64": lambda x: x / 255.0,
+    "float32": lambda x: (x / 127.5 - 1).astype(np.float32),
+    "float16": lambda x: (x / 255).astype(np.float16),
+    "int8": lambda x: (x.astype(np.int16) - 128).astype(np.int8),
+    "int16": lambda x: (x.astype(np.int16) - 128) * 3,
+    "uint32": lambda x: x.astype(np.uint32) * 2**24,
+}
+
+
+@pytest.mark.filterwarnings("ignore:Possible precision loss", "ignore:Downcasting")
+@settings(max_examples=40, deadline=None)
+@given(case=shifted_entropy_cases(ndim=3, max_size=7, max_footprint=3),
+       retype=st.sampled_from(sorted(RETYPE)), volume=st.booleans())
+def test_property_other_dtypes_match_skimage(case, retype, volume):
+    image, fp, mask, shifts = case
+    image = RETYPE[retype](image)
+    if not volume:  # the first plane, as an image, with the footprint's first plane
+        image, fp, mask = image[0], fp[0], None if mask is None else mask[0]
+        shifts = {"shift_x": shifts["shift_z"], "shift_y": shifts["shift_y"]}
+    if not fp.any():
+        fp = np.ones_like(fp)
+    expected = skimage_entropy(image, fp, mask=mask, **shifts)
+    got = K.local_entropy(image, fp, mask=mask, backend="auto", **shifts)
+    assert_like_skimage(got, expected, fp, retype)
+
+
+@settings(max_examples=40, deadline=None)
+@given(case=shifted_entropy_cases(ndim=2, max_size=20, max_footprint=6))
+def test_property_shifts_match_skimage(case):
+    image, fp, mask, shifts = case
+    expected = skimage_entropy(image, fp, mask=mask, **shifts)
+    assert_like_skimage(K.local_entropy(image, fp, mask=mask, backend="auto", **shifts),
+                        expected, fp)
+
+
 @pytest.mark.parametrize(
     ("kwargs", "error", "match"),
     [
-        ({"image": np.zeros((4, 4), np.float32)}, TypeError, "uint8 or uint16, got float32"),
-        ({"image": np.zeros((4, 4), np.int8)}, TypeError, "got int8"),
-        ({"image": np.zeros((4, 4), np.int32)}, TypeError, "got int32"),
+        ({"image": np.full((4, 4), 1.5)}, ValueError, "between -1 and 1"),
+        ({"image": np.zeros((4, 4), bool)}, ValueError, "bool with a 2-D footprint"),
+        ({"image": np.zeros((4, 4), np.complex64)}, TypeError, "bool, integer or float"),
         ({"image": np.zeros(4, np.uint8)}, ValueError, r"\[..., H, W\]"),
+        ({"image": np.zeros(4, np.float64)}, ValueError, r"\[..., H, W\]"),
+        ({"footprint": np.ones((3, 3, 3))}, ValueError, r"\[..., D, H, W\] for a 3-D footprint"),
+        ({"shift_x": 2}, ValueError, "shift_x=2 moves the centre to 3"),
+        ({"shift_y": -2}, ValueError, "shift_y=-2"),
+        ({"shift_z": 1}, ValueError, "shift_z needs a 3-D footprint"),
         ({"image": np.zeros((0, 4), np.uint8)}, ValueError, "empty spatial shape"),
         ({"image": [[1, 2], [3, 4]]}, TypeError, "numpy array or a torch tensor"),
         ({"footprint": np.zeros((3, 3))}, ValueError, "selects no pixel"),
         ({"footprint": np.full((3, 3), 2)}, ValueError, "binary"),
-        ({"footprint": np.ones((3, 3, 1))}, ValueError, "2-D"),
+        ({"footprint": np.ones((3, 3, 1, 1))}, ValueError, "2-D or 3-D"),
         ({"mask": np.ones((5, 4), bool)}, ValueError, "mask shape"),
         ({"out": np.empty((4, 4), np.int32)}, TypeError, "float32 or float64"),
         ({"out": np.empty((4, 5))}, ValueError, "out must be"),
         ({"backend": "gpu"}, ValueError, "unknown backend 'gpu'"),
     ],
 )
+@pytest.mark.filterwarnings("ignore:Possible precision loss")
 def test_bad_input_raises_clear_error(kwargs, error, match):
     args = {"image": np.zeros((4, 4), np.uint8), "footprint": disk(1)} | kwargs
     image, footprint = args.pop("image"), args.pop("footprint")
