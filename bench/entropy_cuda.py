@@ -1,4 +1,4 @@
-"""CUDA rows of `frmap bench entropy --device cuda`: the Triton local entropy against cuCIM.
+"""`frmap bench entropy --device cuda`: the Triton local entropy against cuCIM.
 
 For square(3), disk(2), disk(3), disk(5) and disk(7) on 64 x 224 x 224 and 1024 x 1024 uniform
 uint8 noise: the Triton kernel's pixels per second, cuCIM's `rank.entropy` on the same images
@@ -14,13 +14,14 @@ borders reflect, scikit-image's shrink).
 from __future__ import annotations
 
 import importlib
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
 from skimage.filters.rank import entropy as skimage_entropy
 from skimage.morphology import disk
 
+import frmap.bench.machine as machine
 from frmap.kernels import local_entropy
 
 FOOTPRINTS = {
@@ -31,6 +32,7 @@ FOOTPRINTS = {
     "disk(7)": disk(7),
 }
 SHAPES = [(64, 224, 224), (1, 1024, 1024)]
+QUICK = (["square(3)", "disk(5)"], [(8, 224, 224)])
 
 
 @dataclass(frozen=True)
@@ -74,25 +76,30 @@ def _interior(x: np.ndarray, footprint: np.ndarray) -> np.ndarray:
     return x[..., fh:-fh, fw:-fw]
 
 
-def run() -> tuple[list[CudaRow], list[str]]:
-    """Measure every row; returns the rows and notes (what was skipped and why).
+def run(quick: bool = False) -> dict:
+    """Measure every row, or say why the rows are skipped here.
 
-    Raises:
-        RuntimeError: no CUDA device or no Triton (see `unavailable_reason`).
+    Returns:
+        {"rows": [CudaRow as dict], "notes": [what was skipped and why], "skipped": reason or
+        None, "machine": `frmap.bench.machine.describe()`}.
     """
-    if reason := unavailable_reason():
-        raise RuntimeError(f"the CUDA entropy rows need a GPU: {reason}")
+    result = {"rows": [], "notes": [], "skipped": unavailable_reason(),
+              "machine": machine.describe()}
+    if result["skipped"]:
+        return result
     from triton.testing import do_bench
 
     from frmap.kernels.triton.entropy import operation_count
 
     cucim, note = _cucim_entropy()
+    result["notes"] += [] if note is None else [note]
+    names, shapes = QUICK if quick else (list(FOOTPRINTS), SHAPES)
     rng = np.random.default_rng(0)
-    rows = []
-    for shape in SHAPES:
+    for shape in shapes:
         images = rng.integers(0, 256, shape, dtype=np.uint8)
         x = torch.from_numpy(images).cuda()
-        for name, fp in FOOTPRINTS.items():
+        for name in names:
+            fp = FOOTPRINTS[name]
             expected = skimage_entropy(images[0], fp)
             got = local_entropy(x, fp, backend="triton")[0].cpu().numpy()
             np.testing.assert_allclose(got, expected, rtol=0, atol=1e-9)
@@ -110,19 +117,23 @@ def run() -> tuple[list[CudaRow], list[str]]:
                                  [entropy(p, cu_fp) for p in planes])
                 cucim_rate = images.size / (cu_ms / 1e3)
             est = operation_count(fp, shape)
-            rows.append(CudaRow(shape, name, est.variant, est.register_ops, est.memory_ops, rate,
-                                cucim_rate, None if cucim_rate is None else rate / cucim_rate))
-    return rows, [] if note is None else [note]
+            row = CudaRow(shape, name, est.variant, est.register_ops, est.memory_ops, rate,
+                          cucim_rate, None if cucim_rate is None else rate / cucim_rate)
+            result["rows"].append(asdict(row))
+    return result
 
 
-def format_rows(rows: list[CudaRow]) -> list[str]:
-    """One line per row, for the command line to print."""
+def table(result: dict) -> str:
+    """The rows as a table, the notes, and the machine; or why the rows were skipped."""
+    if result["skipped"]:
+        return f"CUDA rows skipped: {result['skipped']}"
     lines = [f"{'shape':>15} {'footprint':>9} {'kernel':>8} {'Gpix/s':>8} {'cuCIM':>8} "
              f"{'ratio':>7}  est. ops/pixel (register + memory)"]
-    for r in rows:
-        cu = "-" if r.cucim_pix_per_s is None else f"{r.cucim_pix_per_s / 1e9:8.3f}"
-        ratio = "-" if r.vs_cucim is None else f"{r.vs_cucim:6.1f}x"
-        lines.append(f"{'x'.join(map(str, r.shape)):>15} {r.footprint:>9} {r.variant:>8} "
-                     f"{r.triton_pix_per_s / 1e9:8.3f} {cu:>8} {ratio:>7}  "
-                     f"{r.est_register_ops:,.0f} + {r.est_memory_ops:,.0f}")
-    return lines
+    for r in result["rows"]:
+        cu = "-" if r["cucim_pix_per_s"] is None else f"{r['cucim_pix_per_s'] / 1e9:8.3f}"
+        ratio = "-" if r["vs_cucim"] is None else f"{r['vs_cucim']:6.1f}x"
+        lines.append(f"{'x'.join(map(str, r['shape'])):>15} {r['footprint']:>9} "
+                     f"{r['variant']:>8} {r['triton_pix_per_s'] / 1e9:8.3f} {cu:>8} {ratio:>7}  "
+                     f"{r['est_register_ops']:,.0f} + {r['est_memory_ops']:,.0f}")
+    lines += result["notes"] + ["", machine.summary(result["machine"])]
+    return "\n".join(lines)
