@@ -2,12 +2,15 @@
 
 Math. A window of n pixels whose levels have counts c_b has
     S = -sum_b (c_b / n) log2(c_b / n) = (T[n] - sum_b T[c_b]) / n,   T[c] = c log2 c,
-with T in 64-bit fixed point (T[c] = round(c log2 c * 2^s), s <= 48 chosen so that T[K+1] <
-2^61). The numerator T[n] - sum_b T[c_b] is an exact integer; one rounding turns it into a
-float64 and one more divides it by n * 2^s. So a window holding one value gives exactly 0 bits,
-and a window of 2^k pixels holding 2^j equally frequent values exactly j bits (every T[c] is
-then c log2 c * 2^s exactly, and the division is by a power of two). Pixels outside the image
-or masked out are left out of the window (it shrinks); an empty window gives 0.
+with T in 64-bit fixed point: T[c] = c L[c], L[c] ~ log2 c * 2^s built additively from c's
+prime factors (L[2] = 2^s exactly, each odd prime's log rounded once; s as large as T[K+1] <
+2^61 allows: 55 fraction bits for square(3), 50 for disk(7)). The numerator T[n] - sum_b
+T[c_b] is an exact integer, turned into a float64 and divided by n * 2^s with one rounding
+each. Where the entropy is rational, m / n (2^k equally frequent values: k bits, whatever n),
+the odd primes' parts cancel exactly, the numerator is m 2^s exactly, and the division returns
+m / n correctly rounded: exactly k bits, exactly 0 for a window of one value. Elsewhere the
+error is a few 2^-s plus two roundings (~1e-16 relative). Pixels outside the image or masked
+out are left out of the window (it shrinks); an empty window gives 0.
 
 Two kernels (K = pixels the footprint selects, R = its runs of set pixels, about its height):
 
@@ -53,6 +56,7 @@ capped per launch (waves of lanes), and its counts are uint8, int16 or int32 by 
 
 from __future__ import annotations
 
+import decimal
 import math
 from dataclasses import dataclass
 from functools import lru_cache
@@ -226,14 +230,31 @@ def _sliding_kernel(img_ptr, mask_ptr, hist_ptr, offs_ptr, runs_ptr, t_ptr, d_pt
         tl.store(out_ptr + lane, acc, mask=live)
 
 
+def _fixed_log2(p: int, shift: int) -> int:
+    """round(log2 p * 2^shift) for a prime p, from 40 significant digits; 2 gives 2^shift."""
+    if p == 2:
+        return 1 << shift
+    with decimal.localcontext(decimal.Context(prec=40)):
+        x = decimal.Decimal(p).ln() / decimal.Decimal(2).ln() * (1 << shift)
+        return int(x.to_integral_value(rounding=decimal.ROUND_HALF_EVEN))
+
+
 @lru_cache(maxsize=64)
 def _tables(k: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """(T, D, 2^s) for windows of up to k pixels, built once per (k, device):
-    T[c] = round(c log2 c * 2^s) for c <= k + 1 and D[c] = T[c + 1] - T[c] (int64)."""
-    top = max(1.0, (k + 1) * math.log2(k + 1))
-    shift = min(48, 61 - math.ceil(math.log2(top)))
-    c = np.arange(k + 2, dtype=np.float64)
-    t = np.rint(c * np.log2(np.maximum(c, 1.0)) * 2.0**shift).astype(np.int64)
+    """(T, D, 2^s) for windows of up to k pixels, built once per (k, device): T[c] = c L[c]
+    for c <= k + 1 and D[c] = T[c + 1] - T[c] (int64), where L[c] ~ log2 c * 2^s is built
+    additively from c's prime factors (L[2] = 2^s exactly, each odd prime rounded once)."""
+    shift = 61 - math.ceil(math.log2((k + 2) * math.log2(k + 2)))  # T[k + 1] < 2^61
+    smallest = list(range(k + 2))  # smallest prime factor of each c
+    for p in range(2, math.isqrt(k + 1) + 1):
+        if smallest[p] == p:
+            for m in range(p * p, k + 2, p):
+                smallest[m] = min(smallest[m], p)
+    logs = [0] * (k + 2)  # L[c], exact integers
+    for c in range(2, k + 2):
+        p = smallest[c]
+        logs[c] = logs[c // p] + _fixed_log2(p, shift)
+    t = np.array([c * logs[c] for c in range(k + 2)], dtype=np.int64)
     return (torch.from_numpy(t).to(device), torch.from_numpy(np.diff(t)).to(device),
             2.0**shift)
 

@@ -177,11 +177,12 @@ def test_constant_image_is_exactly_zero(triton_device, variant, dtype):
 
 @pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize(("shape", "k"), [((1, 2), 1), ((2, 2), 2), ((2, 4), 3), ((4, 4), 4),
-                                          ((4, 4), 2), ((4, 8), 5), ((8, 8), 3)])
-def test_power_of_two_equally_frequent_values_give_exactly_k_bits(triton_device, variant, shape,
-                                                                  k):
+                                          ((4, 4), 2), ((4, 8), 5), ((8, 8), 3), ((2, 3), 1),
+                                          ((3, 4), 2), ((3, 8), 3)])
+def test_equally_frequent_values_give_exactly_k_bits(triton_device, variant, shape, k):
     """Every full window of a pattern tiled with the footprint's period holds 2**k values
-    equally often: exactly k bits, as scikit-image gives them (its own test asserts ==)."""
+    equally often (windows of 2**j pixels, and of 6, 12 or 24): exactly k bits, as
+    scikit-image gives them (its own test asserts ==)."""
     fh, fw = shape
     pattern = (np.arange(fh)[:, None] * fw + np.arange(fw)[None, :]) % 2**k
     images = np.tile(pattern, (3, 3)).astype(np.uint8)[None] * 7
