@@ -309,7 +309,10 @@ def cmd_train_digits(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     import importlib
 
-    bench = importlib.import_module(f"frmap.bench.{args.target}")
+    if args.device == "cuda" and args.target != "entropy":
+        raise ValueError(f"only `frmap bench entropy` has --device cuda rows, not {args.target}")
+    name = args.target if args.device == "cpu" else f"{args.target}_{args.device}"
+    bench = importlib.import_module(f"frmap.bench.{name}")
     result = bench.run(quick=args.quick)
     print(bench.table(result))
     if args.json:

@@ -142,6 +142,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("target", choices=commands.BENCHMARKS)
     p.add_argument("--json", metavar="FILE", help="also write the results as JSON here")
     p.add_argument("--quick", action="store_true", help="small sizes, few repeats")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                   help="cuda: the Triton kernels against cuCIM (entropy only)")
     p.set_defaults(run=commands.cmd_bench)
     return parser
 
