@@ -177,17 +177,7 @@ def cmd_score(args: argparse.Namespace) -> int:
         failed += len(batch) - len(good)
         if not tensors:
             return
-        images = torch.stack(tensors)
-        if screener.calibrated:
-            result = screener.screen(images)
-            records = [result.record(i) for i in range(len(result))]
-        else:  # no thresholds: scores without flags
-            features, scores = screener.scores(images)
-            probabilities = features.probabilities
-            records = [{"prediction": int(p.argmax()), "confidence": round(float(p.max()), 6),
-                        "scores": {k: float(v[i]) for k, v in scores.items()},
-                        "combined": None, "flagged": None}
-                       for i, p in enumerate(probabilities)]
+        records = screener.records(torch.stack(tensors))
         for path, record in zip(good, records, strict=True):
             print(json.dumps({"path": str(path), **record}), flush=True)
 
