@@ -280,12 +280,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     stop = threading.Event()
     local = {} if args.address else {"num_cpus": args.num_cpus}
     ray.init(address=args.address, include_dashboard=False, log_to_driver=False, **local)
+    for signum in (signal.SIGINT, signal.SIGTERM):  # after ray.init, which sets its own
+        signal.signal(signum, lambda *_: stop.set())
     try:
         serve.start(http_options={"host": args.host, "port": args.port})
         serve.run(service(Path(args.screener).read_bytes(), config), name="frmap",
                   route_prefix="/")
-        for signum in (signal.SIGINT, signal.SIGTERM):  # after Ray has set its own handlers
-            signal.signal(signum, lambda *_: stop.set())
         print(f"frmap serve: {args.screener} on http://{args.host}:{args.port} "
               f"({args.replicas} replica(s), batches of up to {args.max_batch}); "
               f"POST /screen, GET /healthz, GET /metrics; Ctrl-C stops", flush=True)
