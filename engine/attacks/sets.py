@@ -279,9 +279,9 @@ def _generate_locked(attack: Attack, model: nn.Module, images: torch.Tensor,
         if is_temporary(stray):
             stray.unlink()
     manifest_path = out / _MANIFEST
-    valid = [checksums[k] is not None and _sha256(_shard_path(out, k)) == checksums[k]
-             for k in range(shards)]
-    checksums = [c if ok else None for c, ok in zip(checksums, valid)]
+    checksums = [c if c is not None and _sha256(_shard_path(out, k)) == c else None
+                 for k, c in enumerate(checksums)]
+    valid = [c is not None for c in checksums]
     write_json(manifest_path, {**identity, "complete": False, "shard_sha256": checksums})
     with tqdm(total=shards, initial=sum(valid), desc=attack.name, unit="shard",
               disable=not progress) as bar:
