@@ -76,7 +76,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     model = load_model(args)
     config = StudyConfig(
         attacks=tuple(args.attacks.split(",")) if args.attacks else tuple(ATTACKS),
-        footprints=tuple(args.footprints.split(",")) if args.footprints else StudyConfig.footprints,
+        footprints=args.footprints or StudyConfig.footprints,
         rule=args.rule, target=args.target, preprocess=model.preprocess,
         attack_limit=args.limit, batch_size=args.batch_size, seed=args.seed,
     )
@@ -127,8 +127,10 @@ def cmd_score(args: argparse.Namespace) -> int:
     from frmap.engine.models import model_identity
     from frmap.engine.models.predict import predict
 
-    model = load_model(args)
     detector = EntropyDetector.load(args.detector) if args.detector else None
+    if detector is not None and detector.threshold is None:
+        raise ValueError(f"{args.detector}: the detector has no threshold; calibrate it first")
+    model = load_model(args)
     if detector is not None:
         detector.check_model(model_identity(model.raw))
         args.rule, args.target, footprint_name = detector.rule, detector.target, detector.footprint
@@ -175,7 +177,13 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 
     model = load_model(args)
     images, labels = dataset(model, args.data, "calibration", args.labels)
-    images = images[predict(model.net, images)[0] == labels]
+    correct = predict(model.net, images)[0] == labels
+    if not bool(correct.any()):
+        raise ValueError(f"{args.data or 'the calibration split'}: the model classifies none of "
+                         f"its {len(images)} images correctly (labels from file or folder names; "
+                         "--labels predicted uses the model's own); calibration needs correctly "
+                         "classified clean images")
+    images = images[correct]
     scores = response_engine(model, args).scores(images, parse_footprint(args.footprint)).numpy()
     detector = EntropyDetector.fit(scores, fpr=args.fpr, footprint=args.footprint, rule=args.rule,
                                    target=args.target, model=model_identity(model.raw))

@@ -11,7 +11,11 @@ import sys
 
 from frmap.engine.cli import commands
 from frmap.engine.cli.commands import DEFAULT_OUT, DEMO_ATTACKED
-from frmap.engine.cli.inputs import add_model_args
+from frmap.engine.cli.inputs import add_model_args, footprint_name, positive_int, rate
+
+
+def _footprint_names(text: str) -> tuple[str, ...]:
+    return tuple(footprint_name(name) for name in text.split(","))
 
 
 def _rule_args(p: argparse.ArgumentParser) -> None:
@@ -42,8 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", help="test image folder (default: the digits test split)")
     p.add_argument("--calibration", help="clean calibration folder (default: half of --data)")
     p.add_argument("--attacks", help=f"comma-separated attacks (default: all: {','.join(ATTACKS)})")
-    p.add_argument("--footprints", help=f"comma-separated footprints (default: {','.join(STUDY)})")
-    p.add_argument("--limit", type=int,
+    p.add_argument("--footprints", type=_footprint_names,
+                   help=f"comma-separated footprints (default: {','.join(STUDY)})")
+    p.add_argument("--limit", type=positive_int,
                    help="attack at most this many test images (and as many train images)")
     p.add_argument("--detectors", default="entropy",
                    help=f"comma-separated detectors to compare: {', '.join(DETECTORS)} "
@@ -58,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--attack", required=True,
                    choices=tuple(ATTACKS))
     p.add_argument("--data", help="image folder (default: the digits test split)")
-    p.add_argument("--limit", type=int, help="attack at most this many images")
+    p.add_argument("--limit", type=positive_int, help="attack at most this many images")
     p.add_argument("--out", required=True, help="folder of the set (resumes what is there)")
     p.set_defaults(run=commands.cmd_attack)
 
@@ -67,15 +72,18 @@ def build_parser() -> argparse.ArgumentParser:
     _rule_args(p)
     p.add_argument("paths", nargs="*", help="files or folders; none or '-': paths on stdin")
     p.add_argument("--detector", help="detector file from `frmap calibrate` (adds 'flagged')")
-    p.add_argument("--footprint", default="square3", help="entropy window without a detector")
+    p.add_argument("--footprint", default="square3", type=footprint_name,
+                   help="entropy window without a detector")
     p.set_defaults(run=commands.cmd_score)
 
     p = sub.add_parser("calibrate", help="fit a detector threshold on clean images")
     add_model_args(p)
     _rule_args(p)
     p.add_argument("--data", help="clean image folder (default: the digits calibration split)")
-    p.add_argument("--fpr", type=float, default=0.05, help="false-positive rate (default 0.05)")
-    p.add_argument("--footprint", default="square3", help="entropy window (default square3)")
+    p.add_argument("--fpr", type=rate, default=0.05,
+                   help="false-positive rate, in (0, 1) (default 0.05)")
+    p.add_argument("--footprint", default="square3", type=footprint_name,
+                   help="entropy window (default square3)")
     p.add_argument("--out", required=True, help="detector file to write (frmap.detector/2, .npz)")
     p.set_defaults(run=commands.cmd_calibrate)
 
@@ -85,14 +93,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("image", help="an image file")
     p.add_argument("--attack", default="fgsm",
                    choices=tuple(ATTACKS))
-    p.add_argument("--footprint", default="square3")
+    p.add_argument("--footprint", default="square3", type=footprint_name)
     p.add_argument("--out", default="trace.png", help="PNG to write (default trace.png)")
     p.set_defaults(run=commands.cmd_visualize)
 
     p = sub.add_parser("train-digits", help="train the embedded digits CNN (reproducible)")
-    p.add_argument("--epochs", type=int, default=20)
+    p.add_argument("--epochs", type=positive_int, default=20)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=positive_int, default=2)
     p.add_argument("--out", help="checkpoint to write (default: the shipped one)")
     p.set_defaults(run=commands.cmd_train_digits)
 
@@ -110,6 +118,10 @@ def main(argv: list[str] | None = None) -> int:
         return args.run(args)
     except (ValueError, TypeError, OSError, RuntimeError) as err:
         print(f"frmap {args.command}: error: {err}", file=sys.stderr)
+        return 1
+    except MemoryError:
+        print(f"frmap {args.command}: error: out of memory (try a smaller --batch-size)",
+              file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print(f"frmap {args.command}: interrupted", file=sys.stderr)
