@@ -247,6 +247,8 @@ def generate(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     identity = _identity(attack, model, images, labels, shard_size, seed)
+    if not (out / _MANIFEST).exists():
+        _refuse_foreign(out)  # before the lock file is made in it
     try:
         with FileLock(out / _LOCK, timeout=0):
             _generate_locked(attack, model, images, labels, out, identity, progress)
@@ -254,6 +256,15 @@ def generate(
         raise ValueError(f"{out}: another frmap run is writing this set (it holds {_LOCK}); "
                          "wait for it to finish or use another directory") from None
     return load_adversarial_set(out)
+
+
+def _refuse_foreign(out: Path) -> None:
+    """Raise ValueError where `out` holds files (no set) that frmap did not write."""
+    foreign = sorted(p.name for p in out.iterdir() if not (is_temporary(p) or p.name == _LOCK))
+    if foreign:
+        shown = ", ".join(foreign[:5]) + (", ..." if len(foreign) > 5 else "")
+        raise ValueError(f"{out} is not empty and holds no adversarial set (no {_MANIFEST}; "
+                         f"it holds {shown}); use an empty or new directory")
 
 
 def _generate_locked(attack: Attack, model: nn.Module, images: torch.Tensor,
@@ -269,11 +280,7 @@ def _generate_locked(attack: Attack, model: nn.Module, images: torch.Tensor,
             )
         checksums = _checksums(previous, shards)
     else:
-        foreign = sorted(p.name for p in out.iterdir() if not (is_temporary(p) or p.name == _LOCK))
-        if foreign:
-            shown = ", ".join(foreign[:5]) + (", ..." if len(foreign) > 5 else "")
-            raise ValueError(f"{out} is not empty and holds no adversarial set (no {_MANIFEST}; "
-                             f"it holds {shown}); use an empty or new directory")
+        _refuse_foreign(out)
         checksums = [None] * shards
     for stray in out.iterdir():
         if is_temporary(stray):

@@ -115,7 +115,7 @@ def cmd_attack(args: argparse.Namespace) -> int:
     if args.limit:
         images, labels = images[: args.limit], labels[: args.limit]
     result = generate(args.attack, model.net, images, labels, args.out, seed=args.seed,
-                      progress=True)
+                      shard_size=args.shard_size, progress=True)
     _print_stats([attack_stats(result)])
     print(f"wrote {args.out}")
     return 0

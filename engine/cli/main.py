@@ -64,6 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
                    choices=tuple(ATTACKS))
     p.add_argument("--data", help="image folder (default: the digits test split)")
     p.add_argument("--limit", type=positive_int, help="attack at most this many images")
+    p.add_argument("--shard-size", type=positive_int, default=64,
+                   help="images per shard, the unit of resumption (default 64)")
     p.add_argument("--out", required=True, help="folder of the set (resumes what is there)")
     p.set_defaults(run=commands.cmd_attack)
 
