@@ -1,7 +1,9 @@
 """The `frmap` command line: argument parsing and printing for people; nothing below it prints.
 
-Every command exits 0 only on success. Errors name the file or argument at fault and go to
-standard error; machine-readable output (JSON) goes to standard output or to files.
+Every command exits 0 only on success, 1 on bad input (a file, folder, detector or set) and 2
+on bad arguments, which are checked before any work. Errors name the file, field or argument at
+fault and go to standard error; machine-readable output (JSON) goes to standard output or to
+files.
 """
 
 from __future__ import annotations
