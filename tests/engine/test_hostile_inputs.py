@@ -41,15 +41,15 @@ from frmap.engine.detectors import (
     DistanceEvolutionDetector,
     EntropyDetector,
     EvolutionConfig,
-    FeatureSqueezer,
     Features,
+    FeatureSqueezer,
     KNNConfig,
     KNNDetector,
     Threshold,
     load_detector,
 )
 from frmap.engine.detectors.distance_evolution import EvolutionTrainReport, _network
-from frmap.engine.models.digits import CHECKPOINT, DigitsCNN, load_digits_model
+from frmap.engine.models.digits import CHECKPOINT, load_digits_model
 from frmap.engine.models.predict import predict
 from frmap.engine.models.runtime import model_identity
 from frmap.engine.responses.engine import ResponseEngine
@@ -101,7 +101,7 @@ def score_lines(stdout: str) -> list[dict]:
     return [json.loads(line) for line in stdout.splitlines()]
 
 
-# 1. Data loss ------------------------------------------------------------------------------
+# 1. Data loss
 
 def test_attack_never_removes_or_adopts_a_users_files(tmp_path):
     out = tmp_path / "u"
@@ -121,7 +121,7 @@ def test_attack_never_removes_or_adopts_a_users_files(tmp_path):
     assert not (fresh / ".frmap-shard-00000.npz.a1b2.tmp").exists()
 
 
-# 2. Detector files ---------------------------------------------------------------------------
+# 2. Detector files
 
 V1 = {"format": "frmap.entropy-detector/1", "threshold": 2.5, "fpr": 0.05,
       "achieved_fpr": 0.048, "n_clean": 356, "footprint": "square3", "rule": "guided",
@@ -262,7 +262,7 @@ def test_corrupt_detector_bytes_fail_clearly(tmp_path, cut, flips):
         assert str(err).startswith(f"{path}: "), err
 
 
-# 3. Bad paths ----------------------------------------------------------------------------------
+# 3. Bad paths
 
 def test_score_reports_each_bad_path_and_scores_the_rest(tmp_path, good):
     (tmp_path / "empty").mkdir()
@@ -296,7 +296,7 @@ def test_unreadable_file_and_folder_are_skipped(tmp_path, good):
     assert f"{locked}: " in err and f"{folder}: folder cannot be read" in err
 
 
-# 4. Oversized images ---------------------------------------------------------------------------
+# 4. Oversized images
 
 def _png_header_only(path: Path, width: int, height: int) -> None:
     """A PNG claiming width x height (8-bit gray) with one empty data chunk."""
@@ -322,7 +322,7 @@ def test_oversized_images_are_refused_from_the_header(tmp_path, good):
     assert code == 2 and "--max-pixels" in err
 
 
-# 5. Silent wrong results -----------------------------------------------------------------------
+# 5. Silent wrong results
 
 def test_sixteen_bit_grayscale_is_scaled(tmp_path):
     values = np.random.default_rng(0).integers(0, 65536, (32, 32), dtype=np.uint16)
@@ -442,7 +442,7 @@ def test_useless_or_huge_footprints_are_refused_before_any_work(good, footprint)
     assert code == 2 and stdout == "" and "--footprint" in err and footprint in err
 
 
-# 6. Tracebacks and cryptic errors ----------------------------------------------------------------
+# 6. Tracebacks and cryptic errors
 
 def _set(tmp_path: Path, name: str = "set", attack: str = "fgsm") -> tuple[Path, tuple]:
     model = load_digits_model()
@@ -535,7 +535,7 @@ def test_bad_arguments_are_refused_before_any_work(tmp_path, monkeypatch, args, 
     assert list(tmp_path.iterdir()) == []
 
 
-# 7. Concurrent writers -----------------------------------------------------------------------------
+# 7. Concurrent writers
 
 def test_a_second_writer_is_refused(tmp_path):
     out = tmp_path / "set"
@@ -546,7 +546,7 @@ def test_a_second_writer_is_refused(tmp_path):
     assert sorted(p.name for p in out.iterdir()) == [".frmap.lock"]
 
 
-# 8. Output hygiene -------------------------------------------------------------------------------
+# 8. Output hygiene
 
 def test_stdout_carries_results_only(good, monkeypatch):
     import frmap.engine.models.digits as digits
@@ -570,7 +570,7 @@ def test_written_files_respect_the_umask(tmp_path, umask):
     assert path.stat().st_mode & 0o777 == 0o666 & ~umask
 
 
-# Generated hostile image files -----------------------------------------------------------------------
+# Generated hostile image files
 
 FORMATS = ("png", "jpg", "bmp", "gif", "tif", "webp", "ppm", "pgm")
 
@@ -622,7 +622,7 @@ def test_a_run_of_hostile_files_scores_the_good_ones(tmp_path, good):
     assert all(f"{p}: " in err for p in bad) and snapshot(tmp_path) == before
 
 
-# Kill and resume ------------------------------------------------------------------------------------
+# Kill and resume
 
 # `frmap attack` with every rename slowed down, so that a kill can land between any two writes.
 _DRIVER = """
