@@ -10,11 +10,13 @@ multi-frame files (animated GIF, multi-page TIFF) rather than silently reading o
 
 from __future__ import annotations
 
+import io
 import os
 import warnings
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import torch
@@ -89,7 +91,19 @@ def expand_paths(inputs: Iterable[str | os.PathLike]) -> Iterator[Path | ImageFi
             yield ImageFileError(path, f"cannot be read ({err.strerror or err})")
 
 
-def load_image(path: Path, spec: ImageSpec) -> torch.Tensor:
+def decode_image(data: bytes, spec: ImageSpec, name: str = "image") -> torch.Tensor:
+    """Encoded image bytes (PNG, JPEG, ...) as `load_image` reads a file; errors name `name`.
+
+    Raises:
+        ImageFileError: undecodable bytes, wrong colour mode or wrong size.
+    """
+    try:
+        return load_image(io.BytesIO(data), spec)
+    except ImageFileError as err:
+        raise ImageFileError(Path(name), err.problem) from None
+
+
+def load_image(path: Path | BinaryIO, spec: ImageSpec) -> torch.Tensor:
     """One file as a [C, H, W] float32 tensor in [0, 1] for a model described by `spec`.
 
     Raises:

@@ -147,7 +147,7 @@ def test_detector_json_fields_are_validated(tmp_path, good, field, value, named)
     path.write_text(json.dumps({**V1, field: value}))
     code, stdout, err = cli("score", *good, "--detector", path)
     assert code == 1 and stdout == ""
-    assert f"{path}: malformed entropy detector file: field '{named}" in err
+    assert f"{path}: malformed entropy detector: field '{named}" in err
 
 
 def test_version_one_detector_json_still_scores(tmp_path, good):
