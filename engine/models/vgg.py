@@ -145,8 +145,7 @@ def load_weights(model: nn.Module, path: str | Path) -> nn.Module:
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as err:
-        problems = "; ".join(line.strip() for line in str(err).splitlines()[1:] if line.strip())
-        if len(problems) > 400:
-            problems = problems[:400] + " ..."
+        lines = [line.strip() for line in str(err).splitlines()[1:] if line.strip()]
+        problems = "; ".join(line if len(line) <= 200 else line[:200] + " ..." for line in lines)
         raise ValueError(f"{path} does not fit {type(model).__name__}: {problems}") from None
     return model
