@@ -196,6 +196,8 @@ def cmd_score(args: argparse.Namespace) -> int:
 def _score_on_ray(args: argparse.Namespace, model: NamedModel, screener) -> int:
     import tempfile
 
+    from frmap.engine.data.images import ImageFileError
+
     if not args.out:
         raise ValueError("--ray writes its results to a file: give --out results.jsonl")
     try:
@@ -205,7 +207,13 @@ def _score_on_ray(args: argparse.Namespace, model: NamedModel, screener) -> int:
     except ImportError as err:
         raise RuntimeError(f"frmap score --ray needs Ray ({err}): pip install 'frmap[serve]'"
                            ) from None
-    paths = list(score_paths(args))
+    paths, bad = [], 0
+    for item in score_paths(args):
+        if isinstance(item, ImageFileError):
+            print(f"frmap: skipped {item}", file=sys.stderr)
+            bad += 1
+        else:
+            paths.append(item)
     job = ScoreJob(model=args.model, weights=args.weights, seed=args.seed,
                    batch_size=args.batch_size, shard_groups=args.shard_groups,
                    workers=args.workers,
@@ -224,7 +232,7 @@ def _score_on_ray(args: argparse.Namespace, model: NamedModel, screener) -> int:
         ray.shutdown()
     print(f"frmap score: {report.inputs} inputs, {report.failed} failed, shards computed "
           f"{len(report.computed)}, reused {len(report.reused)} -> {args.out}", file=sys.stderr)
-    return 1 if report.failed else 0
+    return 1 if report.failed or bad else 0
 
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
