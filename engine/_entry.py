@@ -20,6 +20,7 @@ ENGINE_MODULES = {
     "safetensors": "safetensors",
     "matplotlib": "matplotlib",
     "tqdm": "tqdm",
+    "filelock": "filelock",
 }
 
 

@@ -4,30 +4,43 @@
 one `shard-NNNNN.npz` per shard plus `manifest.json` into a directory. Every file is written to
 a temporary name and renamed into place (atomic on POSIX), and each shard's randomness comes
 from `(seed, shard number)` alone, so a run killed at any point and started again skips the
-finished shards, recomputes the rest and ends with the same set as an uninterrupted run. One
-directory holds one set; two runs must not write into it at the same time.
+finished shards, recomputes the rest and ends with the same set as an uninterrupted run, byte
+for byte (the archives carry no time stamps).
+
+Safeguards: the manifest records each finished shard's SHA-256, so a truncated or corrupt shard
+is recomputed by `generate` and refused by `load_adversarial_set`; every shard records the
+attack, model and seed that made it, checked on load; `generate` holds an exclusive lock on the
+directory (`.frmap.lock`, with `filelock`) while it writes, so a second run on the same directory
+fails at once; and it only ever removes files frmap wrote itself (temporary files named
+`.frmap-*.tmp`): a non-empty directory that holds no set is refused, not cleaned.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import math
+import zipfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+from filelock import FileLock, Timeout
 from torch import nn
 from tqdm.auto import tqdm
 
 from frmap.engine.attacks.base import Attack, check_inputs, run_attack
 from frmap.engine.attacks.registry import make_attack
-from frmap.engine.data.files import atomic_write_bytes, write_json
+from frmap.engine.data.files import atomic_write_bytes, is_temporary, write_json
 from frmap.engine.models.runtime import tensors_digest
 
 _FORMAT = "frmap.adversarial-set/1"
 _MANIFEST = "manifest.json"
+_LOCK = ".frmap.lock"
+# What each shard records of the run that made it (checked against the manifest on load).
+_MADE_BY = ("attack", "model_sha256", "seed")
 _ARRAYS = (
     "index",
     "adversarial",
@@ -97,10 +110,47 @@ def attack_stats(adversarial: AdversarialSet) -> AttackStats:
     )
 
 
-def _write_shard(path: Path, arrays: dict[str, np.ndarray]) -> None:
+def _npz_bytes(arrays: dict[str, np.ndarray]) -> bytes:
+    """An `.npz` archive as `np.savez` writes it, without time stamps (same arrays, same bytes)."""
     buf = io.BytesIO()
-    np.savez(buf, **arrays)
-    atomic_write_bytes(path, buf.getvalue())
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_STORED) as archive:
+        for name, array in arrays.items():
+            info = zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0))
+            with archive.open(info, "w", force_zip64=True) as f:
+                np.lib.format.write_array(f, np.asanyarray(array), allow_pickle=False)
+    return buf.getvalue()
+
+
+def _sha256(path: Path) -> str | None:
+    try:
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+    except OSError:
+        return None
+
+
+def _read_manifest(out: Path) -> dict | None:
+    """The manifest of the set in `out`, None where there is none.
+
+    Raises:
+        ValueError: the manifest is not a JSON object of this format.
+    """
+    path = out / _MANIFEST
+    if not path.exists():
+        return None
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{path}: unreadable adversarial set manifest ({err})") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != _FORMAT:
+        raise ValueError(f"{path}: not an adversarial set manifest (format {_FORMAT} expected)")
+    return manifest
+
+
+def _checksums(manifest: dict, shards: int) -> list[str | None]:
+    sums = manifest.get("shard_sha256")
+    if isinstance(sums, list) and len(sums) == shards:
+        return [s if isinstance(s, str) else None for s in sums]
+    return [None] * shards
 
 
 def _shard_path(out_dir: Path, shard: int) -> Path:
@@ -156,6 +206,10 @@ def _attack_shard(
     }
 
 
+def _made_by(identity: dict) -> np.ndarray:
+    return np.array(json.dumps({k: identity[k] for k in _MADE_BY}))
+
+
 def generate(
     attack: Attack | str,
     model: nn.Module,
@@ -183,8 +237,8 @@ def generate(
         The set, as `load_adversarial_set(out_dir)` returns it.
 
     Raises:
-        ValueError: Bad inputs, or `out_dir` holds a set made with another attack, config, seed,
-            shard size, inputs or model, or shards without a manifest.
+        ValueError: Bad inputs; `out_dir` holds a set made with another attack, config, seed,
+            shard size, inputs or model, or files but no set; or another run is writing there.
     """
     attack = make_attack(attack) if isinstance(attack, str) else attack
     check_inputs(model, images, labels)
@@ -193,39 +247,66 @@ def generate(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     identity = _identity(attack, model, images, labels, shard_size, seed)
-    manifest_path = out / _MANIFEST
-    if manifest_path.exists():
-        previous = json.loads(manifest_path.read_text())
+    if not (out / _MANIFEST).exists():
+        _refuse_foreign(out)  # before the lock file is made in it
+    try:
+        with FileLock(out / _LOCK, timeout=0):
+            _generate_locked(attack, model, images, labels, out, identity, progress)
+    except Timeout:
+        raise ValueError(f"{out}: another frmap run is writing this set (it holds {_LOCK}); "
+                         "wait for it to finish or use another directory") from None
+    return load_adversarial_set(out)
+
+
+def _refuse_foreign(out: Path) -> None:
+    """Raise ValueError where `out` holds files (no set) that frmap did not write."""
+    foreign = sorted(p.name for p in out.iterdir() if not (is_temporary(p) or p.name == _LOCK))
+    if foreign:
+        shown = ", ".join(foreign[:5]) + (", ..." if len(foreign) > 5 else "")
+        raise ValueError(f"{out} is not empty and holds no adversarial set (no {_MANIFEST}; "
+                         f"it holds {shown}); use an empty or new directory")
+
+
+def _generate_locked(attack: Attack, model: nn.Module, images: torch.Tensor,
+                     labels: torch.Tensor, out: Path, identity: dict, progress: bool) -> None:
+    shards, shard_size = identity["shards"], identity["shard_size"]
+    previous = _read_manifest(out)
+    if previous is not None:
         changed = sorted(k for k in identity if previous.get(k) != identity[k])
         if changed:
             raise ValueError(
                 f"{out} holds another adversarial set (differs in {', '.join(changed)}); "
                 "use an empty directory"
             )
-    elif any(out.glob("shard-*.npz")):
-        raise ValueError(f"{out} holds shards but no {_MANIFEST}; use an empty directory")
+        checksums = _checksums(previous, shards)
     else:
-        write_json(manifest_path, {**identity, "complete": False})
-    for stray in out.glob(".*.tmp"):
-        stray.unlink()
-    shards = identity["shards"]
-    done = sum(_shard_path(out, k).exists() for k in range(shards))
-    with tqdm(
-        total=shards, initial=done, desc=attack.name, unit="shard", disable=not progress
-    ) as bar:
+        _refuse_foreign(out)
+        checksums = [None] * shards
+    for stray in out.iterdir():
+        if is_temporary(stray):
+            stray.unlink()
+    manifest_path = out / _MANIFEST
+    checksums = [c if c is not None and _sha256(_shard_path(out, k)) == c else None
+                 for k, c in enumerate(checksums)]
+    valid = [c is not None for c in checksums]
+    write_json(manifest_path, {**identity, "complete": False, "shard_sha256": checksums})
+    with tqdm(total=shards, initial=sum(valid), desc=attack.name, unit="shard",
+              disable=not progress) as bar:
         for k in range(shards):
-            path = _shard_path(out, k)
-            if path.exists():
+            if valid[k]:
                 continue
             start = k * shard_size
             part = slice(start, start + shard_size)
             arrays = _attack_shard(
-                attack, model, images[part], labels[part], start, _shard_seed(seed, k), progress
+                attack, model, images[part], labels[part], start, _shard_seed(identity["seed"], k),
+                progress,
             )
-            _write_shard(path, arrays)
+            data = _npz_bytes({**arrays, "made_by": _made_by(identity)})
+            atomic_write_bytes(_shard_path(out, k), data)
+            checksums[k] = hashlib.sha256(data).hexdigest()
+            write_json(manifest_path, {**identity, "complete": False, "shard_sha256": checksums})
             bar.update()
-    write_json(manifest_path, {**identity, "complete": True})
-    return load_adversarial_set(out)
+    write_json(manifest_path, {**identity, "complete": True, "shard_sha256": checksums})
 
 
 def load_adversarial_set(out_dir: str | Path) -> AdversarialSet:
@@ -233,29 +314,38 @@ def load_adversarial_set(out_dir: str | Path) -> AdversarialSet:
 
     Raises:
         FileNotFoundError: No manifest in `out_dir`.
-        ValueError: The set is incomplete (run `generate` again to finish it) or a shard is
-            missing or malformed.
+        ValueError: The set is incomplete (run `generate` again to finish it), or a shard is
+            missing, corrupt, malformed or made by another attack, model or seed.
     """
     out = Path(out_dir)
-    manifest_path = out / _MANIFEST
-    if not manifest_path.is_file():
+    manifest = _read_manifest(out)
+    if manifest is None:
         raise FileNotFoundError(f"no adversarial set in {out} ({_MANIFEST} missing)")
-    manifest = json.loads(manifest_path.read_text())
-    if manifest.get("format") != _FORMAT:
-        raise ValueError(f"{manifest_path}: not an adversarial set manifest")
-    if not manifest["complete"]:
+    if manifest.get("complete") is not True:
         raise ValueError(f"{out}: the set is incomplete; run generate again to finish it")
+    shards = manifest.get("shards")
+    if not isinstance(shards, int) or isinstance(shards, bool) or shards < 0:
+        raise ValueError(f"{out / _MANIFEST}: field 'shards' must be a count, got {shards!r}")
+    checksums = _checksums(manifest, shards)
+    made_by = {k: manifest.get(k) for k in _MADE_BY}
     parts: dict[str, list[np.ndarray]] = {name: [] for name in _ARRAYS}
     attacked = 0
-    for k in range(manifest["shards"]):
+    for k in range(shards):
         path = _shard_path(out, k)
+        if checksums[k] is None or _sha256(path) != checksums[k]:
+            raise ValueError(f"{path}: missing, truncated or corrupt shard (its SHA-256 is not "
+                             "the manifest's); run generate again to recompute it")
         try:
-            with np.load(path) as shard:
+            with np.load(path, allow_pickle=False) as shard:
+                recorded = json.loads(str(shard["made_by"]))
                 for name in _ARRAYS:
                     parts[name].append(shard[name])
                 attacked += int(shard["attacked"])
-        except (OSError, KeyError, ValueError) as err:
-            raise ValueError(f"{path}: missing or malformed shard ({err})") from err
+        except (OSError, KeyError, ValueError, zipfile.BadZipFile) as err:
+            raise ValueError(f"{path}: malformed shard ({err})") from None
+        if recorded != made_by:
+            raise ValueError(f"{path}: made by {recorded}, but the set is {made_by}; run "
+                             "generate again in an empty directory")
     arrays = {name: torch.from_numpy(np.concatenate(parts[name])) for name in _ARRAYS}
     return AdversarialSet(
         attack=manifest["attack"],

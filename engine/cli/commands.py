@@ -96,7 +96,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     model = load_model(args)
     config = StudyConfig(
         attacks=tuple(args.attacks.split(",")) if args.attacks else tuple(ATTACKS),
-        footprints=tuple(args.footprints.split(",")) if args.footprints else StudyConfig.footprints,
+        footprints=args.footprints or StudyConfig.footprints,
         rule=args.rule, target=args.target, preprocess=model.preprocess,
         attack_limit=args.limit, batch_size=args.batch_size, seed=args.seed,
     )
@@ -144,7 +144,7 @@ def cmd_attack(args: argparse.Namespace) -> int:
     if args.limit:
         images, labels = images[: args.limit], labels[: args.limit]
     result = generate(args.attack, model.classifier, images, labels, args.out, seed=args.seed,
-                      progress=True)
+                      shard_size=args.shard_size, progress=True)
     _print_stats([attack_stats(result)])
     print(f"wrote {args.out}")
     return 0
@@ -196,6 +196,8 @@ def cmd_score(args: argparse.Namespace) -> int:
 def _score_on_ray(args: argparse.Namespace, model: NamedModel, screener) -> int:
     import tempfile
 
+    from frmap.engine.data.images import ImageFileError
+
     if not args.out:
         raise ValueError("--ray writes its results to a file: give --out results.jsonl")
     try:
@@ -205,7 +207,13 @@ def _score_on_ray(args: argparse.Namespace, model: NamedModel, screener) -> int:
     except ImportError as err:
         raise RuntimeError(f"frmap score --ray needs Ray ({err}): pip install 'frmap[serve]'"
                            ) from None
-    paths = list(score_paths(args))
+    paths, bad = [], 0
+    for item in score_paths(args):
+        if isinstance(item, ImageFileError):
+            print(f"frmap: skipped {item}", file=sys.stderr)
+            bad += 1
+        else:
+            paths.append(item)
     job = ScoreJob(model=args.model, weights=args.weights, seed=args.seed,
                    batch_size=args.batch_size, shard_groups=args.shard_groups,
                    workers=args.workers,
@@ -224,7 +232,7 @@ def _score_on_ray(args: argparse.Namespace, model: NamedModel, screener) -> int:
         ray.shutdown()
     print(f"frmap score: {report.inputs} inputs, {report.failed} failed, shards computed "
           f"{len(report.computed)}, reused {len(report.reused)} -> {args.out}", file=sys.stderr)
-    return 1 if report.failed else 0
+    return 1 if report.failed or bad else 0
 
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
@@ -236,9 +244,13 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     names = tuple(args.detectors.split(","))
     model = load_model(args)
     images, labels = dataset(model, args.data, "calibration", args.labels)
-    images = images[predict(model.classifier, images)[0] == labels]
-    if len(images) == 0:
-        raise ValueError("no calibration image is classified correctly: nothing to calibrate on")
+    correct = predict(model.classifier, images)[0] == labels
+    if not bool(correct.any()):
+        raise ValueError(f"{args.data or 'the calibration split'}: the model classifies none of "
+                         f"its {len(images)} images correctly (labels from file or folder names; "
+                         "--labels predicted uses the model's own); calibration needs correctly "
+                         "classified clean images")
+    images = images[correct]
     train = dataset(model, args.train, "train", args.labels) if "knn" in names else None
     detectors = clean_detectors(
         names, model.model, model.classifier, train=train, footprint=args.footprint, rule=args.rule,

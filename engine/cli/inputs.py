@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import re
 import sys
 from collections.abc import Iterator
@@ -16,10 +17,49 @@ _LABEL_IN_NAME = re.compile(r"_(\d+)$")
 
 
 def load_model(args: argparse.Namespace) -> NamedModel:
-    """The classifier named by --model, --weights, --seed on --device."""
+    """The classifier named by --model, --weights, --seed on --device, reading image files of
+    at most --max-pixels; anything printed while loading (torch hub's download messages) goes
+    to standard error, so standard output carries results only."""
+    from dataclasses import replace
+
     from frmap.engine.models.named import load_model as load_named
 
-    return load_named(args.model, args.weights, seed=args.seed, device=device(args.device))
+    with contextlib.redirect_stdout(sys.stderr):
+        named = load_named(args.model, args.weights, seed=args.seed, device=device(args.device))
+    return replace(named, spec=replace(named.spec, max_pixels=args.max_pixels))
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
+def rate(text: str) -> float:
+    """argparse type: a rate strictly between 0 and 1."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0.0 < value < 1.0:
+        raise argparse.ArgumentTypeError(f"must lie strictly between 0 and 1, got {text}")
+    return value
+
+
+def footprint_name(text: str) -> str:
+    """argparse type: a footprint name `parse_footprint` accepts."""
+    from frmap.engine.data.footprints import parse_footprint
+
+    try:
+        parse_footprint(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+    return text
 
 
 def device(name: str) -> torch.device:
@@ -48,7 +88,13 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    help="torchvision weights name or a state-dict file (.pt/.pth/.safetensors); "
                         "VGG without it: random weights from --seed")
     p.add_argument("--seed", type=int, default=0, help="seed of random weights and attacks")
-    p.add_argument("--batch-size", type=int, default=32, help="images per pass (default 32)")
+    from frmap.engine.data.images import MAX_PIXELS
+
+    p.add_argument("--batch-size", type=positive_int, default=32,
+                   help="images per pass (default 32)")
+    p.add_argument("--max-pixels", type=positive_int, default=MAX_PIXELS,
+                   help="refuse image files of more pixels, from their header, before decoding "
+                        f"(default {MAX_PIXELS})")
     p.add_argument("--device", default="auto",
                    help="where the model runs: auto (CUDA where available), cpu, cuda, cuda:N")
     p.add_argument("--labels", default="auto", choices=("auto", "predicted"),
@@ -64,12 +110,16 @@ def response_engine(model: NamedModel, args: argparse.Namespace):
                           batch_size=args.batch_size, preprocess=model.preprocess)
 
 
-def load_files(paths: list[Path], spec: object) -> tuple[list[Path], list[torch.Tensor]]:
-    """Load what loads; report each bad file on stderr and skip it."""
+def load_files(paths: list, spec: object) -> tuple[list[Path], list[torch.Tensor]]:
+    """Load what loads; report each bad file (or bad path from `expand_paths`) on stderr and
+    skip it."""
     from frmap.engine.data.images import ImageFileError, load_image
 
     good, tensors = [], []
     for path in paths:
+        if isinstance(path, ImageFileError):
+            print(f"frmap: skipped {path}", file=sys.stderr)
+            continue
         try:
             tensors.append(load_image(path, spec))
             good.append(path)
@@ -126,7 +176,8 @@ def halves(data: tuple[torch.Tensor, torch.Tensor]):
     return (images[0::2], labels[0::2]), (images[1::2], labels[1::2])
 
 
-def score_paths(args: argparse.Namespace) -> Iterator[Path]:
+def score_paths(args: argparse.Namespace) -> Iterator[object]:
+    """The paths to score (`expand_paths`: files, or errors for paths that cannot be used)."""
     from frmap.engine.data.images import expand_paths
 
     inputs = list(args.paths)

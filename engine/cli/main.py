@@ -1,7 +1,9 @@
 """The `frmap` command line: argument parsing and printing for people; nothing below it prints.
 
-Every command exits 0 only on success. Errors name the file or argument at fault and go to
-standard error; machine-readable output (JSON) goes to standard output or to files.
+Every command exits 0 only on success, 1 on bad input (a file, folder, detector or set) and 2
+on bad arguments, which are checked before any work. Errors name the file, field or argument at
+fault and go to standard error; machine-readable output (JSON) goes to standard output or to
+files.
 """
 
 from __future__ import annotations
@@ -11,7 +13,11 @@ import sys
 
 from frmap.engine.cli import commands
 from frmap.engine.cli.commands import DEFAULT_OUT, DEMO_ATTACKED
-from frmap.engine.cli.inputs import add_model_args
+from frmap.engine.cli.inputs import add_model_args, footprint_name, positive_int, rate
+
+
+def _footprint_names(text: str) -> tuple[str, ...]:
+    return tuple(footprint_name(name) for name in text.split(","))
 
 
 def _rule_args(p: argparse.ArgumentParser) -> None:
@@ -42,8 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", help="test image folder (default: the digits test split)")
     p.add_argument("--calibration", help="clean calibration folder (default: half of --data)")
     p.add_argument("--attacks", help=f"comma-separated attacks (default: all: {','.join(ATTACKS)})")
-    p.add_argument("--footprints", help=f"comma-separated footprints (default: {','.join(STUDY)})")
-    p.add_argument("--limit", type=int,
+    p.add_argument("--footprints", type=_footprint_names,
+                   help=f"comma-separated footprints (default: {','.join(STUDY)})")
+    p.add_argument("--limit", type=positive_int,
                    help="attack at most this many test images (and as many train images)")
     p.add_argument("--detectors", default="entropy",
                    help=f"comma-separated detectors to compare: {', '.join(DETECTORS)} "
@@ -61,7 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--attack", required=True,
                    choices=tuple(ATTACKS))
     p.add_argument("--data", help="image folder (default: the digits test split)")
-    p.add_argument("--limit", type=int, help="attack at most this many images")
+    p.add_argument("--limit", type=positive_int, help="attack at most this many images")
+    p.add_argument("--shard-size", type=positive_int, default=64,
+                   help="images per shard, the unit of resumption (default 64)")
     p.add_argument("--out", required=True, help="folder of the set (resumes what is there)")
     p.set_defaults(run=commands.cmd_attack)
 
@@ -72,7 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--screener", "--detector", dest="screener", metavar="FILE",
                    help="screener file from frmap calibrate / evaluate --save-screener (or a "
                         "detector file): its detectors' scores and 'flagged'")
-    p.add_argument("--footprint", default="square3",
+    p.add_argument("--footprint", default="square3", type=footprint_name,
                    help="entropy window without a screener (scores only, no flags)")
     p.add_argument("--ray", action="store_true",
                    help="screen on Ray Data (a local instance, or --address), resumably, into "
@@ -99,20 +108,21 @@ def build_parser() -> argparse.ArgumentParser:
                    help="screener file (frmap calibrate / evaluate --save-screener / demo)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
-    p.add_argument("--max-batch", type=int, default=32,
+    p.add_argument("--max-batch", type=positive_int, default=32,
                    help="images per model pass at most (default 32)")
     p.add_argument("--max-wait-ms", type=float, default=10.0,
                    help="how long a batch waits to fill (default 10 ms)")
-    p.add_argument("--max-bytes", type=int, default=10 << 20,
+    p.add_argument("--max-bytes", type=positive_int, default=10 << 20,
                    help="largest request body (default 10 MiB; larger: 413)")
-    p.add_argument("--max-queued", type=int, default=256,
+    p.add_argument("--max-queued", type=positive_int, default=256,
                    help="waiting requests per replica before 503 (default 256)")
-    p.add_argument("--replicas", type=int, default=1, help="replicas of the service (default 1)")
+    p.add_argument("--replicas", type=positive_int, default=1,
+                   help="replicas of the service (default 1)")
     p.add_argument("--gpus-per-replica", type=float, default=0.0,
                    help="GPUs each replica takes on a cluster (default 0)")
     p.add_argument("--address", help="a running Ray cluster (e.g. ray://head:10001 or auto); "
                                      "default: a local Ray instance started for the service")
-    p.add_argument("--num-cpus", type=int, default=None,
+    p.add_argument("--num-cpus", type=positive_int, default=None,
                    help="CPUs of the local Ray instance (default: all)")
     p.set_defaults(run=commands.cmd_serve)
 
@@ -120,14 +130,16 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_args(p)
     _rule_args(p)
     p.add_argument("--data", help="clean image folder (default: the digits calibration split)")
-    p.add_argument("--fpr", type=float, default=0.05,
-                   help="false-positive rate of the screener (default 0.05); each of k detectors "
-                        "is calibrated at fpr / k and an image is flagged when any flags it")
+    p.add_argument("--fpr", type=rate, default=0.05,
+                   help="false-positive rate of the screener, in (0, 1) (default 0.05); each of k "
+                        "detectors is calibrated at fpr / k and an image is flagged when any "
+                        "flags it")
     p.add_argument("--detectors", default="entropy",
                    help="comma-separated: entropy, knn, squeeze (default: entropy)")
     p.add_argument("--train", help="clean training folder of the kNN detector (default: the "
                                    "digits train split)")
-    p.add_argument("--footprint", default="square3", help="entropy window (default square3)")
+    p.add_argument("--footprint", default="square3", type=footprint_name,
+                   help="entropy window (default square3)")
     p.add_argument("--out", required=True, help="screener file to write (frmap.screener/1)")
     p.set_defaults(run=commands.cmd_calibrate)
 
@@ -137,14 +149,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("image", help="an image file")
     p.add_argument("--attack", default="fgsm",
                    choices=tuple(ATTACKS))
-    p.add_argument("--footprint", default="square3")
+    p.add_argument("--footprint", default="square3", type=footprint_name)
     p.add_argument("--out", default="trace.png", help="PNG to write (default trace.png)")
     p.set_defaults(run=commands.cmd_visualize)
 
     p = sub.add_parser("train-digits", help="train the embedded digits CNN (reproducible)")
-    p.add_argument("--epochs", type=int, default=20)
+    p.add_argument("--epochs", type=positive_int, default=20)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=positive_int, default=2)
     p.add_argument("--out", help="checkpoint to write (default: the shipped one)")
     p.set_defaults(run=commands.cmd_train_digits)
 
@@ -164,6 +176,10 @@ def main(argv: list[str] | None = None) -> int:
         return args.run(args)
     except (ValueError, TypeError, OSError, RuntimeError) as err:
         print(f"frmap {args.command}: error: {err}", file=sys.stderr)
+        return 1
+    except MemoryError:
+        print(f"frmap {args.command}: error: out of memory (try a smaller --batch-size)",
+              file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print(f"frmap {args.command}: interrupted", file=sys.stderr)

@@ -2,7 +2,7 @@
 
 from frmap.engine.data.digits import SPLITS, DigitsSplit, load_digits_split
 from frmap.engine.data.files import atomic_write_bytes, write_json
-from frmap.engine.data.footprints import STUDY, parse_footprint
+from frmap.engine.data.footprints import MAX_FOOTPRINT_SIDE, STUDY, parse_footprint
 from frmap.engine.data.images import (
     DIGITS_IMAGES,
     IMAGENET_IMAGES,
@@ -15,6 +15,7 @@ from frmap.engine.data.images import (
 
 __all__ = [
     "DIGITS_IMAGES",
+    "MAX_FOOTPRINT_SIDE",
     "IMAGENET_IMAGES",
     "SPLITS",
     "STUDY",

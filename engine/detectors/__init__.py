@@ -3,6 +3,7 @@ threshold to a false-positive rate, and saves to one file format (`base`)."""
 
 from frmap.engine.detectors.base import (
     Detector,
+    FileFields,
     Threshold,
     calibrate_threshold,
     load_detector,
@@ -25,6 +26,7 @@ __all__ = [
     "EvolutionTrainReport",
     "FeatureSqueezer",
     "Features",
+    "FileFields",
     "KNNConfig",
     "KNNDetector",
     "SqueezeConfig",

@@ -32,7 +32,7 @@ from sklearn.metrics import roc_auc_score
 from torch import nn
 from tqdm.auto import tqdm
 
-from frmap.engine.detectors.base import Detector, Threshold
+from frmap.engine.detectors.base import Detector, FileFields, Threshold
 from frmap.engine.detectors.features import Features
 from frmap.engine.models.runtime import torch_settings
 
@@ -40,6 +40,9 @@ REFERENCES = ("medoid", "centroid")
 EMBEDDINGS = ("cosine", "euclidean")
 NETWORKS = ("lstm", "mlp")
 CLEAN = "clean"
+# The largest hidden size a detector file may ask for (its network is built before its weights
+# are checked).
+MAX_HIDDEN = 4096
 
 
 def class_references(
@@ -343,18 +346,29 @@ class DistanceEvolutionDetector(Detector):
 
     @classmethod
     def _from_file(cls, meta, arrays, *, model, threshold):
-        config, report = EvolutionConfig(**meta["config"]), meta["report"]
-        return cls(
-            config=config,
-            model=model,
-            references={k: arrays[f"reference:{k}"] for k in config.layers},
-            mean=arrays["mean"],
-            std=arrays["std"],
-            state={k[4:]: v for k, v in arrays.items() if k.startswith("net:")},
-            report=EvolutionTrainReport(report["best_epoch"], report["validation_auc"],
-                                        tuple(report["history"])),
-            threshold=threshold,
-        )
+        f = FileFields(meta, arrays)
+        c, r = f.section("config"), f.section("report")
+        config = EvolutionConfig(
+            layers=c.texts("layers"), reference=c.text("reference", REFERENCES),
+            embedding=c.text("embedding", EMBEDDINGS), network=c.text("network", NETWORKS),
+            hidden=c.integer("hidden", 1, MAX_HIDDEN), epochs=c.integer("epochs", 1),
+            batch_size=c.integer("batch_size", 1), lr=c.number("lr", 0.0), seed=c.integer("seed"))
+        auc = r.section("validation_auc")
+        report = EvolutionTrainReport(r.integer("best_epoch", 1),
+                                      {k: auc.number(k, 0.0, 1.0) for k in auc.meta},
+                                      r.numbers("history"))
+        layers = len(config.layers)
+        references = {k: f.array(f"reference:{k}", (None, None)) for k in config.layers}
+        if len({len(v) for v in references.values()}) != 1:
+            raise ValueError("the 'reference:' arrays must have one row per class, all alike")
+        std = f.array("std", (layers,))
+        if not (std > 0).all():
+            raise ValueError("array 'std' must be positive")
+        state = {k[4:]: f.array(k, (None,) * arrays[k].ndim) for k in arrays
+                 if k.startswith("net:")}
+        return cls(config=config, model=model, references=references,
+                   mean=f.array("mean", (layers,)), std=std, state=state, report=report,
+                   threshold=threshold)
 
 def _sequences(features: Features, references: Mapping[str, np.ndarray], kind: str) -> np.ndarray:
     return np.stack([embed(features.layer(k), r, kind) for k, r in references.items()], 1)

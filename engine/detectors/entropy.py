@@ -7,7 +7,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from frmap.engine.detectors.base import Detector, Threshold
+from frmap.engine.detectors.base import Detector, FileFields, Threshold
+from frmap.engine.responses.targets import TARGETS
+from frmap.kernels import RULES
 
 
 @dataclass(frozen=True)
@@ -39,4 +41,6 @@ class EntropyDetector(Detector):
 
     @classmethod
     def _from_file(cls, meta, arrays, *, model, threshold):
-        return cls(meta["footprint"], meta["rule"], meta["target"], model, threshold)
+        f = FileFields(meta, arrays)
+        return cls(f.footprint("footprint"), f.text("rule", RULES), f.text("target", TARGETS),
+                   model, threshold)

@@ -19,7 +19,7 @@ import numpy as np
 from sklearn.decomposition import PCA
 from sklearn.neighbors import NearestNeighbors
 
-from frmap.engine.detectors.base import Detector, Threshold
+from frmap.engine.detectors.base import Detector, FileFields, Threshold
 from frmap.engine.detectors.features import Features
 
 WEIGHTS = ("uniform", "rank", "distance")
@@ -140,5 +140,16 @@ class KNNDetector(Detector):
 
     @classmethod
     def _from_file(cls, meta, arrays, *, model, threshold):
-        return cls(config=KNNConfig(**meta["config"]), model=model, threshold=threshold,
-                   **{k: arrays[k] for k in _ARRAYS})
+        f = FileFields(meta, arrays)
+        c = f.section("config")
+        config = KNNConfig(c.text("layer"), c.integer("components", 1), c.boolean("whiten"),
+                           c.integer("k", 1), c.text("weights", WEIGHTS))
+        mean = f.array("mean", (None,))
+        components = f.array("components", (None, len(mean)))
+        scale = f.array("scale", (len(components),))
+        train = f.array("train", (None, len(components)))
+        labels = f.array("labels", (len(train),), "i")
+        if not (scale > 0).all():
+            raise ValueError("array 'scale' must be positive")
+        return cls(config=config, model=model, threshold=threshold, mean=mean,
+                   components=components, scale=scale, train=train, labels=labels)

@@ -24,7 +24,8 @@ from scipy import ndimage
 from skimage.restoration import denoise_nl_means
 from torch import nn
 
-from frmap.engine.detectors.base import Detector, Threshold
+from frmap.engine.data.footprints import MAX_FOOTPRINT_SIDE
+from frmap.engine.detectors.base import Detector, FileFields, Threshold
 from frmap.engine.detectors.features import Features, collect_features
 
 
@@ -49,8 +50,8 @@ class SqueezeConfig:
 
     Attributes:
         bits: colour depth in bits (1..8).
-        median: side of the median filter window.
-        nl_means: non-local means parameters.
+        median: side of the median filter window (files: at most 65).
+        nl_means: non-local means parameters (files: windows of at most 65).
     """
 
     bits: int | None = 5
@@ -152,6 +153,15 @@ class FeatureSqueezer(Detector):
 
     @classmethod
     def _from_file(cls, meta, arrays, *, model, threshold):
-        config = meta["config"]
-        nl_means = config["nl_means"] and NLMeans(**config["nl_means"])
-        return cls(SqueezeConfig(**{**config, "nl_means": nl_means}), model, threshold)
+        c = FileFields(meta, arrays).section("config")
+        nl_means = None
+        if not c.is_null("nl_means"):
+            n = c.section("nl_means")
+            nl_means = NLMeans(n.integer("search", 1, MAX_FOOTPRINT_SIDE),
+                               n.integer("block", 1, MAX_FOOTPRINT_SIDE),
+                               n.number("strength", 1e-3, 255.0))
+        config = SqueezeConfig(
+            bits=None if c.is_null("bits") else c.integer("bits", 1, 8),
+            median=None if c.is_null("median") else c.integer("median", 1, MAX_FOOTPRINT_SIDE),
+            nl_means=nl_means)
+        return cls(config, model, threshold)

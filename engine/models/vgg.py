@@ -123,14 +123,29 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
 def load_weights(model: nn.Module, path: str | Path) -> nn.Module:
     """Load a state-dict file into `model` (strictly: same names, same shapes) and return it.
 
+    Tensors are never cast: an integer tensor where the model has floating-point weights is
+    refused, as is a weight holding NaN or Inf.
+
     Raises:
         FileNotFoundError: no such file.
-        ValueError: the file is not a state dict, or it belongs to another architecture.
+        ValueError: the file is not a state dict, belongs to another architecture, or holds
+            integer or non-finite values where the model has floating-point weights.
     """
     state = read_state_dict(path)
+    expected = model.state_dict()
+    for name, tensor in state.items():
+        want = expected.get(name)
+        if want is None or not want.is_floating_point():
+            continue
+        if not tensor.is_floating_point():
+            raise ValueError(f"{path}: tensor {name!r} is {tensor.dtype}, but the model's is "
+                             f"{want.dtype}; refusing to cast it (save floating-point weights)")
+        if not bool(torch.isfinite(tensor).all()):
+            raise ValueError(f"{path}: tensor {name!r} holds NaN or Inf values")
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as err:
-        problems = "; ".join(line.strip() for line in str(err).splitlines()[1:] if line.strip())
+        lines = [line.strip() for line in str(err).splitlines()[1:] if line.strip()]
+        problems = "; ".join(line if len(line) <= 200 else line[:200] + " ..." for line in lines)
         raise ValueError(f"{path} does not fit {type(model).__name__}: {problems}") from None
     return model

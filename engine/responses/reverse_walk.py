@@ -92,6 +92,9 @@ def sequential_layers(net: nn.Module) -> list[nn.Module] | None:
 
 
 def _supported(layer: nn.Module) -> bool:
+    kind = next((k for k in _WALKED if isinstance(layer, k)), None)
+    if kind is None or type(layer).forward is not kind.forward:
+        return False  # a subclass with a forward of its own may do more (a hidden rectifier)
     if isinstance(layer, nn.Conv2d):
         return layer.padding_mode == "zeros" and not isinstance(layer.padding, str)
     if isinstance(layer, nn.MaxPool2d):
@@ -102,7 +105,12 @@ def _supported(layer: nn.Module) -> bool:
                 and not layer.return_indices)
     if isinstance(layer, nn.BatchNorm2d):
         return layer.running_var is not None
-    return isinstance(layer, (nn.ReLU, ReLURule, nn.Linear, *_LINEAR_MAPS, *_IDENTITIES))
+    return True
+
+
+# The layer classes the walk follows (subclasses only where they keep the class's forward).
+_WALKED = (nn.Conv2d, nn.MaxPool2d, nn.BatchNorm2d, nn.ReLU, ReLURule, nn.Linear, *_LINEAR_MAPS,
+           *_IDENTITIES)
 
 
 class _Step:

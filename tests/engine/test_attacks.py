@@ -203,19 +203,19 @@ def test_resume_after_interruption_gives_the_same_set(tmp_path, monkeypatch):
 
     out = tmp_path / "resumed"
     written = []
-    original = adversarial_sets._write_shard
+    original = adversarial_sets.atomic_write_bytes
 
-    def killed_after_two(path, arrays):
+    def killed_after_two(path, data):
         if len(written) == 2:
             raise KeyboardInterrupt("killed")
         written.append(path)
-        original(path, arrays)
+        original(path, data)
 
-    monkeypatch.setattr(adversarial_sets, "_write_shard", killed_after_two)
+    monkeypatch.setattr(adversarial_sets, "atomic_write_bytes", killed_after_two)
     with pytest.raises(KeyboardInterrupt):
         generate(attack, model, x, y, out, **kwargs)
     monkeypatch.undo()
-    (out / ".shard-00002.npz.tmp").write_bytes(b"half a shard")  # killed mid-write
+    (out / ".frmap-shard-00002.npz.x1y2.tmp").write_bytes(b"half a shard")  # killed mid-write
     with pytest.raises(ValueError, match="incomplete"):
         load_adversarial_set(out)
 
@@ -234,7 +234,7 @@ def test_generate_refuses_a_directory_holding_another_set(tmp_path):
     with pytest.raises(ValueError, match="attack"):
         generate(SMALL["gradient"], model, x, y, tmp_path, shard_size=8, progress=False)
     (tmp_path / "manifest.json").unlink()
-    with pytest.raises(ValueError, match="no manifest"):
+    with pytest.raises(ValueError, match="holds no adversarial set"):
         generate(SMALL["fgsm"], model, x, y, tmp_path, shard_size=8, progress=False)
 
 

@@ -139,7 +139,7 @@ def test_bad_arguments_fail_clearly(tmp_path):
     result = frmap("score", str(tmp_path / "empty"))
     assert result.returncode == 1 and "holds no image files" in result.stderr
     result = frmap("score", str(tmp_path), "--footprint", "blob7")
-    assert result.returncode == 1 and "unknown footprint" in result.stderr
+    assert result.returncode == 2 and "argument --footprint: unknown footprint" in result.stderr
 
 
 def test_attack_is_resumable_and_visualize_draws(tmp_path, digit_files):

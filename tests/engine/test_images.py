@@ -9,6 +9,7 @@ from PIL import Image
 
 from frmap.engine.data.images import (
     DIGITS_IMAGES,
+    EXTENSIONS,
     IMAGENET_IMAGES,
     ImageFileError,
     expand_paths,
@@ -82,7 +83,12 @@ def test_expand_paths(tmp_path):
         "x.png", "d/a.png", "d/b.png", "d/sub/c.jpg"
     ]
     (tmp_path / "empty").mkdir()
-    with pytest.raises(ValueError, match="empty: folder holds no image files"):
-        list(expand_paths([tmp_path / "empty"]))
-    with pytest.raises(FileNotFoundError, match="missing.png: no such file"):
-        list(expand_paths([tmp_path / "missing.png"]))
+    (tmp_path / "loop.png").symlink_to(tmp_path / "loop.png")
+    got = list(expand_paths([tmp_path / "empty", tmp_path / "missing.png", single,
+                             tmp_path / "loop.png"]))
+    assert [str(e) if isinstance(e, ImageFileError) else e for e in got] == [
+        f"{tmp_path / 'empty'}: folder holds no image files ({', '.join(EXTENSIONS)})",
+        f"{tmp_path / 'missing.png'}: no such file or folder",
+        single,
+        f"{tmp_path / 'loop.png'}: broken symbolic link or symbolic link loop",
+    ]
