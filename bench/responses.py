@@ -1,12 +1,14 @@
-"""`frmap bench responses`: the response engine's two paths vs Captum's GuidedBackprop.
+"""`frmap bench responses`: the response engine's paths vs Captum's GuidedBackprop.
 
 Full: VGG19 with random weights (seed 0), 224x224 images, batch 1 and 8, 2 intra-op threads;
-quick (a CI smoke test, no targets): VGG11 at 64x64, batch 4, once. All three compute the same
-responses (guided rule, target conv_max = features[35] for VGG19, ImageNet normalisation inside
-the model). Before timing, each is compared with Captum run in float64: at VGG19's depth a
+quick (a CI smoke test, no targets): VGG11 at 64x64, batch 4, once. Every method computes the
+same responses (guided rule, target conv_max = features[35] for VGG19, ImageNet normalisation
+inside the model): the reverse walk in float32 and in bf16 (`precision="bf16"`), the autograd
+path, Captum. Before timing, each is compared with Captum run in float64: at VGG19's depth a
 float32 rounding difference can flip a ReLU mask or a max-pool argmax, so float32 responses
-(Captum's too) differ from float64 ones by up to about 1e-2 of their maximum; an engine path
-must be as accurate as float32 Captum (relative L2 error at most twice Captum's, or 1e-5).
+(Captum's too) differ from float64 ones by up to about 1e-2 of their maximum; a float32 engine
+path must be as accurate as float32 Captum (relative L2 error at most twice Captum's, or 1e-5),
+the bf16 walk within `BF16_L2` relative L2 error.
 
 - Speed: images per second, the best of a few repeats after a warm-up; the methods take turns
   in every round, so a busy machine slows them alike.
@@ -42,7 +44,14 @@ from frmap.engine.models import Normalized, load_vgg, torch_settings
 from frmap.engine.responses import ResponseEngine
 from frmap.engine.responses.targets import conv_max_index
 
-METHODS = ("reverse_walk", "autograd", "captum")
+# method -> (engine path, precision); "captum" is Captum's GuidedBackprop
+ENGINE_METHODS = {"reverse_walk": ("reverse_walk", "float32"),
+                  "reverse_walk_bf16": ("reverse_walk", "bf16"),
+                  "autograd": ("autograd", "float32")}
+METHODS = (*ENGINE_METHODS, "captum")
+FLOAT32_PATHS = ("reverse_walk", "autograd")
+# The bf16 walk's bound on the relative L2 error of its responses against float64 Captum.
+BF16_L2 = 0.1
 _CONV_OPS = ("aten::convolution", "aten::convolution_backward")
 
 
@@ -77,7 +86,8 @@ class _ChannelMaxSum(nn.Module):
 def runner(model: nn.Module, method: str, batch: int) -> Callable[[torch.Tensor], torch.Tensor]:
     """x -> guided conv_max responses of a torchvision VGG, by `method` (see `METHODS`)."""
     if method != "captum":
-        return ResponseEngine(model, path=method, batch_size=batch).responses
+        path, precision = ENGINE_METHODS[method]
+        return ResponseEngine(model, path=path, precision=precision, batch_size=batch).responses
     from captum.attr import GuidedBackprop
 
     features = model.features[:conv_max_index(list(model.features)) + 1]
@@ -119,7 +129,8 @@ def accuracy(model: nn.Module, x: torch.Tensor, outs: dict[str, torch.Tensor]) -
     """Max and L2 relative errors of each method's responses `outs` against Captum in float64.
 
     Raises:
-        RuntimeError: an engine path is less accurate than float32 Captum (see above).
+        RuntimeError: a float32 engine path is less accurate than float32 Captum, or the bf16
+            walk is off by more than `BF16_L2` (see above).
     """
     truth = runner(copy.deepcopy(model).double(), "captum", len(x))(x.double())
     errors = {}
@@ -127,9 +138,11 @@ def accuracy(model: nn.Module, x: torch.Tensor, outs: dict[str, torch.Tensor]) -
         diff = out.double() - truth
         errors[m] = {"max_rel": float(diff.abs().max() / truth.abs().max()),
                      "l2_rel": float(diff.norm() / truth.norm())}
-    for m in METHODS[:2]:
+    for m in FLOAT32_PATHS:
         if m in errors and errors[m]["l2_rel"] > max(2 * errors["captum"]["l2_rel"], 1e-5):
             raise RuntimeError(f"{m} is less accurate than Captum: {errors}")
+    if "reverse_walk_bf16" in errors and errors["reverse_walk_bf16"]["l2_rel"] > BF16_L2:
+        raise RuntimeError(f"the bf16 walk is off by more than {BF16_L2}: {errors}")
     return errors
 
 
@@ -188,7 +201,7 @@ def run(quick: bool = False) -> dict:
                 rows.append({"method": m, "batch": batch, "seconds": best[m],
                              "images_per_s": batch / best[m], "peak_mib": peak})
             shares += [_conv_share(ResponseEngine(model, path=m, batch_size=batch), x,
-                                   setup.repeats) for m in METHODS[:2]]
+                                   setup.repeats) for m in FLOAT32_PATHS]
     _add_ratios(rows)
     weights = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20
     return {"setup": asdict(setup), "weights_mib": weights, "rows": rows,
@@ -212,6 +225,10 @@ def _targets(rows: list[dict], shares: list[dict], batch: int) -> list[dict]:
     memory = next(r["memory_vs_captum"] for r in walk if r["batch"] == batch)
     out.append({"target": f"reverse walk peak memory beyond the weights / Captum, batch {batch}",
                 "value": memory, "goal": "<= 0.25", "ok": memory <= 0.25})
+    bf16 = next(r for r in rows if r["method"] == "reverse_walk_bf16" and r["batch"] == batch)
+    speedup = bf16["images_per_s"] / next(r["images_per_s"] for r in walk if r["batch"] == batch)
+    out.append({"target": f"bf16 reverse walk speed / float32, batch {batch}", "value": speedup,
+                "goal": ">= 1.5", "ok": speedup >= 1.5})
     share = next(s["outside_share"] for s in shares
                  if s["method"] == "reverse_walk" and s["batch"] == batch)
     out.append({"target": f"share of reverse-walk scores time outside the convolutions, "
@@ -224,10 +241,10 @@ def table(result: dict) -> str:
     s = result["setup"]
     lines = [f"{s['arch']} {s['size']}x{s['size']}, {s['threads']} threads, guided conv_max; "
              f"weights {result['weights_mib']:.0f} MiB",
-             f"{'method':13} {'batch':>5} {'s/batch':>9} {'img/s':>8} {'x Captum':>9} "
+             f"{'method':17} {'batch':>5} {'s/batch':>9} {'img/s':>8} {'x Captum':>9} "
              f"{'peak MiB':>9} {'x Captum':>9}"]
     for r in result["rows"]:
-        lines.append(f"{r['method']:13} {r['batch']:>5} {r['seconds']:9.3f} "
+        lines.append(f"{r['method']:17} {r['batch']:>5} {r['seconds']:9.3f} "
                      f"{r['images_per_s']:8.2f} {r['speed_vs_captum']:9.2f} "
                      f"{r['peak_mib']:9.0f} {r['memory_vs_captum']:9.2f}")
     lines.append("")

@@ -77,12 +77,13 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     config = StudyConfig(
         attacks=tuple(args.attacks.split(",")) if args.attacks else tuple(ATTACKS),
         footprints=tuple(args.footprints.split(",")) if args.footprints else StudyConfig.footprints,
-        rule=args.rule, target=args.target, preprocess=model.preprocess,
-        attack_limit=args.limit, batch_size=args.batch_size, seed=args.seed,
+        rule=args.rule, target=args.target, precision=args.precision,
+        preprocess=model.preprocess, attack_limit=args.limit, batch_size=args.batch_size,
+        seed=args.seed,
     )
     comparison = ComparisonConfig(
         detectors=tuple(args.detectors.split(",")), attacks=config.attacks, rule=args.rule,
-        target=args.target, preprocess=model.preprocess,
+        target=args.target, precision=args.precision, preprocess=model.preprocess,
         squeeze=DIGITS_SQUEEZERS if model.name == "digits" else IMAGENET_SQUEEZERS,
         attack_limit=args.limit,
         train_limit=args.limit, batch_size=args.batch_size, seed=args.seed,
@@ -222,8 +223,13 @@ def cmd_train_digits(args: argparse.Namespace) -> int:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     import importlib
+    import importlib.util
 
-    bench = importlib.import_module(f"frmap.bench.{args.target}")
+    # the rows of another device are the module `<target>_<device>`
+    name = args.target if args.device == "cpu" else f"{args.target}_{args.device}"
+    if importlib.util.find_spec(f"frmap.bench.{name}") is None:
+        raise ValueError(f"`frmap bench {args.target}` has no --device {args.device} rows")
+    bench = importlib.import_module(f"frmap.bench.{name}")
     result = bench.run(quick=args.quick)
     print(bench.table(result))
     if args.json:

@@ -59,7 +59,8 @@ def response_engine(model: LoadedModel, args: argparse.Namespace):
 
     return ResponseEngine(model.raw, rule=getattr(args, "rule", "guided"),
                           target=getattr(args, "target", "conv_max"),
-                          batch_size=args.batch_size, preprocess=model.preprocess)
+                          batch_size=args.batch_size, preprocess=model.preprocess,
+                          precision=args.precision)
 
 
 def load_files(paths: list[Path], spec: object) -> tuple[list[Path], list[torch.Tensor]]:

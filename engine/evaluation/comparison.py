@@ -72,6 +72,7 @@ class ComparisonConfig:
         detectors: names from `DETECTORS`; the "combined" row is always added.
         attacks: attack names (see `frmap.engine.attacks.ATTACKS`).
         footprint, rule, target: the entropy detector's window, backward rule and target.
+        precision: the entropy detector's response precision, "float32" or "bf16".
         preprocess: "imagenet" for torchvision ImageNet models, None for models taking the
             images as they are.
         layers: feature layers (None: `default_layers`); kNN runs on each of them alone.
@@ -93,6 +94,7 @@ class ComparisonConfig:
     footprint: str = "square3"
     rule: str = "guided"
     target: str = "conv_max"
+    precision: str = "float32"
     preprocess: str | None = None
     layers: tuple[str, ...] | None = None
     knn: KNNConfig | None = None
@@ -304,7 +306,8 @@ def _scorer(name: str, subject: Subject, data: ComparisonData, config: Compariso
     """The scoring function of the detector `name`, fitted on the fit images."""
     if name == "entropy":
         engine = ResponseEngine(subject.model, rule=config.rule, target=config.target,
-                                batch_size=config.batch_size, preprocess=config.preprocess)
+                                batch_size=config.batch_size, preprocess=config.preprocess,
+                                precision=config.precision)
         footprint = parse_footprint(config.footprint)
         return lambda p: engine.scores(p.images, footprint).cpu().numpy()
     if name == "squeeze":

@@ -1,0 +1,149 @@
+"""`frmap bench responses --device cuda`: the response engine vs Captum on one GPU.
+
+Full: VGG19 with random weights (seed 0) at 224x224, batch 1, 8 and 64; quick: VGG11 at 64x64,
+batch 4. Methods as in `frmap bench responses` (`frmap.bench.responses.METHODS`: the reverse
+walk in float32 and bf16, the autograd path, Captum's GuidedBackprop), all on the GPU, with
+images already there:
+
+- Correctness, once per batch before timing: every method against Captum in float64 on the
+  same GPU, with the CPU benchmark's bounds (`frmap.bench.responses.accuracy`).
+- Speed: images per second from CUDA events, the median of `Setup.repeats` calls after two
+  warm-up calls (which also compile the Triton kernels); the methods take turns in each round.
+- Memory: `torch.cuda.max_memory_allocated` during one call, minus what was allocated before it
+  (the model and the images): the memory of the responses beyond the weights.
+- Screening: end-to-end `ResponseEngine.scores` (responses and the fused 3x3 Triton score) of
+  the reverse walk in float32 and bf16, images per second, timed the same way.
+"""
+
+from __future__ import annotations
+
+import functools
+import statistics
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+
+import frmap.bench.machine as machine
+from frmap.bench.responses import ENGINE_METHODS, METHODS, accuracy, bench_images, runner
+from frmap.engine.models import load_vgg
+from frmap.engine.responses import ResponseEngine
+
+SCREENING = ("reverse_walk", "reverse_walk_bf16")
+
+
+@dataclass(frozen=True)
+class Setup:
+    """What one CUDA run measures."""
+
+    arch: str
+    size: int
+    batches: tuple[int, ...]
+    repeats: int
+
+
+FULL = Setup("vgg19", 224, (1, 8, 64), repeats=10)
+QUICK = Setup("vgg11", 64, (4,), repeats=3)
+
+
+def unavailable_reason() -> str | None:
+    """Why the CUDA rows cannot run here, or None."""
+    if not torch.cuda.is_available():
+        return "no CUDA device (torch.cuda.is_available() is False)"
+    try:
+        import captum  # noqa: F401
+    except ImportError as err:
+        return f"captum is not installed ({err})"
+    return None
+
+
+def cuda_seconds(fn: Callable[[], object], repeats: int) -> float:
+    """Median seconds of one `fn()` on the current CUDA stream, after two warm-up calls."""
+    for _ in range(2):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        stop.record()
+        stop.synchronize()
+        times.append(start.elapsed_time(stop) / 1e3)
+    return statistics.median(times)
+
+
+def peak_mib(fn: Callable[[], object]) -> float:
+    """Peak CUDA memory allocated during `fn()` beyond what was allocated before it (MiB)."""
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - before) / 2**20
+
+
+def run(quick: bool = False) -> dict:
+    """Measure every method at every batch size, or say why the rows are skipped here.
+
+    Returns:
+        {"skipped": reason or None, "setup", "rows", "screening", "errors_vs_float64",
+        "machine"}; rows and screening are empty when skipped.
+    """
+    setup = QUICK if quick else FULL
+    result = {"skipped": unavailable_reason(), "setup": asdict(setup), "rows": [],
+              "screening": [], "errors_vs_float64": [], "machine": machine.describe()}
+    if result["skipped"]:
+        return result
+    model = load_vgg(setup.arch, seed=0).cuda()
+    footprint = np.ones((3, 3), dtype=bool)
+    for batch in setup.batches:
+        x = bench_images(batch, setup.size).cuda()
+        runs = {m: runner(model, m, batch) for m in METHODS}
+        outs = {m: runs[m](x) for m in METHODS}
+        result["errors_vs_float64"].append({"batch": batch, **accuracy(model, x, outs)})
+        del outs
+        for m in METHODS:
+            call = functools.partial(runs[m], x)
+            seconds = cuda_seconds(call, setup.repeats)
+            result["rows"].append({"method": m, "batch": batch, "seconds": seconds,
+                                   "images_per_s": batch / seconds, "peak_mib": peak_mib(call)})
+        for m in SCREENING:
+            path, precision = ENGINE_METHODS[m]
+            engine = ResponseEngine(model, path=path, precision=precision, batch_size=batch)
+            seconds = cuda_seconds(functools.partial(engine.scores, x, footprint), setup.repeats)
+            result["screening"].append({"method": m, "batch": batch, "seconds": seconds,
+                                        "images_per_s": batch / seconds})
+        del runs, call, engine
+    for r in result["rows"]:
+        captum = next(c for c in result["rows"]
+                      if c["method"] == "captum" and c["batch"] == r["batch"])
+        r["speed_vs_captum"] = r["images_per_s"] / captum["images_per_s"]
+        r["memory_vs_captum"] = r["peak_mib"] / captum["peak_mib"]
+    return result
+
+
+def table(result: dict) -> str:
+    """The rows, the screening throughput and the errors; or why the rows were skipped."""
+    if result["skipped"]:
+        return f"CUDA rows skipped: {result['skipped']}"
+    s = result["setup"]
+    lines = [f"{s['arch']} {s['size']}x{s['size']} on {result['machine']['cuda']}, guided "
+             "conv_max, CUDA events, median of "
+             f"{s['repeats']}",
+             f"{'method':17} {'batch':>5} {'ms/batch':>9} {'img/s':>9} {'x Captum':>9} "
+             f"{'peak MiB':>9} {'x Captum':>9}"]
+    for r in result["rows"]:
+        lines.append(f"{r['method']:17} {r['batch']:>5} {1e3 * r['seconds']:9.2f} "
+                     f"{r['images_per_s']:9.1f} {r['speed_vs_captum']:9.2f} "
+                     f"{r['peak_mib']:9.0f} {r['memory_vs_captum']:9.2f}")
+    lines.append("")
+    for r in result["screening"]:
+        lines.append(f"screening (responses + fused score) {r['method']:17} batch "
+                     f"{r['batch']:>3}: {r['images_per_s']:9.1f} img/s")
+    for e in result["errors_vs_float64"]:
+        errs = ", ".join(f"{m} {e[m]['max_rel']:.1e} / {e[m]['l2_rel']:.1e}" for m in METHODS)
+        lines.append(f"error vs float64 Captum, batch {e['batch']} (max rel / L2 rel): {errs}")
+    lines.append("\n" + machine.summary(result["machine"]))
+    return "\n".join(lines)
