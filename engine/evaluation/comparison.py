@@ -30,16 +30,15 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from sklearn.linear_model import LogisticRegression
-from sklearn.pipeline import make_pipeline
-from sklearn.preprocessing import StandardScaler
 from torch import nn
 
 from frmap.engine.attacks import ATTACKS, AdversarialSet, AttackStats, attack_stats
 from frmap.engine.data.files import write_json
 from frmap.engine.data.footprints import parse_footprint
 from frmap.engine.detectors import (
+    Detector,
     DistanceEvolutionDetector,
+    EntropyDetector,
     EvolutionConfig,
     EvolutionTrainReport,
     Features,
@@ -54,9 +53,11 @@ from frmap.engine.detectors.distance_evolution import CLEAN, Examples
 from frmap.engine.detectors.squeeze import IMAGENET_SQUEEZERS
 from frmap.engine.evaluation.figures import roc_figure
 from frmap.engine.evaluation.metrics import AttackEvaluation, evaluate_attack, roc, write_results
+from frmap.engine.evaluation.study import MIN_ADVERSARIALS
 from frmap.engine.evaluation.subject import Subject
 from frmap.engine.models import torch_settings
 from frmap.engine.responses import ResponseEngine
+from frmap.engine.screening import Combiner, Screener
 
 DETECTORS = ("entropy", "knn", "distance-lstm", "distance-mlp", "squeeze")
 COMBINED = "combined"
@@ -137,6 +138,8 @@ class ComparisonReport:
         images: role ("fit", "validation", "combiner" in the train split; "calibration";
             "test") -> the indices of the images of that role in their split.
         files: what was written, by kind.
+        screener: the detectors of the saved screener ("combined" first where it combines
+            them), empty where none was saved.
     """
 
     model: str
@@ -149,6 +152,7 @@ class ComparisonReport:
     training: dict[str, EvolutionTrainReport]
     images: dict[str, list[int]]
     files: dict[str, str]
+    screener: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -300,26 +304,33 @@ def _network(data: ComparisonData, config: EvolutionConfig, identity: str, progr
             config, model=identity, progress=progress)
 
 
-def _scorer(name: str, subject: Subject, data: ComparisonData, config: ComparisonConfig,
-            knn: KNNConfig, evolution: EvolutionConfig, training: dict, progress: bool
-            ) -> Scorer:
-    """The scoring function of the detector `name`, fitted on the fit images."""
+def _detector(name: str, subject: Subject, data: ComparisonData, config: ComparisonConfig,
+              knn: KNNConfig, evolution: EvolutionConfig, training: dict, progress: bool
+              ) -> Detector:
+    """The detector `name`, fitted on the fit images (uncalibrated)."""
     if name == "entropy":
-        engine = ResponseEngine(subject.model, rule=config.rule, target=config.target,
+        return EntropyDetector(config.footprint, config.rule, config.target, subject.identity)
+    if name == "squeeze":
+        return FeatureSqueezer(config.squeeze, subject.identity)
+    if name == "knn":
+        return KNNDetector.fit(data.fit[0].features, data.labels, knn, model=subject.identity)
+    detector = _network(data, replace(evolution, network=_NETWORKS[name]), subject.identity,
+                        progress)
+    training[name] = detector.report
+    return detector
+
+
+def _scorer(detector: Detector, subject: Subject, config: ComparisonConfig) -> Scorer:
+    """How `detector` scores a part (from its images or its features)."""
+    if isinstance(detector, EntropyDetector):
+        engine = ResponseEngine(subject.model, rule=detector.rule, target=detector.target,
                                 batch_size=config.batch_size, preprocess=config.preprocess,
                                 precision=config.precision)
-        footprint = parse_footprint(config.footprint)
+        footprint = parse_footprint(detector.footprint)
         return lambda p: engine.scores(p.images, footprint).cpu().numpy()
-    if name == "squeeze":
-        squeezer = FeatureSqueezer(config.squeeze, subject.identity)
-        return lambda p: squeezer.score(subject.classifier, p.images, p.features,
+    if isinstance(detector, FeatureSqueezer):
+        return lambda p: detector.score(subject.classifier, p.images, p.features,
                                         batch_size=config.batch_size)
-    if name == "knn":
-        detector = KNNDetector.fit(data.fit[0].features, data.labels, knn, model=subject.identity)
-    else:
-        detector = _network(data, replace(evolution, network=_NETWORKS[name]), subject.identity,
-                            progress)
-        training[name] = detector.report
     return lambda p: detector.score(p.features)
 
 
@@ -331,6 +342,7 @@ def compare_detectors(
     test: tuple[torch.Tensor, torch.Tensor],
     out_dir: str | Path,
     config: ComparisonConfig = ComparisonConfig(),
+    screener_path: str | Path | None = None,
     progress: bool = False,
 ) -> ComparisonReport:
     """Run every detector of `config` on the same adversarial sets; see the module docstring.
@@ -342,6 +354,8 @@ def compare_detectors(
             only correctly classified images take part.
         out_dir: where the adversarial sets, the results and the figures go.
         config: see `ComparisonConfig`.
+        screener_path: where to save the best detector set as a screener (`_best_screener`),
+            calibrated on the calibration split at `config.operating_fpr`; None: no screener.
         progress: show progress bars.
 
     Raises:
@@ -356,23 +370,52 @@ def compare_detectors(
     data = prepare(subject, train, calibration, test, out, config, collected, progress=progress)
 
     training: dict[str, EvolutionTrainReport] = {}
-    scorers = {name: _scorer(name, subject, data, config, knn, evolution, training, progress)
-               for name in config.detectors}
+    detectors = {name: _detector(name, subject, data, config, knn, evolution, training, progress)
+                 for name in config.detectors}
+    scorers = {name: _scorer(d, subject, config) for name, d in detectors.items()}
     scores = {name: data.scores(s) for name, s in scorers.items()}
-    weights, scores[COMBINED] = combine_scores(scorers, data.combiner, scores)
+    combiner = combine_scores(scorers, data.combiner)
+    scores[COMBINED] = {key: combiner({n: scores[n][key] for n in detectors})
+                        for key in data.evaluated}
+    weights = combiner.weight_of()
     results = [row for name, s in scores.items()
                for row in _rows(name, s, data.attacks, config.operating_fpr)]
     per_layer = _per_layer_rows(data, layers, knn, subject.identity, config) \
         if "knn" in config.detectors else []
     unseen = _unseen_rows(data, evolution, subject.identity, config, training, progress)
     files = _write(out, results, per_layer, unseen, scores, data.attacks)
+    chosen: tuple[str, ...] = ()
+    if screener_path is not None:
+        screener = _best_screener(subject, detectors, combiner, scores, results, config)
+        files["screener"] = str(screener.save(screener_path))
+        chosen = (*(["combined"] if screener.combiner else []), *screener.detectors)
     images = {role: i.tolist() for role, i in data.ids.items()}
     images |= {"calibration": data.evaluated["calibration"].image.tolist(),
                "test": data.evaluated["clean"].image.tolist()}
     report = ComparisonReport(subject.identity, data.attack_stats, data.train_attack_stats,
-                              results, per_layer, unseen, weights, training, images, files)
+                              results, per_layer, unseen, weights, training, images, files,
+                              chosen)
     write_json(out / "comparison-report.json", asdict(report))
     return report
+
+
+def _best_screener(subject: Subject, detectors: dict[str, Detector], combiner: Combiner,
+                   scores: dict[str, dict[str, np.ndarray]], results: list[AttackEvaluation],
+                   config: ComparisonConfig) -> Screener:
+    """The combination or the single detector with the best mean AUC over the attacks with at
+    least `MIN_ADVERSARIALS` adversarials (all attacks where none has), as a calibrated
+    screener."""
+    counts = {r.attack: r.n_adversarial for r in results}
+    measured = {a for a, n in counts.items() if n >= MIN_ADVERSARIALS} or set(counts)
+    auc = {name: np.mean([r.auc for r in results if r.detector == name and r.attack in measured])
+           for name in (*detectors, COMBINED)}
+    best = max(auc, key=auc.__getitem__)
+    chosen = detectors if best == COMBINED else {best: detectors[best]}
+    screener = Screener(subject.model, chosen, preprocess=config.preprocess,
+                        combiner=combiner if best == COMBINED else None,
+                        batch_size=config.batch_size)
+    return screener.calibrate_scores({n: scores[n]["calibration"] for n in chosen},
+                                     config.operating_fpr)
 
 
 def _rows(name: str, scores: dict[str, np.ndarray], attacks: Sequence[str],
@@ -426,32 +469,16 @@ def _write(out: Path, results: list[AttackEvaluation], per_layer: list[AttackEva
     return files
 
 
-def combine_scores(
-    scorers: dict[str, Scorer], combiner: Sequence[Part], scores: dict[str, dict[str, np.ndarray]]
-) -> tuple[dict[str, float], dict[str, np.ndarray]]:
-    """Fit a logistic regression on the combiner images' scores (both classes weigh the same).
+def combine_scores(scorers: dict[str, Scorer], combiner: Sequence[Part]) -> Combiner:
+    """Fit the combination on the combiner images' scores (clean versus adversarial).
 
-    Args:
-        scorers: the detectors, in the order of `scores`.
-        combiner: the combiner images' versions.
-        scores: detector -> evaluated set -> scores.
-
-    Returns:
-        (each detector's weight on its standardised score, the combination's decision values
-        on every evaluated set).
+    Raises:
+        ValueError: the combiner images lack clean or adversarial versions.
     """
-    x = np.column_stack([np.concatenate([score(p) for p in combiner])
-                         for score in scorers.values()])
-    y = np.concatenate([np.full(len(p.image), p.attack != CLEAN) for p in combiner])
-    if y.all() or not y.any():
-        raise ValueError("the combiner images need clean and adversarial versions")
-    combination = make_pipeline(StandardScaler(), LogisticRegression(class_weight="balanced"))
-    combination.fit(x, y)
-    weights = dict(zip(scorers, combination[-1].coef_[0].tolist(), strict=True))
-    keys = next(iter(scores.values()))
-    combined = {k: combination.decision_function(np.column_stack([s[k] for s in scores.values()]))
-                for k in keys}
-    return weights, combined
+    scores = {name: np.concatenate([score(p) for p in combiner])
+              for name, score in scorers.items()}
+    adversarial = np.concatenate([np.full(len(p.image), p.attack != CLEAN) for p in combiner])
+    return Combiner.fit(scores, adversarial)
 
 
 def comparison_table(results: Sequence[AttackEvaluation]) -> str:
