@@ -141,7 +141,8 @@ class _Normalize(_Step):
 
 class _Weights:
     """A layer's weights in the compute dtype: copies made once per weight, and again only
-    when the weight changes (its version counter moves), or the weights themselves."""
+    when the weight changes (its version counter moves: in-place torch ops, `load_state_dict`,
+    optimizer steps; not writes through `.data`), or the weights themselves."""
 
     def __init__(self, dtype: torch.dtype | None) -> None:
         self.dtype = dtype
