@@ -202,7 +202,7 @@ def run(quick: bool = False) -> dict:
                              "images_per_s": batch / best[m], "peak_mib": peak})
             shares += [_conv_share(ResponseEngine(model, path=m, batch_size=batch), x,
                                    setup.repeats) for m in FLOAT32_PATHS]
-    _add_ratios(rows)
+    add_ratios(rows)
     weights = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20
     return {"setup": asdict(setup), "weights_mib": weights, "rows": rows,
             "errors_vs_float64": errors, "conv_share": shares,
@@ -210,7 +210,8 @@ def run(quick: bool = False) -> dict:
             "machine": machine.describe()}
 
 
-def _add_ratios(rows: list[dict]) -> None:
+def add_ratios(rows: list[dict]) -> None:
+    """Add each row's speed and memory relative to Captum's row of the same batch."""
     for r in rows:
         captum = next(c for c in rows if c["method"] == "captum" and c["batch"] == r["batch"])
         r["speed_vs_captum"] = r["images_per_s"] / captum["images_per_s"]
@@ -240,21 +241,11 @@ def table(result: dict) -> str:
     """A readable table of the rows, the correctness check, the conv share and the targets."""
     s = result["setup"]
     lines = [f"{s['arch']} {s['size']}x{s['size']}, {s['threads']} threads, guided conv_max; "
-             f"weights {result['weights_mib']:.0f} MiB",
-             f"{'method':17} {'batch':>5} {'s/batch':>9} {'img/s':>8} {'x Captum':>9} "
-             f"{'peak MiB':>9} {'x Captum':>9}"]
-    for r in result["rows"]:
-        lines.append(f"{r['method']:17} {r['batch']:>5} {r['seconds']:9.3f} "
-                     f"{r['images_per_s']:8.2f} {r['speed_vs_captum']:9.2f} "
-                     f"{r['peak_mib']:9.0f} {r['memory_vs_captum']:9.2f}")
-    lines.append("")
+             f"weights {result['weights_mib']:.0f} MiB", *row_lines(result["rows"]), ""]
     for c in result["conv_share"]:
         lines.append(f"scores {c['method']:13} batch {c['batch']}: {c['wall_s']:.3f} s, "
                      f"convolutions {c['conv_s']:.3f} s, outside {100 * c['outside_share']:.1f}%")
-    for e in result["errors_vs_float64"]:
-        errs = ", ".join(f"{m} {e[m]['max_rel']:.1e} / {e[m]['l2_rel']:.1e}" for m in METHODS)
-        lines.append(f"error vs float64 Captum, batch {e['batch']} (max rel / L2 rel): {errs}")
-    lines.append("")
+    lines += [*error_lines(result["errors_vs_float64"]), ""]
     if not result["targets"]:
         lines.append("quick run: the targets apply to the full benchmark")
     for t in result["targets"]:
@@ -262,3 +253,20 @@ def table(result: dict) -> str:
                      f"(goal {t['goal']})")
     lines.append("\n" + machine.summary(result["machine"]))
     return "\n".join(lines)
+
+
+def row_lines(rows: list[dict]) -> list[str]:
+    """A header and one line per row: time, speed and peak memory, each beside Captum's."""
+    lines = [f"{'method':17} {'batch':>5} {'ms/batch':>9} {'img/s':>9} {'x Captum':>9} "
+             f"{'peak MiB':>9} {'x Captum':>9}"]
+    for r in rows:
+        lines.append(f"{r['method']:17} {r['batch']:>5} {1e3 * r['seconds']:9.1f} "
+                     f"{r['images_per_s']:9.2f} {r['speed_vs_captum']:9.2f} "
+                     f"{r['peak_mib']:9.0f} {r['memory_vs_captum']:9.2f}")
+    return lines
+
+
+def error_lines(errors: list[dict]) -> list[str]:
+    """One line per batch: each method's max and L2 relative error against float64 Captum."""
+    return [f"error vs float64 Captum, batch {e['batch']} (max rel / L2 rel): " + ", ".join(
+        f"{m} {e[m]['max_rel']:.1e} / {e[m]['l2_rel']:.1e}" for m in METHODS) for e in errors]

@@ -32,7 +32,10 @@ from frmap.bench.responses import (
     METHODS,
     Setup,
     accuracy,
+    add_ratios,
     bench_images,
+    error_lines,
+    row_lines,
     runner,
 )
 from frmap.engine.models import load_vgg, torch_settings
@@ -118,11 +121,7 @@ def run(quick: bool = False) -> dict:
             result["screening"].append({"method": m, "batch": batch, "seconds": seconds,
                                         "images_per_s": batch / seconds})
         del runs, call, engine
-    for r in result["rows"]:
-        captum = next(c for c in result["rows"]
-                      if c["method"] == "captum" and c["batch"] == r["batch"])
-        r["speed_vs_captum"] = r["images_per_s"] / captum["images_per_s"]
-        r["memory_vs_captum"] = r["peak_mib"] / captum["peak_mib"]
+    add_ratios(result["rows"])
     return result
 
 
@@ -132,20 +131,9 @@ def table(result: dict) -> str:
         return f"CUDA rows skipped: {result['skipped']}"
     s = result["setup"]
     lines = [f"{s['arch']} {s['size']}x{s['size']} on {result['machine']['cuda']}, guided "
-             "conv_max, CUDA events, median of "
-             f"{s['repeats']}",
-             f"{'method':17} {'batch':>5} {'ms/batch':>9} {'img/s':>9} {'x Captum':>9} "
-             f"{'peak MiB':>9} {'x Captum':>9}"]
-    for r in result["rows"]:
-        lines.append(f"{r['method']:17} {r['batch']:>5} {1e3 * r['seconds']:9.2f} "
-                     f"{r['images_per_s']:9.1f} {r['speed_vs_captum']:9.2f} "
-                     f"{r['peak_mib']:9.0f} {r['memory_vs_captum']:9.2f}")
-    lines.append("")
+             f"conv_max, CUDA events, median of {s['repeats']}", *row_lines(result["rows"]), ""]
     for r in result["screening"]:
         lines.append(f"screening (responses + fused score) {r['method']:17} batch "
                      f"{r['batch']:>3}: {r['images_per_s']:9.1f} img/s")
-    for e in result["errors_vs_float64"]:
-        errs = ", ".join(f"{m} {e[m]['max_rel']:.1e} / {e[m]['l2_rel']:.1e}" for m in METHODS)
-        lines.append(f"error vs float64 Captum, batch {e['batch']} (max rel / L2 rel): {errs}")
-    lines.append("\n" + machine.summary(result["machine"]))
+    lines += [*error_lines(result["errors_vs_float64"]), "", machine.summary(result["machine"])]
     return "\n".join(lines)
