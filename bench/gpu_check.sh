@@ -21,7 +21,7 @@
 # typing-extensions, matplotlib, tqdm, packaging, click, lazy-loader, cupy-cuda13x.)
 #
 # Steps, each under its own time limit (seconds) so that a slow one cannot eat the rest:
-#   environment 30, wheels 40, build 120, bench responses 90, bench entropy 50, tests 150
+#   environment 30, wheels 40, build 110, bench responses 80, bench entropy 70, tests 150
 # (480 in all; the tests on 4 workers where pytest-xdist is installed, as it is there).
 # OUTDIR receives gpu_check.log (every step's output), summary.txt (one line per step),
 # bench-responses-cuda.json, bench-entropy-cuda.json and pytest-cuda.xml.
@@ -125,10 +125,10 @@ say "python: $PYTHON; packages installed into $SITE"
 step environment 30 host environment
 CUDA=$(cat "$SITE/cuda" 2>/dev/null || echo 0)
 step wheels 40 host wheels
-step build 120 host build
-step "bench responses" 90 cuda frmap bench responses --device cuda \
+step build 110 host build
+step "bench responses" 80 cuda frmap bench responses --device cuda \
     --json "$OUTDIR/bench-responses-cuda.json"
-step "bench entropy" 50 cuda frmap bench entropy --device cuda \
+step "bench entropy" 70 cuda frmap bench entropy --device cuda \
     --json "$OUTDIR/bench-entropy-cuda.json"
 WORKERS=$("$PYTHON" -c "import xdist" 2>/dev/null && echo "-n 4")
 step tests 150 cuda "$PYTHON" -m pytest -m cuda $WORKERS -q -ra -p no:cacheprovider \

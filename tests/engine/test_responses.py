@@ -444,6 +444,40 @@ def test_bf16_responses(vgg11, name, rule, device):
         model.cpu()
 
 
+class _RoundToBF16(torch.autograd.Function):
+    """The identity that rounds its value, and the signal back through it, to bfloat16."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.to(torch.bfloat16).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad.to(torch.bfloat16).to(grad.dtype)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("rule", RULES)
+def test_bf16_is_exact_given_bfloat16_activations(rule, device):
+    """Captum in float64 with each conv's and linear layer's weights, input, output and the
+    signal back through it rounded to bfloat16 (the walk's arithmetic, but accumulated in
+    float64): the masks, pool choices, batch norm and the rest then see the same values. Equal
+    on the CPU here (relative L2 0); the bound leaves room for a sum that float32 accumulation
+    rounds to the other neighbour."""
+    model, x = small_cnn(), images((3, 1, 16, 16), 1)
+    net64 = copy.deepcopy(model).double()
+    for m in net64.modules():
+        if isinstance(m, (nn.Conv2d, nn.Linear)):
+            with torch.no_grad():
+                for p in m.parameters():
+                    p.copy_(p.to(torch.bfloat16))
+            m.register_forward_pre_hook(lambda m, args: (_RoundToBF16.apply(args[0]),))
+            m.register_forward_hook(lambda m, args, out: _RoundToBF16.apply(out))
+    expected = captum(net64, net64[7], rule, x.double(), "conv_max")
+    engine = ResponseEngine(model.to(device), rule=rule, preprocess=None, precision="bf16")
+    assert rel_l2(engine.responses(x.to(device)), expected) <= 1e-3
+
+
 def test_bf16_weights_are_cast_once_and_again_after_a_change():
     model, x = small_cnn(), images((3, 1, 16, 16), 12)
     engine = ResponseEngine(model, preprocess=None, precision="bf16", target="logit")
