@@ -24,7 +24,7 @@ from frmap.engine.models.named import NamedModel
 
 DEFAULT_OUT = Path("frmap-out")
 DEMO_ATTACKED = 200  # test digits attacked by `frmap demo`: keeps the whole study under 10 min
-BENCHMARKS = ("entropy", "responses", "attacks", "detectors")
+BENCHMARKS = ("entropy", "responses", "attacks", "detectors", "serve")
 # the detectors `frmap demo` builds its screener from: those fit in seconds on the digits
 DEMO_DETECTORS = ("entropy", "knn", "squeeze")
 
