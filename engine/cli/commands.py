@@ -176,6 +176,8 @@ def cmd_score(args: argparse.Namespace) -> int:
     _check_screener_precision(args)
     model = load_model(args)
     screener = _screener(model, args)
+    if args.ray:
+        return _score_on_ray(args, model, screener)
     failed = 0
 
     def flush(batch: list[Path]) -> None:
@@ -208,6 +210,40 @@ def cmd_score(args: argparse.Namespace) -> int:
     if failed:
         print(f"frmap score: {failed} file(s) skipped", file=sys.stderr)
     return 1 if failed else 0
+
+
+def _score_on_ray(args: argparse.Namespace, model: NamedModel, screener) -> int:
+    import tempfile
+
+    if not args.out:
+        raise ValueError("--ray writes its results to a file: give --out results.jsonl")
+    try:
+        import ray
+
+        from frmap.engine.serving.jobs import ScoreJob, run_score_job
+    except ImportError as err:
+        raise RuntimeError(f"frmap score --ray needs Ray ({err}): pip install 'frmap[serve]'"
+                           ) from None
+    paths = list(score_paths(args))
+    job = ScoreJob(model=args.model, weights=args.weights, seed=args.seed,
+                   batch_size=args.batch_size, shard_groups=args.shard_groups,
+                   workers=args.workers,
+                   gpus=1.0 if next(model.model.parameters()).is_cuda else 0.0)
+    local = {} if args.address else {"num_cpus": args.num_cpus}
+    ray.init(address=args.address, include_dashboard=False, log_to_driver=False, **local)
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            path = screener.save(Path(tmp) / "screener.frmap")
+            report = run_score_job(
+                paths, path, Path(args.out), job, spec=model.spec,
+                device=str(next(model.model.parameters()).device),
+                on_shard=lambda done, all_: print(f"frmap score: shard {done}/{all_}",
+                                                  file=sys.stderr, flush=True))
+    finally:
+        ray.shutdown()
+    print(f"frmap score: {report.inputs} inputs, {report.failed} failed, shards computed "
+          f"{len(report.computed)}, reused {len(report.reused)} -> {args.out}", file=sys.stderr)
+    return 1 if report.failed else 0
 
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
