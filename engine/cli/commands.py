@@ -186,17 +186,7 @@ def cmd_score(args: argparse.Namespace) -> int:
         failed += len(batch) - len(good)
         if not tensors:
             return
-        images = torch.stack(tensors)
-        if screener.calibrated:
-            result = screener.screen(images)
-            records = [result.record(i) for i in range(len(result))]
-        else:  # no thresholds: scores without flags
-            features, scores = screener.scores(images)
-            probabilities = features.probabilities
-            records = [{"prediction": int(p.argmax()), "confidence": round(float(p.max()), 6),
-                        "scores": {k: float(v[i]) for k, v in scores.items()},
-                        "combined": None, "flagged": None}
-                       for i, p in enumerate(probabilities)]
+        records = screener.records(torch.stack(tensors))
         for path, record in zip(good, records, strict=True):
             print(json.dumps({"path": str(path), **record}), flush=True)
 
@@ -300,12 +290,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     stop = threading.Event()
     local = {} if args.address else {"num_cpus": args.num_cpus}
     ray.init(address=args.address, include_dashboard=False, log_to_driver=False, **local)
+    for signum in (signal.SIGINT, signal.SIGTERM):  # after ray.init, which sets its own
+        signal.signal(signum, lambda *_: stop.set())
     try:
         serve.start(http_options={"host": args.host, "port": args.port})
         serve.run(service(Path(args.screener).read_bytes(), config), name="frmap",
                   route_prefix="/")
-        for signum in (signal.SIGINT, signal.SIGTERM):  # after Ray has set its own handlers
-            signal.signal(signum, lambda *_: stop.set())
         print(f"frmap serve: {args.screener} on http://{args.host}:{args.port} "
               f"({args.replicas} replica(s), batches of up to {args.max_batch}); "
               f"POST /screen, GET /healthz, GET /metrics; Ctrl-C stops", flush=True)

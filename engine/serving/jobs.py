@@ -97,22 +97,11 @@ class _Screening:
     def __call__(self, row: dict) -> dict:
         records, good = [], iter(())
         if len(row["images"]):
-            good = iter(_records(self.screener, torch.from_numpy(row["images"])))
+            good = iter(self.screener.records(torch.from_numpy(row["images"])))
         for path, error in zip(row["paths"], row["errors"], strict=True):
             records.append(json.dumps({"path": path, "error": error}) if error
                            else json.dumps({"path": path, **next(good)}))
         return {"group": row["group"], "lines": records}
-
-
-def _records(screener: Screener, images: torch.Tensor) -> list[dict]:
-    """What `frmap score` prints for a group (scores without flags when uncalibrated)."""
-    if screener.calibrated:
-        result = screener.screen(images)
-        return [result.record(i) for i in range(len(result))]
-    features, scores = screener.scores(images)
-    return [{"prediction": int(p.argmax()), "confidence": round(float(p.max()), 6),
-             "scores": {k: float(v[i]) for k, v in scores.items()}, "combined": None,
-             "flagged": None} for i, p in enumerate(features.probabilities)]
 
 
 def run_score_job(paths: Sequence[Path], screener: Path, out: Path, job: ScoreJob, *,

@@ -78,6 +78,9 @@ def test_frmap_serve_starts_answers_and_stops_on_sigterm(screener_file, pngs):
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         env={**os.environ, "RAY_ADDRESS": ""})
     try:
+        for line in proc.stdout:  # the service is up, its signal handlers in place
+            if line.startswith("frmap serve:"):
+                break
         _wait_healthy(f"http://127.0.0.1:{port}", time.monotonic() + TIMEOUT)
         reply = httpx.post(f"http://127.0.0.1:{port}/screen", content=pngs[0],
                            headers={"Content-Type": "image/png"}, timeout=30)
