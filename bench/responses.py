@@ -1,12 +1,14 @@
-"""`frmap bench responses`: the response engine's two paths vs Captum's GuidedBackprop.
+"""`frmap bench responses`: the response engine's paths vs Captum's GuidedBackprop.
 
 Full: VGG19 with random weights (seed 0), 224x224 images, batch 1 and 8, 2 intra-op threads;
-quick (a CI smoke test, no targets): VGG11 at 64x64, batch 4, once. All three compute the same
-responses (guided rule, target conv_max = features[35] for VGG19, ImageNet normalisation inside
-the model). Before timing, each is compared with Captum run in float64: at VGG19's depth a
+quick (a CI smoke test, no targets): VGG11 at 64x64, batch 4, once. Every method computes the
+same responses (guided rule, target conv_max = features[35] for VGG19, ImageNet normalisation
+inside the model): the reverse walk in float32 and in bf16 (`precision="bf16"`), the autograd
+path, Captum. Before timing, each is compared with Captum run in float64: at VGG19's depth a
 float32 rounding difference can flip a ReLU mask or a max-pool argmax, so float32 responses
-(Captum's too) differ from float64 ones by up to about 1e-2 of their maximum; an engine path
-must be as accurate as float32 Captum (relative L2 error at most twice Captum's, or 1e-5).
+(Captum's too) differ from float64 ones by up to about 1e-2 of their maximum; a float32 engine
+path must be as accurate as float32 Captum (relative L2 error at most twice Captum's, or 1e-5),
+the bf16 walk within `BF16_L2` relative L2 error.
 
 - Speed: images per second, the best of a few repeats after a warm-up; the methods take turns
   in every round, so a busy machine slows them alike.
@@ -42,7 +44,14 @@ from frmap.engine.models import Normalized, load_vgg, torch_settings
 from frmap.engine.responses import ResponseEngine
 from frmap.engine.responses.targets import conv_max_index
 
-METHODS = ("reverse_walk", "autograd", "captum")
+# method -> (engine path, precision); "captum" is Captum's GuidedBackprop
+ENGINE_METHODS = {"reverse_walk": ("reverse_walk", "float32"),
+                  "reverse_walk_bf16": ("reverse_walk", "bf16"),
+                  "autograd": ("autograd", "float32")}
+METHODS = (*ENGINE_METHODS, "captum")
+FLOAT32_PATHS = ("reverse_walk", "autograd")
+# The bf16 walk's bound on the relative L2 error of its responses against float64 Captum.
+BF16_L2 = 0.1
 _CONV_OPS = ("aten::convolution", "aten::convolution_backward")
 
 
@@ -77,7 +86,8 @@ class _ChannelMaxSum(nn.Module):
 def runner(model: nn.Module, method: str, batch: int) -> Callable[[torch.Tensor], torch.Tensor]:
     """x -> guided conv_max responses of a torchvision VGG, by `method` (see `METHODS`)."""
     if method != "captum":
-        return ResponseEngine(model, path=method, batch_size=batch).responses
+        path, precision = ENGINE_METHODS[method]
+        return ResponseEngine(model, path=path, precision=precision, batch_size=batch).responses
     from captum.attr import GuidedBackprop
 
     features = model.features[:conv_max_index(list(model.features)) + 1]
@@ -119,7 +129,8 @@ def accuracy(model: nn.Module, x: torch.Tensor, outs: dict[str, torch.Tensor]) -
     """Max and L2 relative errors of each method's responses `outs` against Captum in float64.
 
     Raises:
-        RuntimeError: an engine path is less accurate than float32 Captum (see above).
+        RuntimeError: a float32 engine path is less accurate than float32 Captum, or the bf16
+            walk is off by more than `BF16_L2` (see above).
     """
     truth = runner(copy.deepcopy(model).double(), "captum", len(x))(x.double())
     errors = {}
@@ -127,9 +138,11 @@ def accuracy(model: nn.Module, x: torch.Tensor, outs: dict[str, torch.Tensor]) -
         diff = out.double() - truth
         errors[m] = {"max_rel": float(diff.abs().max() / truth.abs().max()),
                      "l2_rel": float(diff.norm() / truth.norm())}
-    for m in METHODS[:2]:
+    for m in FLOAT32_PATHS:
         if m in errors and errors[m]["l2_rel"] > max(2 * errors["captum"]["l2_rel"], 1e-5):
             raise RuntimeError(f"{m} is less accurate than Captum: {errors}")
+    if "reverse_walk_bf16" in errors and errors["reverse_walk_bf16"]["l2_rel"] > BF16_L2:
+        raise RuntimeError(f"the bf16 walk is off by more than {BF16_L2}: {errors}")
     return errors
 
 
@@ -188,8 +201,8 @@ def run(quick: bool = False) -> dict:
                 rows.append({"method": m, "batch": batch, "seconds": best[m],
                              "images_per_s": batch / best[m], "peak_mib": peak})
             shares += [_conv_share(ResponseEngine(model, path=m, batch_size=batch), x,
-                                   setup.repeats) for m in METHODS[:2]]
-    _add_ratios(rows)
+                                   setup.repeats) for m in FLOAT32_PATHS]
+    add_ratios(rows)
     weights = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20
     return {"setup": asdict(setup), "weights_mib": weights, "rows": rows,
             "errors_vs_float64": errors, "conv_share": shares,
@@ -197,7 +210,8 @@ def run(quick: bool = False) -> dict:
             "machine": machine.describe()}
 
 
-def _add_ratios(rows: list[dict]) -> None:
+def add_ratios(rows: list[dict]) -> None:
+    """Add each row's speed and memory relative to Captum's row of the same batch."""
     for r in rows:
         captum = next(c for c in rows if c["method"] == "captum" and c["batch"] == r["batch"])
         r["speed_vs_captum"] = r["images_per_s"] / captum["images_per_s"]
@@ -212,6 +226,10 @@ def _targets(rows: list[dict], shares: list[dict], batch: int) -> list[dict]:
     memory = next(r["memory_vs_captum"] for r in walk if r["batch"] == batch)
     out.append({"target": f"reverse walk peak memory beyond the weights / Captum, batch {batch}",
                 "value": memory, "goal": "<= 0.25", "ok": memory <= 0.25})
+    bf16 = next(r for r in rows if r["method"] == "reverse_walk_bf16" and r["batch"] == batch)
+    speedup = bf16["images_per_s"] / next(r["images_per_s"] for r in walk if r["batch"] == batch)
+    out.append({"target": f"bf16 reverse walk speed / float32, batch {batch}", "value": speedup,
+                "goal": ">= 1.5", "ok": speedup >= 1.5})
     share = next(s["outside_share"] for s in shares
                  if s["method"] == "reverse_walk" and s["batch"] == batch)
     out.append({"target": f"share of reverse-walk scores time outside the convolutions, "
@@ -223,21 +241,11 @@ def table(result: dict) -> str:
     """A readable table of the rows, the correctness check, the conv share and the targets."""
     s = result["setup"]
     lines = [f"{s['arch']} {s['size']}x{s['size']}, {s['threads']} threads, guided conv_max; "
-             f"weights {result['weights_mib']:.0f} MiB",
-             f"{'method':13} {'batch':>5} {'s/batch':>9} {'img/s':>8} {'x Captum':>9} "
-             f"{'peak MiB':>9} {'x Captum':>9}"]
-    for r in result["rows"]:
-        lines.append(f"{r['method']:13} {r['batch']:>5} {r['seconds']:9.3f} "
-                     f"{r['images_per_s']:8.2f} {r['speed_vs_captum']:9.2f} "
-                     f"{r['peak_mib']:9.0f} {r['memory_vs_captum']:9.2f}")
-    lines.append("")
+             f"weights {result['weights_mib']:.0f} MiB", *row_lines(result["rows"]), ""]
     for c in result["conv_share"]:
         lines.append(f"scores {c['method']:13} batch {c['batch']}: {c['wall_s']:.3f} s, "
                      f"convolutions {c['conv_s']:.3f} s, outside {100 * c['outside_share']:.1f}%")
-    for e in result["errors_vs_float64"]:
-        errs = ", ".join(f"{m} {e[m]['max_rel']:.1e} / {e[m]['l2_rel']:.1e}" for m in METHODS)
-        lines.append(f"error vs float64 Captum, batch {e['batch']} (max rel / L2 rel): {errs}")
-    lines.append("")
+    lines += [*error_lines(result["errors_vs_float64"]), ""]
     if not result["targets"]:
         lines.append("quick run: the targets apply to the full benchmark")
     for t in result["targets"]:
@@ -245,3 +253,20 @@ def table(result: dict) -> str:
                      f"(goal {t['goal']})")
     lines.append("\n" + machine.summary(result["machine"]))
     return "\n".join(lines)
+
+
+def row_lines(rows: list[dict]) -> list[str]:
+    """A header and one line per row: time, speed and peak memory, each beside Captum's."""
+    lines = [f"{'method':17} {'batch':>5} {'ms/batch':>9} {'img/s':>9} {'x Captum':>9} "
+             f"{'peak MiB':>9} {'x Captum':>9}"]
+    for r in rows:
+        lines.append(f"{r['method']:17} {r['batch']:>5} {1e3 * r['seconds']:9.1f} "
+                     f"{r['images_per_s']:9.2f} {r['speed_vs_captum']:9.2f} "
+                     f"{r['peak_mib']:9.0f} {r['memory_vs_captum']:9.2f}")
+    return lines
+
+
+def error_lines(errors: list[dict]) -> list[str]:
+    """One line per batch: each method's max and L2 relative error against float64 Captum."""
+    return [f"error vs float64 Captum, batch {e['batch']} (max rel / L2 rel): " + ", ".join(
+        f"{m} {e[m]['max_rel']:.1e} / {e[m]['l2_rel']:.1e}" for m in METHODS) for e in errors]

@@ -21,7 +21,8 @@ _EXPORTS = {
                      "KNNDetector", "load_detector"), "detectors"),
     **dict.fromkeys(("IMAGENET_MEAN", "IMAGENET_STD", "VGG_ARCHS", "Normalized", "load_vgg",
                      "load_weights", "model_identity"), "models"),
-    **dict.fromkeys(("PATHS", "TARGETS", "EngineConfig", "ResponseEngine"), "responses"),
+    **dict.fromkeys(("PATHS", "PRECISIONS", "TARGETS", "EngineConfig", "ResponseEngine"),
+                     "responses"),
 }
 
 __all__ = sorted(_EXPORTS)

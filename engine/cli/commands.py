@@ -97,12 +97,13 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     config = StudyConfig(
         attacks=tuple(args.attacks.split(",")) if args.attacks else tuple(ATTACKS),
         footprints=args.footprints or StudyConfig.footprints,
-        rule=args.rule, target=args.target, preprocess=model.preprocess,
-        attack_limit=args.limit, batch_size=args.batch_size, seed=args.seed,
+        rule=args.rule, target=args.target, precision=args.precision,
+        preprocess=model.preprocess, attack_limit=args.limit, batch_size=args.batch_size,
+        seed=args.seed,
     )
     comparison = ComparisonConfig(
         detectors=tuple(args.detectors.split(",")), attacks=config.attacks, rule=args.rule,
-        target=args.target, preprocess=model.preprocess,
+        target=args.target, precision=args.precision, preprocess=model.preprocess,
         squeeze=DIGITS_SQUEEZERS if model.name == "digits" else IMAGENET_SQUEEZERS,
         attack_limit=args.limit,
         train_limit=args.limit, batch_size=args.batch_size, seed=args.seed,
@@ -150,6 +151,13 @@ def cmd_attack(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_screener_precision(args: argparse.Namespace) -> None:
+    """Screeners compute their responses in float32 for now: refuse --precision bf16."""
+    if args.precision != "float32":
+        raise ValueError(f"--precision {args.precision} is not available with screeners yet "
+                         f"(frmap {args.command}); frmap evaluate and visualize take it")
+
+
 def _screener(model: NamedModel, args: argparse.Namespace):
     """The screener of --screener, or an entropy-only one (no flags) from the arguments."""
     from frmap.engine.detectors import EntropyDetector
@@ -165,6 +173,7 @@ def _screener(model: NamedModel, args: argparse.Namespace):
 
 
 def cmd_score(args: argparse.Namespace) -> int:
+    _check_screener_precision(args)
     model = load_model(args)
     screener = _screener(model, args)
     if args.ray:
@@ -241,6 +250,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     from frmap.engine.screening import Screener
     from frmap.engine.screening.build import clean_detectors
 
+    _check_screener_precision(args)
     names = tuple(args.detectors.split(","))
     model = load_model(args)
     images, labels = dataset(model, args.data, "calibration", args.labels)
@@ -346,10 +356,12 @@ def cmd_train_digits(args: argparse.Namespace) -> int:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     import importlib
+    import importlib.util
 
-    if args.device == "cuda" and args.target != "entropy":
-        raise ValueError(f"only `frmap bench entropy` has --device cuda rows, not {args.target}")
+    # the rows of another device are the module `<target>_<device>`
     name = args.target if args.device == "cpu" else f"{args.target}_{args.device}"
+    if importlib.util.find_spec(f"frmap.bench.{name}") is None:
+        raise ValueError(f"`frmap bench {args.target}` has no --device {args.device} rows")
     bench = importlib.import_module(f"frmap.bench.{name}")
     result = bench.run(quick=args.quick)
     print(bench.table(result))

@@ -107,7 +107,8 @@ def response_engine(model: NamedModel, args: argparse.Namespace):
 
     return ResponseEngine(model.model, rule=getattr(args, "rule", "guided"),
                           target=getattr(args, "target", "conv_max"),
-                          batch_size=args.batch_size, preprocess=model.preprocess)
+                          batch_size=args.batch_size, preprocess=model.preprocess,
+                          precision=args.precision)
 
 
 def load_files(paths: list, spec: object) -> tuple[list[Path], list[torch.Tensor]]:

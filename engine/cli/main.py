@@ -21,11 +21,13 @@ def _footprint_names(text: str) -> tuple[str, ...]:
 
 
 def _rule_args(p: argparse.ArgumentParser) -> None:
-    from frmap.engine.responses import TARGETS
+    from frmap.engine.responses import PRECISIONS, TARGETS
     from frmap.kernels import RULES
 
     p.add_argument("--rule", default="guided", choices=RULES)
     p.add_argument("--target", default="conv_max", choices=TARGETS)
+    p.add_argument("--precision", default="float32", choices=tuple(PRECISIONS),
+                   help="bf16: the reverse walk's convolutions in bfloat16 (default float32)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -165,7 +167,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", metavar="FILE", help="also write the results as JSON here")
     p.add_argument("--quick", action="store_true", help="small sizes, few repeats")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
-                   help="cuda: the Triton kernels against cuCIM (entropy only)")
+                   help="cuda: the GPU rows (entropy, responses); without a GPU they are "
+                        "skipped, saying why")
     p.set_defaults(run=commands.cmd_bench)
     return parser
 

@@ -73,6 +73,7 @@ class ComparisonConfig:
         detectors: names from `DETECTORS`; the "combined" row is always added.
         attacks: attack names (see `frmap.engine.attacks.ATTACKS`).
         footprint, rule, target: the entropy detector's window, backward rule and target.
+        precision: the entropy detector's response precision, "float32" or "bf16".
         preprocess: "imagenet" for torchvision ImageNet models, None for models taking the
             images as they are.
         layers: feature layers (None: `default_layers`); kNN runs on each of them alone.
@@ -94,6 +95,7 @@ class ComparisonConfig:
     footprint: str = "square3"
     rule: str = "guided"
     target: str = "conv_max"
+    precision: str = "float32"
     preprocess: str | None = None
     layers: tuple[str, ...] | None = None
     knn: KNNConfig | None = None
@@ -322,7 +324,8 @@ def _scorer(detector: Detector, subject: Subject, config: ComparisonConfig) -> S
     """How `detector` scores a part (from its images or its features)."""
     if isinstance(detector, EntropyDetector):
         engine = ResponseEngine(subject.model, rule=detector.rule, target=detector.target,
-                                batch_size=config.batch_size, preprocess=config.preprocess)
+                                batch_size=config.batch_size, preprocess=config.preprocess,
+                                precision=config.precision)
         footprint = parse_footprint(detector.footprint)
         return lambda p: engine.scores(p.images, footprint).cpu().numpy()
     if isinstance(detector, FeatureSqueezer):

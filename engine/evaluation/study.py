@@ -38,6 +38,7 @@ class StudyConfig:
         attacks: attack names (see `frmap.engine.attacks.ATTACKS`).
         footprints: footprint names compared in the footprint study.
         rule, target: the response engine's backward rule and back-propagated target.
+        precision: the response engine's precision, "float32" or "bf16".
         preprocess: "imagenet" for torchvision ImageNet models, None for models taking the
             images as they are.
         operating_fpr: the false-positive rate of the saved detector and of precision/recall.
@@ -50,6 +51,7 @@ class StudyConfig:
     footprints: tuple[str, ...] = STUDY
     rule: str = "guided"
     target: str = "conv_max"
+    precision: str = "float32"
     preprocess: str | None = None
     operating_fpr: float = 0.05
     attack_limit: int | None = None
@@ -132,7 +134,8 @@ def run_study(
     subject = Subject.of(model, config.preprocess)
     classifier, identity = subject.classifier, subject.identity
     engine = ResponseEngine(subject.model, rule=config.rule, target=config.target,
-                            batch_size=config.batch_size, preprocess=config.preprocess)
+                            batch_size=config.batch_size, preprocess=config.preprocess,
+                            precision=config.precision)
     footprints = {name: parse_footprint(name) for name in config.footprints}
 
     cal_images, cal_labels = calibration

@@ -8,6 +8,18 @@ the same responses, chosen once, when the engine is built:
   ReLU input and the argmax of each max-pool window instead of the activations;
 - "autograd" (`frmap.engine.responses.autograd_path`): any model whose ReLUs are `nn.ReLU`
   modules.
+
+Precision, also chosen at construction: "float32" (the model's own dtype) or "bf16", the
+convolutions and linear layers of the reverse walk in bfloat16 on weights cast once, everything
+else exact given those bfloat16 activations (see `frmap.engine.responses.reverse_walk`). bf16
+runs on the reverse walk only: through autocast and autograd it was slower than float32 on the
+CPU where it was measured (0.4x), so the autograd path refuses it rather than run it slowly.
+On CUDA, float32 convolutions run in IEEE float32: cuDNN's default TF32 is turned off while the
+engine computes (and restored afterwards), so the GPU's responses are the CPU's to float32
+rounding in another order, which can flip a rare ReLU mask or max-pool choice: the CUDA tests
+hold them to 1e-3 relative L2 of float64 Captum. bf16 responses are off float64 by a relative L2
+of 0.05 (guided), 0.12 (deconvnet), 0.35 (gradient, whose signed sums cancel) on VGG11 at 64x64,
+and 0.03 from float32 on VGG19 at 224 (guided).
 """
 
 from __future__ import annotations
@@ -30,6 +42,7 @@ from frmap.kernels import RULES, check_footprint, response_score
 
 PATHS = ("auto", "reverse_walk", "autograd")
 PREPROCESS = ("imagenet", None)
+PRECISIONS = {"float32": None, "bf16": torch.bfloat16}
 
 
 @dataclass(frozen=True)
@@ -41,6 +54,7 @@ class EngineConfig:
     batch_size: int = 8
     preprocess: str | None = "imagenet"
     path: str = "auto"
+    precision: str = "float32"
 
     def __post_init__(self) -> None:
         if self.rule not in RULES:
@@ -52,6 +66,12 @@ class EngineConfig:
             raise ValueError(f"preprocess must be 'imagenet' or None, got {self.preprocess!r}")
         if self.path not in PATHS:
             raise ValueError(f"unknown path {self.path!r}; choose one of {', '.join(PATHS)}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"unknown precision {self.precision!r}; choose one of "
+                             f"{', '.join(PRECISIONS)}")
+        if self.precision == "bf16" and self.path == "autograd":
+            raise ValueError("precision='bf16' runs on the reverse walk only: the autograd path "
+                             "computes in float32 (use path='reverse_walk' or 'auto')")
 
 
 class ResponseEngine:
@@ -70,16 +90,19 @@ class ResponseEngine:
             the differentiable model; None feeds the images as they are (any channel count).
         path: "reverse_walk", "autograd", or "auto" (the walk where the model is a chain of
             layers it supports: see `sequential_layers`).
+        precision: "float32" or "bf16" (the walk's convolutions and linear layers in bfloat16;
+            see the module text).
 
     Raises:
-        ValueError: a bad setting, a model on another device, or path="reverse_walk" for a
-            model that is not a chain of supported layers.
+        ValueError: a bad setting, a model on another device, path="reverse_walk" or
+            precision="bf16" for a model that is not a chain of supported layers.
     """
 
     def __init__(self, model: nn.Module, *, rule: str = "guided", target: str | int = "conv_max",
                  batch_size: int = 8, device: str | torch.device | None = None,
-                 preprocess: str | None = "imagenet", path: str = "auto") -> None:
-        self.config = EngineConfig(rule, target, batch_size, preprocess, path)
+                 preprocess: str | None = "imagenet", path: str = "auto",
+                 precision: str = "float32") -> None:
+        self.config = EngineConfig(rule, target, batch_size, preprocess, path, precision)
         self.model = model
         params = next(model.parameters(), None)
         self.device = model_device(model)
@@ -90,11 +113,12 @@ class ResponseEngine:
         self._net = Normalized(model).to(self.device) if preprocess == "imagenet" else model
         self.channels = self._input_channels()
         layers = sequential_layers(self._net)
-        if path == "reverse_walk" and layers is None:
-            raise ValueError(f"{type(model).__name__} is not a chain of layers the reverse walk "
-                             "supports; use path='autograd' or 'auto'")
-        self._walk = ReverseWalk(layers, rule) if layers is not None and path != "autograd" \
-            else None
+        if layers is None and (path == "reverse_walk" or precision == "bf16"):
+            needs = "precision='bf16' needs the reverse walk, but " if path == "auto" else ""
+            raise ValueError(f"{needs}{type(model).__name__} is not a chain of layers the "
+                             "reverse walk supports; use path='autograd' or 'auto' in float32")
+        self._walk = ReverseWalk(layers, rule, PRECISIONS[precision]) \
+            if layers is not None and path != "autograd" else None
 
     @property
     def path(self) -> str:
@@ -204,7 +228,7 @@ class ResponseEngine:
         """Responses of one batch (validated images; classes with -1 for the top class)."""
         x = images.to(self.device, self.dtype)
         classes = None if classes is None else classes.to(self.device)
-        with _eval_mode(self.model):
+        with _eval_mode(self.model), _ieee_float32():
             if self._walk is None:
                 return autograd_responses(self.model, self._net, x, classes, self.config.rule)
             return self._walk.responses(x, classes)
@@ -218,6 +242,17 @@ def _out_of_memory(err: RuntimeError) -> bool:
     text = str(err)
     return isinstance(err, torch.OutOfMemoryError) or "can't allocate memory" in text or \
         "out of memory" in text
+
+
+@contextmanager
+def _ieee_float32() -> Iterator[None]:
+    """cuDNN convolutions in IEEE float32 inside, not TF32; the setting restored afterwards."""
+    allowed = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32 = allowed
 
 
 @contextmanager

@@ -28,6 +28,14 @@ fits in the budget, forward and back; the rest runs on the whole batch, whose we
 reuses. On the CPU (`HEAD_BYTES`) the chunks' activations stay in cache and in reused memory:
 faster, not just leaner (VGG19's first block on 8 images: 290 ms whole, 200 ms image by image).
 On a GPU (`HEAD_BYTES_GPU`) the budget only bounds the peak: its kernels want many images.
+
+Precision: with `compute_dtype=torch.bfloat16` the convolutions and linear layers, forward and
+back, run in bfloat16 on copies of their weights cast once (again only when a weight changes);
+their outputs are widened back to the walk's dtype, exactly. Everything else (the ReLU masks,
+the max-pool choices, batch norm, the normalisation, the returned responses) is computed from
+those values in the walk's dtype, so it is exact given the bfloat16 activations. Measured on a
+Zen 4 CPU (AVX512-BF16), per VGG layer: a bfloat16 convolution or transposed convolution with
+its weights cast once ran 1.8-2.6x faster than float32.
 """
 
 from __future__ import annotations
@@ -40,6 +48,7 @@ import torch.nn.functional as F
 import torchvision
 from torch import nn
 from torch.nn.modules.utils import _pair
+from torch.utils.weak import WeakIdKeyDictionary
 
 from frmap.engine.models.digits import DigitsCNN
 from frmap.engine.models.vgg import Normalized
@@ -138,23 +147,48 @@ class _Normalize(_Step):
         return r / self.layer.std.to(r)
 
 
+class _Weights:
+    """A layer's weights in the compute dtype: copies made once per weight, and again only
+    when the weight changes (its version counter moves: in-place torch ops, `load_state_dict`,
+    optimizer steps; not writes through `.data`), or the weights themselves."""
+
+    def __init__(self, dtype: torch.dtype | None) -> None:
+        self.dtype = dtype
+        self._copies = WeakIdKeyDictionary()
+
+    def __call__(self, w: torch.Tensor | None) -> torch.Tensor | None:
+        if w is None or self.dtype is None or w.dtype == self.dtype:
+            return w
+        stamp = (w._version, w.data_ptr(), w.device)
+        copy = self._copies.get(w)
+        if copy is None or copy[0] != stamp:
+            copy = (stamp, w.detach().to(self.dtype))
+            self._copies[w] = copy
+        return copy[1]
+
+
 class _Conv(_Step):
     """Convolution; its transpose is its input gradient."""
 
-    def __init__(self, layer: nn.Conv2d) -> None:
+    def __init__(self, layer: nn.Conv2d, weights: _Weights) -> None:
         self.layer = layer
+        self.weights = weights
 
     def forward(self, x):
-        return self.layer(x), x.shape[-2:]
+        c, w = self.layer, self.weights(self.layer.weight)
+        y = F.conv2d(x.to(w.dtype), w, self.weights(c.bias), c.stride, c.padding, c.dilation,
+                     c.groups)
+        return y.to(x.dtype), x.shape[-2:]
 
     def backward(self, r, in_size):
-        c = self.layer
+        c, w = self.layer, self.weights(self.layer.weight)
         # conv_transpose2d's output size is ambiguous for strides > 1: output_padding fixes it.
         extra = [size - ((out - 1) * s - 2 * p + d * (k - 1) + 1) for size, out, s, p, d, k in
                  zip(in_size, r.shape[-2:], c.stride, c.padding, c.dilation, c.kernel_size,
                      strict=True)]
-        return F.conv_transpose2d(r, c.weight, stride=c.stride, padding=c.padding,
-                                  output_padding=extra, groups=c.groups, dilation=c.dilation)
+        return F.conv_transpose2d(r.to(w.dtype), w, stride=c.stride, padding=c.padding,
+                                  output_padding=extra, groups=c.groups,
+                                  dilation=c.dilation).to(r.dtype)
 
     def out_shape(self, shape):
         c = self.layer
@@ -177,14 +211,17 @@ class _BatchNorm(_Step):
 
 
 class _Linear(_Step):
-    def __init__(self, layer: nn.Linear) -> None:
+    def __init__(self, layer: nn.Linear, weights: _Weights) -> None:
         self.layer = layer
+        self.weights = weights
 
     def forward(self, x):
-        return self.layer(x), None
+        w = self.weights(self.layer.weight)
+        return F.linear(x.to(w.dtype), w, self.weights(self.layer.bias)).to(x.dtype), None
 
     def backward(self, r, saved):
-        return r @ self.layer.weight
+        w = self.weights(self.layer.weight)
+        return (r.to(w.dtype) @ w).to(r.dtype)
 
     def out_shape(self, shape):
         return None
@@ -250,7 +287,9 @@ class _MaxPool(_Step):
         return (shape[0], shape[1] // self.kernel[0], shape[2] // self.kernel[1])
 
 
-def _steps(layers: Sequence[nn.Module], rule: str) -> list[_Step]:
+def _steps(layers: Sequence[nn.Module], rule: str,
+           weights: _Weights | None = None) -> list[_Step]:
+    weights = _Weights(None) if weights is None else weights
     steps: list[_Step] = []
     layers = [m for m in layers if not isinstance(m, _IDENTITIES)]
     i = 0
@@ -270,11 +309,11 @@ def _steps(layers: Sequence[nn.Module], rule: str) -> list[_Step]:
         elif isinstance(layer, Normalized):
             steps.append(_Normalize(layer))
         elif isinstance(layer, nn.Conv2d):
-            steps.append(_Conv(layer))
+            steps.append(_Conv(layer, weights))
         elif isinstance(layer, nn.BatchNorm2d):
             steps.append(_BatchNorm(layer))
         elif isinstance(layer, nn.Linear):
-            steps.append(_Linear(layer))
+            steps.append(_Linear(layer, weights))
         else:
             steps.append(_LinearMap(layer))
         i += 1
@@ -287,17 +326,21 @@ class ReverseWalk:
     Args:
         layers: the chain, as `sequential_layers` returns it; modules in eval mode while used.
         rule: "gradient", "deconvnet" or "guided".
+        compute_dtype: the dtype of the convolutions and linear layers (torch.bfloat16), or
+            None for the weights' own (see the module text).
     """
 
-    def __init__(self, layers: Sequence[nn.Module], rule: str) -> None:
+    def __init__(self, layers: Sequence[nn.Module], rule: str,
+                 compute_dtype: torch.dtype | None = None) -> None:
         self.layers = list(layers)
         self.rule = rule
+        self.weights = _Weights(compute_dtype)
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """The chain's output (what the model returns), through the walk's own forward."""
         with torch.no_grad():
             x = x.clone(memory_format=torch.channels_last)  # steps work in place
-            return self._forward(_steps(self.layers, self.rule), x)[0]
+            return self._forward(_steps(self.layers, self.rule, self.weights), x)[0]
 
     def responses(self, x: torch.Tensor, classes: torch.Tensor | None) -> torch.Tensor:
         """[N, C, H, W] responses of the images `x` (as the chain takes them).
@@ -309,7 +352,7 @@ class ReverseWalk:
                 after a convolution).
         """
         end = conv_max_index(self.layers) + 1 if classes is None else len(self.layers)
-        steps = _steps(self.layers[:end], self.rule)
+        steps = _steps(self.layers[:end], self.rule, self.weights)
         head, chunk = _head(steps, x)
         for before, step in zip(steps[:head], steps[1:head], strict=False):
             if isinstance(step, _MaxPool):

@@ -154,6 +154,17 @@ def test_attack_is_resumable_and_visualize_draws(tmp_path, digit_files):
     result = frmap("visualize", str(digit_files / "d0_7.png"), "--out", str(png))
     assert result.returncode == 0, result.stderr
     assert Image.open(png).size[0] > 300
+    result = frmap("visualize", str(digit_files / "d0_7.png"), "--precision", "bf16", "--out",
+                   str(tmp_path / "trace-bf16.png"))
+    assert result.returncode == 0, result.stderr
+
+
+@pytest.mark.parametrize("command", ["score", "calibrate"])
+def test_screeners_refuse_bf16_for_now(tmp_path, digit_files, command):
+    args = [str(digit_files)] if command == "score" else ["--out", str(tmp_path / "s.npz")]
+    result = frmap(command, *args, "--precision", "bf16")
+    assert result.returncode == 1 and "not available with screeners yet" in result.stderr
+    assert not (tmp_path / "s.npz").exists()
 
 
 @pytest.mark.needs_extension
@@ -183,8 +194,26 @@ def test_bench_entropy_cuda_rows_or_why_not(tmp_path):
     else:
         assert "CUDA rows skipped: no CUDA device" in result.stdout
         assert data["rows"] == []
-    result = frmap("bench", "responses", "--device", "cuda")
-    assert result.returncode == 1 and "only `frmap bench entropy`" in result.stderr
+    result = frmap("bench", "attacks", "--device", "cuda")
+    assert result.returncode == 1 and "`frmap bench attacks` has no --device cuda rows" in \
+        result.stderr
+
+
+def test_bench_responses_cuda_rows_or_why_not(tmp_path):
+    """On a GPU host every method's rows and the screening throughput; elsewhere the command
+    says that the CUDA rows are skipped, and why, and exits 0."""
+    import torch
+
+    out = tmp_path / "cuda.json"
+    result = frmap("bench", "responses", "--device", "cuda", "--quick", "--json", str(out))
+    assert result.returncode == 0, result.stderr
+    data = json.loads(out.read_text())
+    if torch.cuda.is_available():
+        assert data["skipped"] is None and len(data["rows"]) == 4 and len(data["screening"]) == 2
+        assert all(r["images_per_s"] > 0 and r["peak_mib"] > 0 for r in data["rows"])
+    else:
+        assert "CUDA rows skipped: no CUDA device" in result.stdout
+        assert data["rows"] == [] and data["screening"] == []
 
 
 def test_bench_responses_and_detectors_quick(tmp_path):
@@ -193,10 +222,12 @@ def test_bench_responses_and_detectors_quick(tmp_path):
     result = frmap("bench", "responses", "--quick", "--json", str(out))
     assert result.returncode == 0, result.stderr
     data = json.loads(out.read_text())
-    assert {r["method"] for r in data["rows"]} == {"reverse_walk", "autograd", "captum"}
+    assert {r["method"] for r in data["rows"]} == {"reverse_walk", "reverse_walk_bf16",
+                                                    "autograd", "captum"}
     assert all(r["seconds"] > 0 and r["peak_mib"] > 0 for r in data["rows"])
     errors = data["errors_vs_float64"][0]
     assert all(errors[m]["l2_rel"] < 1e-5 for m in ("reverse_walk", "autograd", "captum"))
+    assert 1e-4 < errors["reverse_walk_bf16"]["l2_rel"] < 0.1
     assert {s["method"] for s in data["conv_share"]} == {"reverse_walk", "autograd"}
     result = frmap("bench", "detectors", "--quick")
     assert result.returncode == 0, result.stderr
