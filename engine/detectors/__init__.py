@@ -15,6 +15,8 @@ from frmap.engine.detectors.distance_evolution import (
 from frmap.engine.detectors.entropy import EntropyDetector
 from frmap.engine.detectors.features import Features, collect_features, default_layers
 from frmap.engine.detectors.knn import KNNConfig, KNNDetector
+from frmap.engine.detectors.lid import LIDConfig, LIDDetector
+from frmap.engine.detectors.mahalanobis import MahalanobisConfig, MahalanobisDetector
 from frmap.engine.detectors.squeeze import FeatureSqueezer, SqueezeConfig
 
 __all__ = [
@@ -27,6 +29,10 @@ __all__ = [
     "Features",
     "KNNConfig",
     "KNNDetector",
+    "LIDConfig",
+    "LIDDetector",
+    "MahalanobisConfig",
+    "MahalanobisDetector",
     "SqueezeConfig",
     "Threshold",
     "calibrate_threshold",
