@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 from frmap.engine.attacks.base import Attack
-from frmap.engine.attacks.foolbox_attacks import Boundary, DeepFool
-from frmap.engine.attacks.one_pixel import OnePixel
+from frmap.engine.attacks.foolbox_attacks import BIM, PGD, Boundary, CarliniWagner, DeepFool
+from frmap.engine.attacks.one_pixel import FivePixel, OnePixel, ThreePixel
 from frmap.engine.attacks.single_step import FGSM, GradientAttack
 
 ATTACKS: dict[str, type[Attack]] = {
-    a.name: a for a in (FGSM, GradientAttack, OnePixel, DeepFool, Boundary)
+    a.name: a for a in (FGSM, GradientAttack, OnePixel, ThreePixel, FivePixel, DeepFool, Boundary,
+                        PGD, BIM, CarliniWagner)
 }
 
 
