@@ -16,7 +16,7 @@ combined by a logistic regression fitted on clean and adversarial training examp
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 import torch
@@ -124,6 +124,12 @@ class MahalanobisDetector(Detector):
                                                     strict=True)])
         return cls(config, model, means, precisions,
                    LayerCombination.fit(scores, examples.adversarial))
+
+    def with_combination(self, examples: Examples) -> MahalanobisDetector:
+        """A copy whose layer combination is refitted on `examples` (for instance with the
+        features `preprocessed_features` gives, which depend on the fitted Gaussians)."""
+        return replace(self, combination=LayerCombination.fit(
+            self.layer_scores(examples.features), examples.adversarial))
 
     def layer_scores(self, features: Features) -> np.ndarray:
         """`[N, L]` float64, each layer's minimum Mahalanobis distance."""

@@ -9,15 +9,20 @@
    train the score combination, "validation" images only choose the distance-evolution
    networks' epoch, and the other correctly classified train images are the "fit" images the
    detectors learn from (kNN index, class references, the networks' training examples).
-3. One forward pass per image set gives the layer features and logits shared by kNN, distance
-   evolution and feature squeezing; the entropy detector runs its own response engine.
+3. One forward pass per image set gives the layer features and logits shared by kNN,
+   Mahalanobis, LID, distance evolution and feature squeezing; the entropy detector runs its
+   own response engine (and Mahalanobis its pre-processing step, when asked for).
 4. Every detector scores clean calibration, clean test and adversarial test images, higher =
    more adversarial; thresholds come from the calibration split and metrics from the test
    split (`evaluate_attack`), images no detector was trained on.
 5. "combined" is a logistic regression over the detectors' standardised scores, fitted on the
    clean and adversarial versions of the combiner images.
-6. kNN also runs on each feature layer alone ("knn:<layer>"), and each distance-evolution
-   network is also trained without one attack and tested on it ("<network> unseen").
+6. kNN, Mahalanobis and LID also run on each feature layer alone ("knn:<layer>", ...), and
+   each distance-evolution network is also trained without one attack and tested on it
+   ("<network> unseen").
+
+A row with fewer than `MIN_ADVERSARIALS` adversarials is kept in the results but not measured:
+the table shows it as "too few to measure", no mean counts it and the ROC figures leave it out.
 
 Everything it writes lands in `out_dir`, each file atomically.
 """
@@ -46,6 +51,10 @@ from frmap.engine.detectors import (
     FeatureSqueezer,
     KNNConfig,
     KNNDetector,
+    LIDConfig,
+    LIDDetector,
+    MahalanobisConfig,
+    MahalanobisDetector,
     SqueezeConfig,
     collect_features,
     default_layers,
@@ -53,12 +62,19 @@ from frmap.engine.detectors import (
 from frmap.engine.detectors.distance_evolution import CLEAN, Examples
 from frmap.engine.detectors.squeeze import IMAGENET_SQUEEZERS
 from frmap.engine.evaluation.figures import roc_figure
-from frmap.engine.evaluation.metrics import AttackEvaluation, evaluate_attack, roc, write_results
+from frmap.engine.evaluation.metrics import (
+    TOO_FEW,
+    AttackEvaluation,
+    evaluate_attack,
+    roc,
+    write_results,
+)
 from frmap.engine.evaluation.subject import Subject
 from frmap.engine.models import torch_settings
 from frmap.engine.responses import ResponseEngine
 
-DETECTORS = ("entropy", "knn", "distance-lstm", "distance-mlp", "squeeze")
+DETECTORS = ("entropy", "knn", "mahalanobis", "lid", "distance-lstm", "distance-mlp", "squeeze")
+_LAYERED = ("knn", "mahalanobis", "lid")  # the detectors with per-layer rows
 COMBINED = "combined"
 _NETWORKS = {"distance-lstm": "lstm", "distance-mlp": "mlp"}
 _DR_KEY = "5%"  # `AttackEvaluation.detection_rate` key of the FPR-5% detection rate
@@ -74,8 +90,10 @@ class ComparisonConfig:
         footprint, rule, target: the entropy detector's window, backward rule and target.
         preprocess: "imagenet" for torchvision ImageNet models, None for models taking the
             images as they are.
-        layers: feature layers (None: `default_layers`); kNN runs on each of them alone.
+        layers: feature layers (None: `default_layers`); kNN, Mahalanobis and LID run on
+            each of them alone.
         knn: the kNN score of the "knn" row (None: `KNNConfig` defaults on the last layer).
+        mahalanobis, lid: their settings (None: the defaults on `layers`).
         evolution: the distance-evolution settings (None: `EvolutionConfig` defaults on
             `layers`); the network comes from the detector's name.
         squeeze: the feature squeezers.
@@ -96,6 +114,8 @@ class ComparisonConfig:
     preprocess: str | None = None
     layers: tuple[str, ...] | None = None
     knn: KNNConfig | None = None
+    mahalanobis: MahalanobisConfig | None = None
+    lid: LIDConfig | None = None
     evolution: EvolutionConfig | None = None
     squeeze: SqueezeConfig = IMAGENET_SQUEEZERS
     operating_fpr: float = 0.05
@@ -127,7 +147,9 @@ class ComparisonReport:
         model: the `model_identity` of the classifier.
         attacks, train_attacks: the statistics of the test and the train adversarial sets.
         results: one row per detector (and "combined") and attack.
-        per_layer: kNN on each feature layer alone ("knn:<layer>").
+        per_layer: kNN, Mahalanobis and LID on each feature layer alone ("knn:<layer>", ...).
+        best_layer: for each of those detectors, the layer whose rows have the best mean AUC
+            over the measured attacks.
         unseen: each distance-evolution network trained without the row's attack.
         combiner: the logistic regression's weight of each detector's standardised score.
         training: the networks' training reports, by detector name (those trained without
@@ -142,6 +164,7 @@ class ComparisonReport:
     train_attacks: list[AttackStats]
     results: list[AttackEvaluation]
     per_layer: list[AttackEvaluation]
+    best_layer: dict[str, str]
     unseen: list[AttackEvaluation]
     combiner: dict[str, float]
     training: dict[str, EvolutionTrainReport]
@@ -298,10 +321,36 @@ def _network(data: ComparisonData, config: EvolutionConfig, identity: str, progr
             config, model=identity, progress=progress)
 
 
+LayerScorer = Callable[[Part], np.ndarray]  # [N, L] per-layer scores
+
+
+def _layered(name: str, subject: Subject, data: ComparisonData, config: ComparisonConfig
+             ) -> tuple[MahalanobisDetector | LIDDetector, LayerScorer]:
+    """The Mahalanobis or LID detector (`config`'s settings, resolved) fitted on the fit
+    images, and its per-layer scores."""
+    if name == "lid":
+        detector = LIDDetector.fit(_examples(data.fit), config.lid, model=subject.identity)
+        return detector, lambda p: detector.layer_scores(p.features)
+    settings = config.mahalanobis
+    detector = MahalanobisDetector.fit(data.fit[0].features, data.labels, _examples(data.fit),
+                                       settings, model=subject.identity)
+    if settings.noise == 0:
+        return detector, lambda p: detector.layer_scores(p.features)
+
+    def stepped(p: Part) -> Part:
+        return replace(p, features=detector.preprocessed_features(
+            subject.classifier, p.images, batch_size=config.batch_size))
+
+    detector = detector.with_combination(_examples([stepped(p) for p in data.fit]))
+    return detector, lambda p: detector.layer_scores(stepped(p).features)
+
+
 def _scorer(name: str, subject: Subject, data: ComparisonData, config: ComparisonConfig,
-            knn: KNNConfig, evolution: EvolutionConfig, training: dict, progress: bool
+            knn: KNNConfig, evolution: EvolutionConfig, training: dict,
+            layer_scorers: dict[str, tuple[tuple[str, ...], LayerScorer]], progress: bool
             ) -> Scorer:
-    """The scoring function of the detector `name`, fitted on the fit images."""
+    """The scoring function of the detector `name`, fitted on the fit images (Mahalanobis and
+    LID also put their per-layer scores in `layer_scorers`)."""
     if name == "entropy":
         engine = ResponseEngine(subject.model, rule=config.rule, target=config.target,
                                 batch_size=config.batch_size, preprocess=config.preprocess)
@@ -311,6 +360,10 @@ def _scorer(name: str, subject: Subject, data: ComparisonData, config: Compariso
         squeezer = FeatureSqueezer(config.squeeze, subject.identity)
         return lambda p: squeezer.score(subject.classifier, p.images, p.features,
                                         batch_size=config.batch_size)
+    if name in ("mahalanobis", "lid"):
+        layered, layer_scores = _layered(name, subject, data, config)
+        layer_scorers[name] = (layered.config.layers, layer_scores)
+        return lambda p: layered.combination(layer_scores(p))
     if name == "knn":
         detector = KNNDetector.fit(data.fit[0].features, data.labels, knn, model=subject.identity)
     else:
@@ -349,25 +402,29 @@ def compare_detectors(
     layers = config.layers or default_layers(subject.classifier)
     knn = config.knn or KNNConfig(layers[-1])
     evolution = config.evolution or EvolutionConfig(layers)
-    collected = tuple(dict.fromkeys((*layers, knn.layer, *evolution.layers)))
+    config = replace(config, mahalanobis=config.mahalanobis or MahalanobisConfig(layers),
+                     lid=config.lid or LIDConfig(layers))
+    collected = tuple(dict.fromkeys((*layers, knn.layer, *evolution.layers,
+                                     *config.mahalanobis.layers, *config.lid.layers)))
     data = prepare(subject, train, calibration, test, out, config, collected, progress=progress)
 
     training: dict[str, EvolutionTrainReport] = {}
-    scorers = {name: _scorer(name, subject, data, config, knn, evolution, training, progress)
-               for name in config.detectors}
+    layer_scorers: dict[str, tuple[tuple[str, ...], LayerScorer]] = {}
+    scorers = {name: _scorer(name, subject, data, config, knn, evolution, training,
+                             layer_scorers, progress) for name in config.detectors}
     scores = {name: data.scores(s) for name, s in scorers.items()}
     weights, scores[COMBINED] = combine_scores(scorers, data.combiner, scores)
     results = [row for name, s in scores.items()
                for row in _rows(name, s, data.attacks, config.operating_fpr)]
-    per_layer = _per_layer_rows(data, layers, knn, subject.identity, config) \
-        if "knn" in config.detectors else []
+    per_layer = _per_layer_rows(data, layers, knn, subject.identity, config, layer_scorers)
     unseen = _unseen_rows(data, evolution, subject.identity, config, training, progress)
     files = _write(out, results, per_layer, unseen, scores, data.attacks)
     images = {role: i.tolist() for role, i in data.ids.items()}
     images |= {"calibration": data.evaluated["calibration"].image.tolist(),
                "test": data.evaluated["clean"].image.tolist()}
     report = ComparisonReport(subject.identity, data.attack_stats, data.train_attack_stats,
-                              results, per_layer, unseen, weights, training, images, files)
+                              results, per_layer, best_layers(per_layer), unseen, weights,
+                              training, images, files)
     write_json(out / "comparison-report.json", asdict(report))
     return report
 
@@ -379,15 +436,35 @@ def _rows(name: str, scores: dict[str, np.ndarray], attacks: Sequence[str],
 
 
 def _per_layer_rows(data: ComparisonData, layers: Sequence[str], knn: KNNConfig, identity: str,
-                    config: ComparisonConfig) -> list[AttackEvaluation]:
-    """kNN on each feature layer alone ("knn:<layer>")."""
+                    config: ComparisonConfig,
+                    layer_scorers: dict[str, tuple[tuple[str, ...], LayerScorer]]
+                    ) -> list[AttackEvaluation]:
+    """kNN, Mahalanobis and LID on each feature layer alone ("knn:<layer>", ...)."""
     rows = []
-    for layer in layers:
-        detector = KNNDetector.fit(data.fit[0].features, data.labels, replace(knn, layer=layer),
-                                   model=identity)
-        rows += _rows(f"knn:{layer}", data.scores(lambda p, d=detector: d.score(p.features)),
-                      data.attacks, config.operating_fpr)
+    if "knn" in config.detectors:
+        for layer in layers:
+            detector = KNNDetector.fit(data.fit[0].features, data.labels,
+                                       replace(knn, layer=layer), model=identity)
+            rows += _rows(f"knn:{layer}", data.scores(lambda p, d=detector: d.score(p.features)),
+                          data.attacks, config.operating_fpr)
+    for name, (names, layer_scores) in layer_scorers.items():
+        scores = data.scores(layer_scores)
+        for i, layer in enumerate(names):
+            rows += _rows(f"{name}:{layer}", {k: v[:, i] for k, v in scores.items()},
+                          data.attacks, config.operating_fpr)
     return rows
+
+
+def best_layers(per_layer: Sequence[AttackEvaluation]) -> dict[str, str]:
+    """For each detector of the per-layer rows ("<detector>:<layer>"), the layer with the best
+    mean AUC over the measured rows."""
+    aucs: dict[str, dict[str, list[float]]] = {}
+    for r in per_layer:
+        if r.measured:
+            name, layer = r.detector.split(":", 1)
+            aucs.setdefault(name, {}).setdefault(layer, []).append(r.auc)
+    return {name: max(layers, key=lambda k, a=layers: np.mean(a[k]))
+            for name, layers in aucs.items()}
 
 
 def _unseen_rows(data: ComparisonData, evolution: EvolutionConfig, identity: str,
@@ -415,10 +492,12 @@ def _write(out: Path, results: list[AttackEvaluation], per_layer: list[AttackEva
                   out / "comparison.csv")
     files = {"results": str(out / "comparison.json"), "results_csv": str(out / "comparison.csv")}
     for attack in attacks:
+        rows = [r for r in results if r.attack == attack]
         curves = {r.detector: (*roc(scores[r.detector]["clean"], scores[r.detector][attack]),
-                               r.auc) for r in results if r.attack == attack}
+                               r.auc) for r in rows if r.measured}
         files[f"roc_{attack}"] = str(roc_figure(
-            curves, out / f"comparison-roc-{attack}.png", f"{attack}: every detector"))
+            curves, out / f"comparison-roc-{attack}.png", f"{attack}: every detector",
+            [f"{r.detector} on {attack}" for r in rows if not r.measured]))
     files["report"] = str(out / "comparison-report.json")
     return files
 
@@ -453,19 +532,22 @@ def combine_scores(
 
 def comparison_table(results: Sequence[AttackEvaluation]) -> str:
     """A terminal table: rows detectors, columns attacks and their mean, cells "AUC / DR@5%"
-    (the detection rate at the threshold calibrated to a 5% false-positive rate)."""
+    (the detection rate at the threshold calibrated to a 5% false-positive rate); an unmeasured
+    cell reads "too few to measure" and the mean is over the measured cells."""
     attacks = list(dict.fromkeys(r.attack for r in results))
     detectors = list(dict.fromkeys(r.detector for r in results))
     cells = {(r.detector, r.attack): r for r in results}
     width = max(len("detector"), *map(len, detectors))
-    head = f"{'detector':{width}} " + " ".join(f"{a:>13}" for a in [*attacks, "mean"])
+    cell = len(TOO_FEW)
+    head = f"{'detector':{width}} " + " ".join(f"{a:>{cell}}" for a in [*attacks, "mean"])
     lines = [head, "-" * len(head)]
     for name in detectors:
         rows = [cells.get((name, a)) for a in attacks]
-        present = [r for r in rows if r is not None]
-        mean = (np.mean([r.auc for r in present]),
-                np.mean([r.detection_rate[_DR_KEY] for r in present]))
-        line = [f"{r.auc:.3f} / {r.detection_rate[_DR_KEY]:.3f}" if r else "-" for r in rows]
-        line.append(f"{mean[0]:.3f} / {mean[1]:.3f}")
-        lines.append(f"{name:{width}} " + " ".join(f"{c:>13}" for c in line))
+        measured = [r for r in rows if r is not None and r.measured]
+        line = ["-" if r is None else TOO_FEW if not r.measured
+                else f"{r.auc:.3f} / {r.detection_rate[_DR_KEY]:.3f}" for r in rows]
+        line.append(f"{np.mean([r.auc for r in measured]):.3f} / "
+                    f"{np.mean([r.detection_rate[_DR_KEY] for r in measured]):.3f}"
+                    if measured else TOO_FEW)
+        lines.append(f"{name:{width}} " + " ".join(f"{c:>{cell}}" for c in line))
     return "\n".join(lines)
