@@ -17,7 +17,7 @@ Adversarial sets (`sets`) are generated resumably, in shards.
 from frmap.engine.attacks.base import Attack, AttackResult, check_inputs, run_attack
 from frmap.engine.attacks.foolbox_attacks import BIM, PGD, Boundary, CarliniWagner, DeepFool
 from frmap.engine.attacks.one_pixel import FivePixel, OnePixel, ThreePixel
-from frmap.engine.attacks.registry import ATTACKS, make_attack
+from frmap.engine.attacks.registry import ATTACKS, PAPER_ATTACKS, make_attack
 from frmap.engine.attacks.sets import (
     AdversarialSet,
     AttackStats,
@@ -34,6 +34,7 @@ __all__ = [
     "PGD",
     "L2_EPSILONS",
     "LINF_EPSILONS",
+    "PAPER_ATTACKS",
     "AdversarialSet",
     "Attack",
     "AttackResult",

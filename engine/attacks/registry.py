@@ -18,3 +18,6 @@ def make_attack(name: str) -> Attack:
     if name not in ATTACKS:
         raise ValueError(f"unknown attack {name!r}; expected one of {sorted(ATTACKS)}")
     return ATTACKS[name]()
+
+# The attacks of the feature-response entropy paper (METHOD section 1), which the demo runs.
+PAPER_ATTACKS = ("fgsm", "gradient", "one_pixel", "deepfool", "boundary")

@@ -103,6 +103,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     print(f"\nDetector comparison (AUC / detection rate at FPR 5%; {comparison.footprint} entropy;"
           f" combined: logistic regression on {len(report.images['combiner'])} train images):")
     print(comparison_table([*report.results, *report.per_layer, *report.unseen]))
+    if report.best_layer:
+        print("\nbest single layer (mean AUC over the measured attacks): " + ", ".join(
+            f"{name} {layer}" for name, layer in report.best_layer.items()))
     print(f"\nwrote {args.out}/: " + ", ".join(Path(f).name for f in report.files.values()))
     return 0
 

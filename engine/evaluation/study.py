@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from frmap.engine.attacks import ATTACKS, AdversarialSet, AttackStats, attack_stats
+from frmap.engine.attacks import ATTACKS, PAPER_ATTACKS, AdversarialSet, AttackStats, attack_stats
 from frmap.engine.data.files import write_json
 from frmap.engine.data.footprints import STUDY, parse_footprint
 from frmap.engine.detectors import EntropyDetector
@@ -39,7 +39,7 @@ class StudyConfig:
     """What the study runs.
 
     Attributes:
-        attacks: attack names (see `frmap.engine.attacks.ATTACKS`).
+        attacks: attack names (see `frmap.engine.attacks.ATTACKS`; default: the paper's five).
         footprints: footprint names compared in the footprint study.
         rule, target: the response engine's backward rule and back-propagated target.
         preprocess: "imagenet" for torchvision ImageNet models, None for models taking the
@@ -50,7 +50,7 @@ class StudyConfig:
         seed: seeds the attacks.
     """
 
-    attacks: tuple[str, ...] = tuple(ATTACKS)
+    attacks: tuple[str, ...] = PAPER_ATTACKS
     footprints: tuple[str, ...] = STUDY
     rule: str = "guided"
     target: str = "conv_max"
