@@ -66,6 +66,7 @@ def _report_study(model, calibration, test, out: Path, config) -> int:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from frmap.engine.attacks import ATTACKS
     from frmap.engine.detectors.squeeze import DIGITS_SQUEEZERS, IMAGENET_SQUEEZERS
+    from frmap.engine.evaluation.adaptive import AdaptiveConfig
     from frmap.engine.evaluation.comparison import (
         ComparisonConfig,
         compare_detectors,
@@ -86,6 +87,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         squeeze=DIGITS_SQUEEZERS if model.name == "digits" else IMAGENET_SQUEEZERS,
         attack_limit=args.limit,
         train_limit=args.limit, batch_size=args.batch_size, seed=args.seed,
+        adaptive=None if args.adaptive is None else AdaptiveConfig(epsilon=args.adaptive),
     )
     test = dataset(model, args.data, "test", args.labels)
     if args.calibration is not None or args.data is None:

@@ -50,6 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: entropy, the study alone)")
     p.add_argument("--train", help="training image folder of the activation-space detectors "
                                    "(default: the digits train split)")
+    p.add_argument("--adaptive", type=float, metavar="EPSILON",
+                   help="also attack each differentiable detector adaptively (PGD within this "
+                        "Linf epsilon on the classifier's margin plus the detector's score)")
     p.add_argument("--out", default=str(DEFAULT_OUT), help="output folder (default frmap-out)")
     p.set_defaults(run=commands.cmd_evaluate)
 

@@ -17,7 +17,12 @@
    split (`evaluate_attack`), images no detector was trained on.
 5. "combined" is a logistic regression over the detectors' standardised scores, fitted on the
    clean and adversarial versions of the combiner images.
-6. kNN, Mahalanobis and LID also run on each feature layer alone ("knn:<layer>", ...), and
+6. With `adaptive` set, an attacker who knows the detector (`adaptive`) crafts, from the test
+   images, one set against each detector with a differentiable surrogate ("adaptive-<name>"),
+   one against all of them at once ("adaptive-all"), and the same PGD without a detector term
+   ("pgd-fixed", the non-adaptive baseline at the same epsilon); every detector is scored on
+   every set.
+7. kNN, Mahalanobis and LID also run on each feature layer alone ("knn:<layer>", ...), and
    each distance-evolution network is also trained without one attack and tested on it
    ("<network> unseen").
 
@@ -61,6 +66,17 @@ from frmap.engine.detectors import (
 )
 from frmap.engine.detectors.distance_evolution import CLEAN, Examples
 from frmap.engine.detectors.squeeze import IMAGENET_SQUEEZERS
+from frmap.engine.evaluation.adaptive import (
+    AdaptiveConfig,
+    Surrogate,
+    adaptive_pgd,
+    knn_surrogate,
+    lid_surrogate,
+    mahalanobis_surrogate,
+    squeeze_surrogate,
+    standardised,
+    summed,
+)
 from frmap.engine.evaluation.figures import roc_figure
 from frmap.engine.evaluation.metrics import (
     TOO_FEW,
@@ -97,6 +113,7 @@ class ComparisonConfig:
         evolution: the distance-evolution settings (None: `EvolutionConfig` defaults on
             `layers`); the network comes from the detector's name.
         squeeze: the feature squeezers.
+        adaptive: the adaptive attack (None: none).
         operating_fpr: the false-positive rate of precision and recall.
         attack_limit: attack at most this many test images (None: all).
         train_limit: attack at most this many train images (None: all).
@@ -118,6 +135,7 @@ class ComparisonConfig:
     lid: LIDConfig | None = None
     evolution: EvolutionConfig | None = None
     squeeze: SqueezeConfig = IMAGENET_SQUEEZERS
+    adaptive: AdaptiveConfig | None = None
     operating_fpr: float = 0.05
     attack_limit: int | None = None
     train_limit: int | None = None
@@ -347,10 +365,11 @@ def _layered(name: str, subject: Subject, data: ComparisonData, config: Comparis
 
 def _scorer(name: str, subject: Subject, data: ComparisonData, config: ComparisonConfig,
             knn: KNNConfig, evolution: EvolutionConfig, training: dict,
-            layer_scorers: dict[str, tuple[tuple[str, ...], LayerScorer]], progress: bool
-            ) -> Scorer:
+            layer_scorers: dict[str, tuple[tuple[str, ...], LayerScorer]],
+            surrogates: dict[str, Surrogate], progress: bool) -> Scorer:
     """The scoring function of the detector `name`, fitted on the fit images (Mahalanobis and
-    LID also put their per-layer scores in `layer_scorers`)."""
+    LID also put their per-layer scores in `layer_scorers`; the detectors with a
+    differentiable surrogate put it in `surrogates`)."""
     if name == "entropy":
         engine = ResponseEngine(subject.model, rule=config.rule, target=config.target,
                                 batch_size=config.batch_size, preprocess=config.preprocess)
@@ -358,14 +377,18 @@ def _scorer(name: str, subject: Subject, data: ComparisonData, config: Compariso
         return lambda p: engine.scores(p.images, footprint).cpu().numpy()
     if name == "squeeze":
         squeezer = FeatureSqueezer(config.squeeze, subject.identity)
+        surrogates[name] = squeeze_surrogate(subject.classifier, squeezer)
         return lambda p: squeezer.score(subject.classifier, p.images, p.features,
                                         batch_size=config.batch_size)
     if name in ("mahalanobis", "lid"):
         layered, layer_scores = _layered(name, subject, data, config)
         layer_scorers[name] = (layered.config.layers, layer_scores)
+        surrogates[name] = (lid_surrogate if name == "lid" else mahalanobis_surrogate)(
+            subject.classifier, layered)
         return lambda p: layered.combination(layer_scores(p))
     if name == "knn":
         detector = KNNDetector.fit(data.fit[0].features, data.labels, knn, model=subject.identity)
+        surrogates[name] = knn_surrogate(subject.classifier, detector)
     else:
         detector = _network(data, replace(evolution, network=_NETWORKS[name]), subject.identity,
                             progress)
@@ -410,8 +433,11 @@ def compare_detectors(
 
     training: dict[str, EvolutionTrainReport] = {}
     layer_scorers: dict[str, tuple[tuple[str, ...], LayerScorer]] = {}
+    surrogates: dict[str, Surrogate] = {}
     scorers = {name: _scorer(name, subject, data, config, knn, evolution, training,
-                             layer_scorers, progress) for name in config.detectors}
+                             layer_scorers, surrogates, progress) for name in config.detectors}
+    if config.adaptive is not None:
+        data = _with_adaptive(data, subject, test[1], surrogates, config, collected)
     scores = {name: data.scores(s) for name, s in scorers.items()}
     weights, scores[COMBINED] = combine_scores(scorers, data.combiner, scores)
     results = [row for name, s in scores.items()
@@ -427,6 +453,29 @@ def compare_detectors(
                               training, images, files)
     write_json(out / "comparison-report.json", asdict(report))
     return report
+
+
+def _with_adaptive(data: ComparisonData, subject: Subject, labels: torch.Tensor,
+                   surrogates: dict[str, Surrogate], config: ComparisonConfig,
+                   layers: tuple[str, ...]) -> ComparisonData:
+    """`data` with the adaptive sets among the evaluated ones (see the module docstring)."""
+    clean = data.evaluated["clean"]
+    clean = clean.take(np.arange(len(clean.image)) < (config.attack_limit or len(clean.image)))
+    y = labels[torch.from_numpy(clean.image)]
+    calibration = data.evaluated["calibration"].images
+    attackers = {name: standardised(s, calibration, config.batch_size)
+                 for name, s in surrogates.items()}
+    if len(attackers) > 1:
+        attackers["all"] = summed(list(attackers.values()))
+    featurizer = _Featurizer(subject, layers, config.batch_size)
+    evaluated = dict(data.evaluated)
+    for name, surrogate in {"fixed": None, **attackers}.items():
+        adversarial, found = adaptive_pgd(subject.classifier, surrogate, clean.images, y,
+                                          config.adaptive, config.batch_size)
+        key = "pgd-fixed" if surrogate is None else f"adaptive-{name}"
+        if found.any():
+            evaluated[key] = featurizer.part(key, adversarial[found], clean.image[found.numpy()])
+    return replace(data, evaluated=evaluated)
 
 
 def _rows(name: str, scores: dict[str, np.ndarray], attacks: Sequence[str],

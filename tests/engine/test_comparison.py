@@ -20,6 +20,7 @@ from frmap.engine.detectors.knn import KNNConfig, KNNDetector
 from frmap.engine.detectors.lid import LIDConfig, LIDDetector
 from frmap.engine.detectors.mahalanobis import MahalanobisDetector
 from frmap.engine.detectors.squeeze import DIGITS_SQUEEZERS
+from frmap.engine.evaluation.adaptive import AdaptiveConfig
 from frmap.engine.evaluation.comparison import (
     COMBINED,
     DETECTORS,
@@ -33,6 +34,9 @@ from frmap.engine.evaluation.metrics import table as metrics_table
 from frmap.engine.models.digits import load_digits_model, load_digits_split
 
 ATTACKS = ("fgsm", "deepfool")
+ADAPTIVE = ("pgd-fixed", *(f"adaptive-{d}" for d in ("knn", "mahalanobis", "lid", "squeeze",
+                                                     "all")))
+EVALUATED = (*ATTACKS, *ADAPTIVE)
 NETWORKS = ("distance-lstm", "distance-mlp")
 
 
@@ -50,6 +54,7 @@ def run(tmp_path_factory):
         attacks=ATTACKS, knn=KNNConfig(layers[-1], components=16, k=10),
         evolution=EvolutionConfig(layers, epochs=2), squeeze=DIGITS_SQUEEZERS, attack_limit=40,
         train_limit=60, lid=LIDConfig(layers, k=10, reference=100),
+        adaptive=AdaptiveConfig(epsilon=0.15, steps=3, step=0.05),
     )
     calls: dict[str, list] = {"knn": [], "network": [], "combiner": [], "layered": []}
     knn_fit = KNNDetector.fit.__func__
@@ -100,7 +105,7 @@ def run(tmp_path_factory):
 def test_one_row_per_detector_and_attack_plus_combined(run):
     report, *_ = run
     keys = [(r.detector, r.attack) for r in report.results]
-    assert sorted(keys) == sorted(product((*DETECTORS, COMBINED), ATTACKS))
+    assert sorted(keys) == sorted(product((*DETECTORS, COMBINED), EVALUATED))
     assert set(report.combiner) == set(DETECTORS)
     test = report.images["test"]
     assert all(r.n_clean == len(test) and r.n_adversarial > 0 for r in report.results)
@@ -111,7 +116,7 @@ def test_per_layer_and_leave_one_attack_out_rows(run):
     report, _, _, layers = run
     assert sorted((r.detector, r.attack) for r in report.per_layer) == sorted(
         product((f"{d}:{layer}" for d in ("knn", "mahalanobis", "lid") for layer in layers),
-                ATTACKS))
+                EVALUATED))
     assert set(report.best_layer) == {"knn", "mahalanobis", "lid"}
     assert set(report.best_layer.values()) <= set(layers)
     assert sorted((r.detector, r.attack) for r in report.unseen) == sorted(
