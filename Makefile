@@ -15,7 +15,7 @@ $(VENV)/.installed: $(SOURCES)
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q torch==2.14.1 torchvision==0.29.1
-	$(BIN)/python -m pip install -q ".[engine,test]"
+	$(BIN)/python -m pip install -q ".[engine,serve,test]"
 	touch $@
 
 install: $(VENV)/.installed

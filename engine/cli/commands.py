@@ -20,10 +20,13 @@ from frmap.engine.cli.inputs import (
     score_paths,
 )
 from frmap.engine.data.files import write_json
+from frmap.engine.models.named import NamedModel
 
 DEFAULT_OUT = Path("frmap-out")
 DEMO_ATTACKED = 200  # test digits attacked by `frmap demo`: keeps the whole study under 10 min
-BENCHMARKS = ("entropy", "responses", "attacks", "detectors")
+BENCHMARKS = ("entropy", "responses", "attacks", "detectors", "serve")
+# the detectors `frmap demo` builds its screener from: those fit in seconds on the digits
+DEMO_DETECTORS = ("entropy", "knn", "squeeze")
 
 
 def _print_stats(stats: list) -> None:
@@ -36,14 +39,31 @@ def _print_stats(stats: list) -> None:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from frmap.engine.data.digits import load_digits_split
+    from frmap.engine.detectors.squeeze import DIGITS_SQUEEZERS
+    from frmap.engine.evaluation.comparison import (
+        ComparisonConfig,
+        compare_detectors,
+        comparison_table,
+    )
     from frmap.engine.evaluation.study import StudyConfig
     from frmap.engine.models.digits import load_digits_model
 
     model = load_digits_model()
-    cal, test = load_digits_split("calibration"), load_digits_split("test")
-    config = StudyConfig(attack_limit=40 if args.quick else DEMO_ATTACKED, seed=0)
-    return _report_study(model, (cal.images, cal.labels), (test.images, test.labels),
-                         Path(args.out), config)
+    splits = {s: load_digits_split(s) for s in ("train", "calibration", "test")}
+    train, cal, test = ((s.images, s.labels) for s in splits.values())
+    limit = 40 if args.quick else DEMO_ATTACKED
+    out = Path(args.out)
+    _report_study(model, cal, test, out, StudyConfig(attack_limit=limit, seed=0))
+    report = compare_detectors(
+        model, train=train, calibration=cal, test=test, out_dir=out,
+        config=ComparisonConfig(detectors=DEMO_DETECTORS, squeeze=DIGITS_SQUEEZERS,
+                                attack_limit=limit, train_limit=limit, seed=0),
+        screener_path=out / "screener.frmap", progress=True)
+    print(f"\nThe screener's candidates (AUC / detection rate at FPR 5%; combined: logistic "
+          f"regression on {len(report.images['combiner'])} train images):")
+    print(comparison_table(report.results))
+    _print_screener(report.screener, str(out / "screener.frmap"))
+    return 0
 
 
 def _report_study(model, calibration, test, out: Path, config) -> int:
@@ -94,14 +114,15 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         calibration = dataset(model, args.calibration, "calibration", args.labels)
     else:
         calibration, test = halves(test)
-    if comparison.detectors == ("entropy",):
-        return _report_study(model.raw, calibration, test, Path(args.out), config)
+    if comparison.detectors == ("entropy",) and not args.save_screener:
+        return _report_study(model.model, calibration, test, Path(args.out), config)
     if args.train is None and model.name != "digits":
         raise ValueError(f"--train is needed to compare detectors on model {model.name}")
     train = dataset(model, args.train, "train", args.labels)
-    _report_study(model.raw, calibration, test, Path(args.out), config)
-    report = compare_detectors(model.raw, train=train, calibration=calibration, test=test,
-                               out_dir=args.out, config=comparison, progress=True)
+    _report_study(model.model, calibration, test, Path(args.out), config)
+    report = compare_detectors(model.model, train=train, calibration=calibration, test=test,
+                               out_dir=args.out, config=comparison,
+                               screener_path=args.save_screener, progress=True)
     print(f"\nDetector comparison (AUC / detection rate at FPR 5%; {comparison.footprint} entropy;"
           f" combined: logistic regression on {len(report.images['combiner'])} train images):")
     print(comparison_table([*report.results, *report.per_layer, *report.unseen]))
@@ -109,7 +130,15 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         print("\nbest single layer (mean AUC over the measured attacks): " + ", ".join(
             f"{name} {layer}" for name, layer in report.best_layer.items()))
     print(f"\nwrote {args.out}/: " + ", ".join(Path(f).name for f in report.files.values()))
+    if args.save_screener:
+        _print_screener(report.screener, args.save_screener)
     return 0
+
+
+def _print_screener(detectors: tuple[str, ...], path: str) -> None:
+    print(f"\nscreener: {' '.join(detectors)} -> {path}; use it with\n"
+          f"  frmap score --screener {path} IMAGES...\n"
+          f"  frmap serve --screener {path}")
 
 
 def cmd_attack(args: argparse.Namespace) -> int:
@@ -119,28 +148,30 @@ def cmd_attack(args: argparse.Namespace) -> int:
     images, labels = dataset(model, args.data, "test", args.labels)
     if args.limit:
         images, labels = images[: args.limit], labels[: args.limit]
-    result = generate(args.attack, model.net, images, labels, args.out, seed=args.seed,
+    result = generate(args.attack, model.classifier, images, labels, args.out, seed=args.seed,
                       progress=True)
     _print_stats([attack_stats(result)])
     print(f"wrote {args.out}")
     return 0
 
 
-def cmd_score(args: argparse.Namespace) -> int:
-    from frmap.engine.data.footprints import parse_footprint
+def _screener(model: NamedModel, args: argparse.Namespace):
+    """The screener of --screener, or an entropy-only one (no flags) from the arguments."""
     from frmap.engine.detectors import EntropyDetector
     from frmap.engine.models import model_identity
-    from frmap.engine.models.predict import predict
+    from frmap.engine.screening import Screener
 
+    if args.screener:
+        return Screener.load(args.screener, model.model, preprocess=model.preprocess,
+                             batch_size=args.batch_size)
+    detector = EntropyDetector(args.footprint, args.rule, args.target, model_identity(model.model))
+    return Screener(model.model, {"entropy": detector}, preprocess=model.preprocess,
+                    batch_size=args.batch_size)
+
+
+def cmd_score(args: argparse.Namespace) -> int:
     model = load_model(args)
-    detector = EntropyDetector.load(args.detector) if args.detector else None
-    if detector is not None:
-        detector.check_model(model_identity(model.raw))
-        args.rule, args.target, footprint_name = detector.rule, detector.target, detector.footprint
-    else:
-        footprint_name = args.footprint
-    footprint = parse_footprint(footprint_name)
-    engine = response_engine(model, args)
+    screener = _screener(model, args)
     failed = 0
 
     def flush(batch: list[Path]) -> None:
@@ -150,15 +181,18 @@ def cmd_score(args: argparse.Namespace) -> int:
         if not tensors:
             return
         images = torch.stack(tensors)
-        predicted, probs = predict(model.net, images)
-        scores = engine.scores(images, footprint)
-        for i, path in enumerate(good):
-            score = float(scores[i])
-            print(json.dumps({
-                "path": str(path), "prediction": int(predicted[i]),
-                "confidence": round(float(probs[i, predicted[i]]), 6), "score": score,
-                "flagged": None if detector is None else bool(detector.flag([score])[0]),
-            }), flush=True)
+        if screener.calibrated:
+            result = screener.screen(images)
+            records = [result.record(i) for i in range(len(result))]
+        else:  # no thresholds: scores without flags
+            features, scores = screener.scores(images)
+            probabilities = features.probabilities
+            records = [{"prediction": int(p.argmax()), "confidence": round(float(p.max()), 6),
+                        "scores": {k: float(v[i]) for k, v in scores.items()},
+                        "combined": None, "flagged": None}
+                       for i, p in enumerate(probabilities)]
+        for path, record in zip(good, records, strict=True):
+            print(json.dumps({"path": str(path), **record}), flush=True)
 
     batch: list[Path] = []
     for path in score_paths(args):
@@ -173,21 +207,72 @@ def cmd_score(args: argparse.Namespace) -> int:
 
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
-    from frmap.engine.data.footprints import parse_footprint
-    from frmap.engine.detectors import EntropyDetector
-    from frmap.engine.models import model_identity
+    from frmap.engine.detectors.squeeze import DIGITS_SQUEEZERS, IMAGENET_SQUEEZERS
     from frmap.engine.models.predict import predict
+    from frmap.engine.screening import Screener
+    from frmap.engine.screening.build import clean_detectors
 
+    names = tuple(args.detectors.split(","))
     model = load_model(args)
     images, labels = dataset(model, args.data, "calibration", args.labels)
-    images = images[predict(model.net, images)[0] == labels]
-    scores = response_engine(model, args).scores(images, parse_footprint(args.footprint)).numpy()
-    detector = EntropyDetector.fit(scores, fpr=args.fpr, footprint=args.footprint, rule=args.rule,
-                                   target=args.target, model=model_identity(model.raw))
-    detector.save(args.out)
-    t = detector.threshold
-    print(json.dumps({"detector": args.out, "threshold": t.value, "fpr": t.fpr,
-                      "achieved_fpr": t.achieved_fpr, "clean_images": t.n_clean}))
+    images = images[predict(model.classifier, images)[0] == labels]
+    if len(images) == 0:
+        raise ValueError("no calibration image is classified correctly: nothing to calibrate on")
+    train = dataset(model, args.train, "train", args.labels) if "knn" in names else None
+    detectors = clean_detectors(
+        names, model.model, model.classifier, train=train, footprint=args.footprint, rule=args.rule,
+        target=args.target, batch_size=args.batch_size,
+        squeeze=DIGITS_SQUEEZERS if model.name == "digits" else IMAGENET_SQUEEZERS)
+    screener = Screener(model.model, detectors, preprocess=model.preprocess,
+                        batch_size=args.batch_size).calibrate(images, args.fpr)
+    screener.save(args.out)
+    print(json.dumps({"screener": args.out, "decision": screener.decision, "fpr": args.fpr,
+                      "clean_images": len(images),
+                      "thresholds": {n: d.threshold.value for n, d in screener.detectors.items()},
+                      "achieved_fpr": {n: d.threshold.achieved_fpr
+                                       for n, d in screener.detectors.items()}}))
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import signal
+    import threading
+
+    from frmap.engine.screening import Screener
+
+    try:
+        import ray
+        from ray import serve
+
+        from frmap.engine.serving import ServiceConfig, service
+    except ImportError as err:
+        raise RuntimeError(f"frmap serve needs Ray Serve ({err}): pip install 'frmap[serve]'"
+                           ) from None
+    model = load_model(args)
+    Screener.load(args.screener, model.model, preprocess=model.preprocess)  # fail fast, here
+    where = next(model.model.parameters()).device
+    config = ServiceConfig(model=args.model, weights=args.weights, seed=args.seed,
+                           device=str(where), max_batch=args.max_batch,
+                           max_wait_ms=args.max_wait_ms, max_bytes=args.max_bytes,
+                           max_queued=args.max_queued, replicas=args.replicas,
+                           gpus=args.gpus_per_replica)
+    stop = threading.Event()
+    local = {} if args.address else {"num_cpus": args.num_cpus}
+    ray.init(address=args.address, include_dashboard=False, log_to_driver=False, **local)
+    try:
+        serve.start(http_options={"host": args.host, "port": args.port})
+        serve.run(service(Path(args.screener).read_bytes(), config), name="frmap",
+                  route_prefix="/")
+        for signum in (signal.SIGINT, signal.SIGTERM):  # after Ray has set its own handlers
+            signal.signal(signum, lambda *_: stop.set())
+        print(f"frmap serve: {args.screener} on http://{args.host}:{args.port} "
+              f"({args.replicas} replica(s), batches of up to {args.max_batch}); "
+              f"POST /screen, GET /healthz, GET /metrics; Ctrl-C stops", flush=True)
+        stop.wait()
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+    print("frmap serve: stopped", flush=True)
     return 0
 
 
@@ -204,13 +289,14 @@ def cmd_visualize(args: argparse.Namespace) -> int:
         return 1
     image = tensors[0]
     label = labels_from_paths(paths) if args.labels == "auto" else None
-    label = label if label is not None else predict(model.net, image[None])[0]
-    result = run_attack(make_attack(args.attack), model.net, image[None], label, seed=args.seed)
+    label = label if label is not None else predict(model.classifier, image[None])[0]
+    result = run_attack(make_attack(args.attack), model.classifier, image[None], label,
+                        seed=args.seed)
     adversarials = {args.attack: result.adversarial[0]} if bool(result.success[0]) else {}
     if not adversarials:
         print(f"frmap visualize: {args.attack} did not fool the model on {args.image}; "
               "drawing the clean image alone", file=sys.stderr)
-    panels = trace_panels(response_engine(model, args), model.net, image, adversarials,
+    panels = trace_panels(response_engine(model, args), model.classifier, image, adversarials,
                            parse_footprint(args.footprint))
     print(f"wrote {trace_figure(panels, Path(args.out))}")
     return 0
@@ -228,7 +314,10 @@ def cmd_train_digits(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     import importlib
 
-    bench = importlib.import_module(f"frmap.bench.{args.target}")
+    if args.device == "cuda" and args.target != "entropy":
+        raise ValueError(f"only `frmap bench entropy` has --device cuda rows, not {args.target}")
+    name = args.target if args.device == "cpu" else f"{args.target}_{args.device}"
+    bench = importlib.import_module(f"frmap.bench.{name}")
     result = bench.run(quick=args.quick)
     print(bench.table(result))
     if args.json:

@@ -6,58 +6,60 @@ import argparse
 import re
 import sys
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from torch import nn
+
+from frmap.engine.models.named import NamedModel
 
 _LABEL_IN_NAME = re.compile(r"_(\d+)$")
 
 
-@dataclass(frozen=True)
-class LoadedModel:
-    """A loaded classifier with how its inputs are read and preprocessed."""
+def load_model(args: argparse.Namespace) -> NamedModel:
+    """The classifier named by --model, --weights, --seed on --device."""
+    from frmap.engine.models.named import load_model as load_named
 
-    name: str
-    net: nn.Module            # takes [N, C, H, W] images in [0, 1]
-    raw: nn.Module            # what the response engine wraps (`preprocess` applies on top)
-    preprocess: str | None
-    spec: object              # frmap.engine.data.images.ImageSpec
+    return load_named(args.model, args.weights, seed=args.seed, device=device(args.device))
 
 
-def load_model(args: argparse.Namespace) -> LoadedModel:
-    from frmap.engine.data.images import DIGITS_IMAGES, IMAGENET_IMAGES
-    from frmap.engine.models.vgg import Normalized, load_vgg
-
-    if args.model == "digits":
-        from frmap.engine.models.digits import CHECKPOINT, load_digits_model
-
-        model = load_digits_model(args.weights or CHECKPOINT)
-        return LoadedModel("digits", model, model, None, DIGITS_IMAGES)
-    model = load_vgg(args.model, args.weights, seed=args.seed)
-    return LoadedModel(args.model, Normalized(model), model, "imagenet", IMAGENET_IMAGES)
+def device(name: str) -> torch.device:
+    """--device: "auto" (CUDA where available), "cpu", "cuda" or "cuda:N"."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device must be auto, cpu, cuda or cuda:N, got {name!r}") from None
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device must be auto, cpu, cuda or cuda:N, got {name!r}")
+    if device.type == "cuda" and (not torch.cuda.is_available()
+                                  or (device.index or 0) >= torch.cuda.device_count()):
+        raise ValueError(f"--device {name}: no such CUDA device here "
+                         f"({torch.cuda.device_count()} available)")
+    return device
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
-    from frmap.engine.models.vgg import VGG_ARCHS
+    from frmap.engine.models.named import MODELS
 
-    p.add_argument("--model", default="digits", choices=("digits", *VGG_ARCHS),
+    p.add_argument("--model", default="digits", choices=MODELS,
                    help="classifier (default: the embedded digits CNN)")
     p.add_argument("--weights", metavar="NAME|FILE",
                    help="torchvision weights name or a state-dict file (.pt/.pth/.safetensors); "
                         "VGG without it: random weights from --seed")
     p.add_argument("--seed", type=int, default=0, help="seed of random weights and attacks")
     p.add_argument("--batch-size", type=int, default=32, help="images per pass (default 32)")
+    p.add_argument("--device", default="auto",
+                   help="where the model runs: auto (CUDA where available), cpu, cuda, cuda:N")
     p.add_argument("--labels", default="auto", choices=("auto", "predicted"),
                    help="true classes of --data images: from file/folder names where present "
                         "(auto), or the model's own predictions (predicted)")
 
 
-def response_engine(model: LoadedModel, args: argparse.Namespace):
+def response_engine(model: NamedModel, args: argparse.Namespace):
     from frmap.engine.responses.engine import ResponseEngine
 
-    return ResponseEngine(model.raw, rule=getattr(args, "rule", "guided"),
+    return ResponseEngine(model.model, rule=getattr(args, "rule", "guided"),
                           target=getattr(args, "target", "conv_max"),
                           batch_size=args.batch_size, preprocess=model.preprocess)
 
@@ -90,7 +92,7 @@ def labels_from_paths(paths: list[Path]) -> torch.Tensor | None:
     return torch.tensor(labels)
 
 
-def dataset(model: LoadedModel, folder: str | None, split: str,
+def dataset(model: NamedModel, folder: str | None, split: str,
              labels_from: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
     """(images, labels) from an image folder, or the digits split `split` by default.
 
@@ -113,7 +115,7 @@ def dataset(model: LoadedModel, folder: str | None, split: str,
         raise ValueError(f"{folder}: no usable image")
     images = torch.stack(tensors)
     labels = labels_from_paths(paths) if labels_from == "auto" else None
-    return images, labels if labels is not None else predict(model.net, images)[0]
+    return images, labels if labels is not None else predict(model.classifier, images)[0]
 
 
 def halves(data: tuple[torch.Tensor, torch.Tensor]):

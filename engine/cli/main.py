@@ -53,6 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--adaptive", type=float, metavar="EPSILON",
                    help="also attack each differentiable detector adaptively (PGD within this "
                         "Linf epsilon on the classifier's margin plus the detector's score)")
+    p.add_argument("--save-screener", metavar="FILE",
+                   help="save the best detector set found (the combination or one detector), "
+                        "calibrated, as a screener file for frmap score / frmap serve")
     p.add_argument("--out", default=str(DEFAULT_OUT), help="output folder (default frmap-out)")
     p.set_defaults(run=commands.cmd_evaluate)
 
@@ -69,17 +72,56 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_args(p)
     _rule_args(p)
     p.add_argument("paths", nargs="*", help="files or folders; none or '-': paths on stdin")
-    p.add_argument("--detector", help="detector file from `frmap calibrate` (adds 'flagged')")
-    p.add_argument("--footprint", default="square3", help="entropy window without a detector")
+    p.add_argument("--screener", "--detector", dest="screener", metavar="FILE",
+                   help="screener file from frmap calibrate / evaluate --save-screener (or a "
+                        "detector file): its detectors' scores and 'flagged'")
+    p.add_argument("--footprint", default="square3",
+                   help="entropy window without a screener (scores only, no flags)")
     p.set_defaults(run=commands.cmd_score)
 
-    p = sub.add_parser("calibrate", help="fit a detector threshold on clean images")
+    p = sub.add_parser(
+        "serve", help="a screener behind HTTP on Ray Serve (POST /screen, GET /healthz, /metrics)",
+        description="Serve a screener file over HTTP with dynamic batching, on a local Ray "
+                    "instance or a Ray cluster (--address). Call it with\n"
+                    "  curl -X POST -H 'Content-Type: image/png' --data-binary @digit.png "
+                    "http://127.0.0.1:8000/screen\n"
+                    "It runs until interrupted (Ctrl-C or SIGTERM) and shuts Ray down cleanly.",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_args(p)
+    p.add_argument("--screener", required=True, metavar="FILE",
+                   help="screener file (frmap calibrate / evaluate --save-screener / demo)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    p.add_argument("--max-batch", type=int, default=32,
+                   help="images per model pass at most (default 32)")
+    p.add_argument("--max-wait-ms", type=float, default=10.0,
+                   help="how long a batch waits to fill (default 10 ms)")
+    p.add_argument("--max-bytes", type=int, default=10 << 20,
+                   help="largest request body (default 10 MiB; larger: 413)")
+    p.add_argument("--max-queued", type=int, default=256,
+                   help="waiting requests per replica before 503 (default 256)")
+    p.add_argument("--replicas", type=int, default=1, help="replicas of the service (default 1)")
+    p.add_argument("--gpus-per-replica", type=float, default=0.0,
+                   help="GPUs each replica takes on a cluster (default 0)")
+    p.add_argument("--address", help="a running Ray cluster (e.g. ray://head:10001 or auto); "
+                                     "default: a local Ray instance started for the service")
+    p.add_argument("--num-cpus", type=int, default=None,
+                   help="CPUs of the local Ray instance (default: all)")
+    p.set_defaults(run=commands.cmd_serve)
+
+    p = sub.add_parser("calibrate", help="a screener calibrated on clean images alone")
     add_model_args(p)
     _rule_args(p)
     p.add_argument("--data", help="clean image folder (default: the digits calibration split)")
-    p.add_argument("--fpr", type=float, default=0.05, help="false-positive rate (default 0.05)")
+    p.add_argument("--fpr", type=float, default=0.05,
+                   help="false-positive rate of the screener (default 0.05); each of k detectors "
+                        "is calibrated at fpr / k and an image is flagged when any flags it")
+    p.add_argument("--detectors", default="entropy",
+                   help="comma-separated: entropy, knn, squeeze (default: entropy)")
+    p.add_argument("--train", help="clean training folder of the kNN detector (default: the "
+                                   "digits train split)")
     p.add_argument("--footprint", default="square3", help="entropy window (default square3)")
-    p.add_argument("--out", required=True, help="detector file to write (frmap.detector/2, .npz)")
+    p.add_argument("--out", required=True, help="screener file to write (frmap.screener/1)")
     p.set_defaults(run=commands.cmd_calibrate)
 
     p = sub.add_parser("visualize", help="image / feature response / entropy, clean vs attacked")
@@ -103,6 +145,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("target", choices=commands.BENCHMARKS)
     p.add_argument("--json", metavar="FILE", help="also write the results as JSON here")
     p.add_argument("--quick", action="store_true", help="small sizes, few repeats")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                   help="cuda: the Triton kernels against cuCIM (entropy only)")
     p.set_defaults(run=commands.cmd_bench)
     return parser
 

@@ -8,6 +8,7 @@ from frmap.engine.data.images import (
     IMAGENET_IMAGES,
     ImageFileError,
     ImageSpec,
+    decode_image,
     expand_paths,
     load_image,
 )
@@ -21,6 +22,7 @@ __all__ = [
     "ImageFileError",
     "ImageSpec",
     "atomic_write_bytes",
+    "decode_image",
     "expand_paths",
     "load_digits_split",
     "load_image",

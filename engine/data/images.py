@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import io
 import os
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import torch
@@ -64,7 +66,19 @@ def expand_paths(inputs: Iterable[str | os.PathLike]) -> Iterator[Path]:
             raise FileNotFoundError(f"{path}: no such file or folder")
 
 
-def load_image(path: Path, spec: ImageSpec) -> torch.Tensor:
+def decode_image(data: bytes, spec: ImageSpec, name: str = "image") -> torch.Tensor:
+    """Encoded image bytes (PNG, JPEG, ...) as `load_image` reads a file; errors name `name`.
+
+    Raises:
+        ImageFileError: undecodable bytes, wrong colour mode or wrong size.
+    """
+    try:
+        return load_image(io.BytesIO(data), spec)
+    except ImageFileError as err:
+        raise ImageFileError(Path(name), err.problem) from None
+
+
+def load_image(path: Path | BinaryIO, spec: ImageSpec) -> torch.Tensor:
     """One file as a [C, H, W] float32 tensor in [0, 1] for a model described by `spec`.
 
     Raises:

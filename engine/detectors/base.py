@@ -108,14 +108,22 @@ class Detector:
         if model != self.model:
             raise ValueError(f"the detector was fit for model {self.model}, not for {model}")
 
+    @property
+    def layers(self) -> tuple[str, ...]:
+        """The feature layers its scores read (`collect_features`); none for the others."""
+        return ()
+
+    def parts(self) -> tuple[dict, dict[str, np.ndarray]]:
+        """The detector as a JSON-ready document and its arrays (what `save` writes)."""
+        meta = {"kind": self.kind, "model": self.model,
+                "threshold": None if self.threshold is None else asdict(self.threshold),
+                **self._settings()}
+        return meta, self._arrays()
+
     def save(self, path: str | Path) -> Path:
         """Write the detector to `path` in the `frmap.detector/2` format (atomically)."""
-        meta = {"format": FORMAT, "kind": self.kind, "model": self.model,
-                "threshold": None if self.threshold is None else asdict(self.threshold),
-                "versions": _versions(), **self._settings()}
-        buf = io.BytesIO()
-        np.savez(buf, meta=np.array(json.dumps(meta)), **self._arrays())
-        return atomic_write_bytes(path, buf.getvalue())
+        meta, arrays = self.parts()
+        return write_archive(path, {"format": FORMAT, "versions": versions(), **meta}, arrays)
 
     @classmethod
     def load(cls: type[D], path: str | Path) -> D:
@@ -145,6 +153,27 @@ class Detector:
         raise NotImplementedError
 
 
+def from_parts(meta: dict, arrays: dict[str, np.ndarray], source: str) -> Detector:
+    """The detector of a document and arrays written by `Detector.parts`.
+
+    Raises:
+        ValueError: an unknown kind or a malformed document, naming `source`.
+    """
+    meta = dict(meta)
+    kind = meta.pop("kind", None)
+    if kind not in Detector._kinds:
+        raise ValueError(f"{source}: unknown detector kind {kind!r}; expected one of "
+                         f"{sorted(Detector._kinds)}")
+    try:
+        threshold = meta.pop("threshold")
+        model = meta.pop("model")
+        return Detector._kinds[kind]._from_file(
+            meta, arrays, model=model, threshold=None if threshold is None else Threshold(
+                **threshold))
+    except (KeyError, TypeError, ValueError, RuntimeError) as err:
+        raise ValueError(f"{source}: malformed {kind} detector ({err!r})") from None
+
+
 def load_detector(path: str | Path) -> Detector:
     """Read any detector file (`frmap.detector/2`, or an entropy detector JSON of frmap 0.1).
 
@@ -153,42 +182,50 @@ def load_detector(path: str | Path) -> Detector:
         ValueError: not a detector file, or a malformed one.
     """
     path = Path(path)
-    meta, arrays = _read(path)
-    kind = meta.pop("kind", None)
-    if kind not in Detector._kinds:
-        raise ValueError(f"{path}: unknown detector kind {kind!r}; expected one of "
-                         f"{sorted(Detector._kinds)}")
-    meta.pop("versions", None)
-    try:
-        threshold = meta.pop("threshold")
-        model = meta.pop("model")
-        return Detector._kinds[kind]._from_file(
-            meta, arrays, model=model, threshold=None if threshold is None else Threshold(
-                **threshold))
-    except (KeyError, TypeError, ValueError, RuntimeError) as err:
-        raise ValueError(f"{path}: malformed {kind} detector file ({err!r})") from None
-
-
-def _read(path: Path) -> tuple[dict, dict[str, np.ndarray]]:
-    """The meta document (without its format) and the arrays of a detector file."""
-    try:
-        raw = path.read_bytes()
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{path}: no such detector file") from None
+    raw = _read_bytes(path, "detector")
     if raw.lstrip()[:1] == b"{":
-        return _read_entropy_json(path, raw), {}
+        return from_parts(_read_entropy_json(path, raw), {}, str(path))
+    meta, arrays = read_archive(path, FORMAT, raw)
+    meta.pop("versions", None)
+    return from_parts(meta, arrays, str(path))
+
+
+def write_archive(path: str | Path, meta: dict, arrays: dict[str, np.ndarray]) -> Path:
+    """Write `meta` (JSON, with its "format") and `arrays` as one `.npz` archive, atomically."""
+    buf = io.BytesIO()
+    np.savez(buf, meta=np.array(json.dumps(meta)), **arrays)
+    return atomic_write_bytes(path, buf.getvalue())
+
+
+def read_archive(path: Path, fmt: str, raw: bytes | None = None
+                 ) -> tuple[dict, dict[str, np.ndarray]]:
+    """The meta document (without its format) and the arrays of an archive of format `fmt`.
+
+    Raises:
+        FileNotFoundError: no file at `path`.
+        ValueError: not a readable archive of that format.
+    """
+    what = fmt.split("/")[0].removeprefix("frmap.")
+    raw = _read_bytes(path, what) if raw is None else raw
     try:
         with np.load(io.BytesIO(raw), allow_pickle=False) as archive:
             arrays = {k: archive[k] for k in archive.files}
     except (ValueError, TypeError, OSError, EOFError, zipfile.BadZipFile) as err:
-        raise ValueError(f"{path}: not a detector file (not a readable npz: {err})") from None
+        raise ValueError(f"{path}: not a {what} file (not a readable npz: {err})") from None
     try:
         meta = json.loads(str(arrays.pop("meta")))
     except (KeyError, json.JSONDecodeError):
         meta = None
-    if not isinstance(meta, dict) or meta.pop("format", None) != FORMAT:
-        raise ValueError(f"{path}: not a detector file (format is not {FORMAT})")
+    if not isinstance(meta, dict) or meta.pop("format", None) != fmt:
+        raise ValueError(f"{path}: not a {what} file (format is not {fmt})")
     return meta, arrays
+
+
+def _read_bytes(path: Path, what: str) -> bytes:
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: no such {what} file") from None
 
 
 def _read_entropy_json(path: Path, raw: bytes) -> dict:
@@ -204,7 +241,8 @@ def _read_entropy_json(path: Path, raw: bytes) -> dict:
                                                      **threshold}}
 
 
-def _versions() -> dict[str, str]:
+def versions() -> dict[str, str]:
+    """The versions of frmap, numpy and torch, recorded in every file frmap writes."""
     try:
         frmap = version("frmap")
     except PackageNotFoundError:

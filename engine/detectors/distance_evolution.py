@@ -282,6 +282,10 @@ class DistanceEvolutionDetector(Detector):
         object.__setattr__(self, "_net", net.eval())
 
     @property
+    def layers(self) -> tuple[str, ...]:
+        return self.config.layers
+
+    @property
     def classes(self) -> int:
         """C, the number of classes."""
         return len(next(iter(self.references.values())))

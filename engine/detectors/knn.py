@@ -104,6 +104,10 @@ class KNNDetector(Detector):
             labels=labels,
         )
 
+    @property
+    def layers(self) -> tuple[str, ...]:
+        return (self.config.layer,)
+
     def reduce(self, features: Features) -> np.ndarray:
         """`[N, d]` the PCA-reduced features of the configured layer."""
         return (features.layer(self.config.layer) - self.mean) @ self.components.T / self.scale

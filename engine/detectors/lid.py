@@ -99,6 +99,10 @@ class LIDDetector(Detector):
         estimates = _estimates(_indexes(references, config.k), config.layers, rest.features)
         return cls(config, model, references, LayerCombination.fit(estimates, rest.adversarial))
 
+    @property
+    def layers(self) -> tuple[str, ...]:
+        return self.config.layers
+
     def layer_scores(self, features: Features) -> np.ndarray:
         """`[N, L]` float64, each layer's LID estimate."""
         return _estimates(self._indexes, self.config.layers, features)

@@ -131,6 +131,10 @@ class MahalanobisDetector(Detector):
         return replace(self, combination=LayerCombination.fit(
             self.layer_scores(examples.features), examples.adversarial))
 
+    @property
+    def layers(self) -> tuple[str, ...]:
+        return self.config.layers
+
     def layer_scores(self, features: Features) -> np.ndarray:
         """`[N, L]` float64, each layer's minimum Mahalanobis distance."""
         return np.column_stack([

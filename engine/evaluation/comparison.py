@@ -40,16 +40,15 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from sklearn.linear_model import LogisticRegression
-from sklearn.pipeline import make_pipeline
-from sklearn.preprocessing import StandardScaler
 from torch import nn
 
 from frmap.engine.attacks import ATTACKS, AdversarialSet, AttackStats, attack_stats
 from frmap.engine.data.files import write_json
 from frmap.engine.data.footprints import parse_footprint
 from frmap.engine.detectors import (
+    Detector,
     DistanceEvolutionDetector,
+    EntropyDetector,
     EvolutionConfig,
     EvolutionTrainReport,
     Features,
@@ -88,9 +87,9 @@ from frmap.engine.evaluation.metrics import (
 from frmap.engine.evaluation.subject import Subject
 from frmap.engine.models import torch_settings
 from frmap.engine.responses import ResponseEngine
+from frmap.engine.screening import Combiner, Screener
 
 DETECTORS = ("entropy", "knn", "mahalanobis", "lid", "distance-lstm", "distance-mlp", "squeeze")
-_LAYERED = ("knn", "mahalanobis", "lid")  # the detectors with per-layer rows
 COMBINED = "combined"
 _NETWORKS = {"distance-lstm": "lstm", "distance-mlp": "mlp"}
 _DR_KEY = "5%"  # `AttackEvaluation.detection_rate` key of the FPR-5% detection rate
@@ -175,6 +174,8 @@ class ComparisonReport:
         images: role ("fit", "validation", "combiner" in the train split; "calibration";
             "test") -> the indices of the images of that role in their split.
         files: what was written, by kind.
+        screener: the detectors of the saved screener ("combined" first where it combines
+            them), empty where none was saved.
     """
 
     model: str
@@ -188,6 +189,7 @@ class ComparisonReport:
     training: dict[str, EvolutionTrainReport]
     images: dict[str, list[int]]
     files: dict[str, str]
+    screener: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -339,120 +341,62 @@ def _network(data: ComparisonData, config: EvolutionConfig, identity: str, progr
             config, model=identity, progress=progress)
 
 
-LayerScorer = Callable[[Part], np.ndarray]  # [N, L] per-layer scores
-
-
-def _layered(name: str, subject: Subject, data: ComparisonData, config: ComparisonConfig
-             ) -> tuple[MahalanobisDetector | LIDDetector, LayerScorer]:
-    """The Mahalanobis or LID detector (`config`'s settings, resolved) fitted on the fit
-    images, and its per-layer scores."""
-    if name == "lid":
-        detector = LIDDetector.fit(_examples(data.fit), config.lid, model=subject.identity)
-        return detector, lambda p: detector.layer_scores(p.features)
-    settings = config.mahalanobis
-    detector = MahalanobisDetector.fit(data.fit[0].features, data.labels, _examples(data.fit),
-                                       settings, model=subject.identity)
-    if settings.noise == 0:
-        return detector, lambda p: detector.layer_scores(p.features)
-
-    def stepped(p: Part) -> Part:
-        return replace(p, features=detector.preprocessed_features(
-            subject.classifier, p.images, batch_size=config.batch_size))
-
-    detector = detector.with_combination(_examples([stepped(p) for p in data.fit]))
-    return detector, lambda p: detector.layer_scores(stepped(p).features)
-
-
-def _scorer(name: str, subject: Subject, data: ComparisonData, config: ComparisonConfig,
-            knn: KNNConfig, evolution: EvolutionConfig, training: dict,
-            layer_scorers: dict[str, tuple[tuple[str, ...], LayerScorer]],
-            surrogates: dict[str, Surrogate], progress: bool) -> Scorer:
-    """The scoring function of the detector `name`, fitted on the fit images (Mahalanobis and
-    LID also put their per-layer scores in `layer_scorers`; the detectors with a
-    differentiable surrogate put it in `surrogates`)."""
+def _detector(name: str, subject: Subject, data: ComparisonData, config: ComparisonConfig,
+              knn: KNNConfig, evolution: EvolutionConfig, training: dict, progress: bool
+              ) -> Detector:
+    """The detector `name`, fitted on the fit images (uncalibrated)."""
     if name == "entropy":
-        engine = ResponseEngine(subject.model, rule=config.rule, target=config.target,
-                                batch_size=config.batch_size, preprocess=config.preprocess)
-        footprint = parse_footprint(config.footprint)
-        return lambda p: engine.scores(p.images, footprint).cpu().numpy()
+        return EntropyDetector(config.footprint, config.rule, config.target, subject.identity)
     if name == "squeeze":
-        squeezer = FeatureSqueezer(config.squeeze, subject.identity)
-        surrogates[name] = squeeze_surrogate(subject.classifier, squeezer)
-        return lambda p: squeezer.score(subject.classifier, p.images, p.features,
-                                        batch_size=config.batch_size)
-    if name in ("mahalanobis", "lid"):
-        layered, layer_scores = _layered(name, subject, data, config)
-        layer_scorers[name] = (layered.config.layers, layer_scores)
-        surrogates[name] = (lid_surrogate if name == "lid" else mahalanobis_surrogate)(
-            subject.classifier, layered)
-        return lambda p: layered.combination(layer_scores(p))
+        return FeatureSqueezer(config.squeeze, subject.identity)
     if name == "knn":
-        detector = KNNDetector.fit(data.fit[0].features, data.labels, knn, model=subject.identity)
-        surrogates[name] = knn_surrogate(subject.classifier, detector)
-    else:
-        detector = _network(data, replace(evolution, network=_NETWORKS[name]), subject.identity,
-                            progress)
-        training[name] = detector.report
-    return lambda p: detector.score(p.features)
+        return KNNDetector.fit(data.fit[0].features, data.labels, knn, model=subject.identity)
+    if name == "lid":
+        return LIDDetector.fit(_examples(data.fit), config.lid, model=subject.identity)
+    if name == "mahalanobis":
+        detector = MahalanobisDetector.fit(data.fit[0].features, data.labels,
+                                           _examples(data.fit), config.mahalanobis,
+                                           model=subject.identity)
+        if config.mahalanobis.noise == 0:
+            return detector
+        features = _features_of(detector, subject, config)
+        return detector.with_combination(_examples(
+            [replace(p, features=features(p)) for p in data.fit]))
+    detector = _network(data, replace(evolution, network=_NETWORKS[name]), subject.identity,
+                        progress)
+    training[name] = detector.report
+    return detector
 
 
-def compare_detectors(
-    model: nn.Module,
-    *,
-    train: tuple[torch.Tensor, torch.Tensor],
-    calibration: tuple[torch.Tensor, torch.Tensor],
-    test: tuple[torch.Tensor, torch.Tensor],
-    out_dir: str | Path,
-    config: ComparisonConfig = ComparisonConfig(),
-    progress: bool = False,
-) -> ComparisonReport:
-    """Run every detector of `config` on the same adversarial sets; see the module docstring.
+def _scorer(detector: Detector, subject: Subject, config: ComparisonConfig) -> Scorer:
+    """How `detector` scores a part (from its images or its features)."""
+    if isinstance(detector, EntropyDetector):
+        engine = ResponseEngine(subject.model, rule=detector.rule, target=detector.target,
+                                batch_size=config.batch_size, preprocess=config.preprocess)
+        footprint = parse_footprint(detector.footprint)
+        return lambda p: engine.scores(p.images, footprint).cpu().numpy()
+    if isinstance(detector, FeatureSqueezer):
+        return lambda p: detector.score(subject.classifier, p.images, p.features,
+                                        batch_size=config.batch_size)
+    features = _features_of(detector, subject, config)
+    return lambda p: detector.score(features(p))
 
-    Args:
-        model: classifier of [N, C, H, W] images in [0, 1] (ImageNet normalisation inside when
-            `config.preprocess == "imagenet"`), C = 1 or 3.
-        train, calibration, test: (images [N, C, H, W] in [0, 1], labels [N]) clean splits;
-            only correctly classified images take part.
-        out_dir: where the adversarial sets, the results and the figures go.
-        config: see `ComparisonConfig`.
-        progress: show progress bars.
 
-    Raises:
-        ValueError: too few images or adversarials to train, combine or evaluate.
-    """
-    out = Path(out_dir)
-    subject = Subject.of(model, config.preprocess)
-    layers = config.layers or default_layers(subject.classifier)
-    knn = config.knn or KNNConfig(layers[-1])
-    evolution = config.evolution or EvolutionConfig(layers)
-    config = replace(config, mahalanobis=config.mahalanobis or MahalanobisConfig(layers),
-                     lid=config.lid or LIDConfig(layers))
-    collected = tuple(dict.fromkeys((*layers, knn.layer, *evolution.layers,
-                                     *config.mahalanobis.layers, *config.lid.layers)))
-    data = prepare(subject, train, calibration, test, out, config, collected, progress=progress)
+def _features_of(detector: Detector, subject: Subject, config: ComparisonConfig
+                 ) -> Callable[[Part], Features]:
+    """The features `detector` scores: a part's own, or after Mahalanobis's pre-processing."""
+    if isinstance(detector, MahalanobisDetector) and detector.config.noise > 0:
+        return lambda p: detector.preprocessed_features(subject.classifier, p.images,
+                                                        batch_size=config.batch_size)
+    return lambda p: p.features
 
-    training: dict[str, EvolutionTrainReport] = {}
-    layer_scorers: dict[str, tuple[tuple[str, ...], LayerScorer]] = {}
-    surrogates: dict[str, Surrogate] = {}
-    scorers = {name: _scorer(name, subject, data, config, knn, evolution, training,
-                             layer_scorers, surrogates, progress) for name in config.detectors}
-    if config.adaptive is not None:
-        data = _with_adaptive(data, subject, test[1], surrogates, config, collected)
-    scores = {name: data.scores(s) for name, s in scorers.items()}
-    weights, scores[COMBINED] = combine_scores(scorers, data.combiner, scores)
-    results = [row for name, s in scores.items()
-               for row in _rows(name, s, data.attacks, config.operating_fpr)]
-    per_layer = _per_layer_rows(data, layers, knn, subject.identity, config, layer_scorers)
-    unseen = _unseen_rows(data, evolution, subject.identity, config, training, progress)
-    files = _write(out, results, per_layer, unseen, scores, data.attacks)
-    images = {role: i.tolist() for role, i in data.ids.items()}
-    images |= {"calibration": data.evaluated["calibration"].image.tolist(),
-               "test": data.evaluated["clean"].image.tolist()}
-    report = ComparisonReport(subject.identity, data.attack_stats, data.train_attack_stats,
-                              results, per_layer, best_layers(per_layer), unseen, weights,
-                              training, images, files)
-    write_json(out / "comparison-report.json", asdict(report))
-    return report
+
+def _surrogates(detectors: dict[str, Detector], subject: Subject) -> dict[str, Surrogate]:
+    """The differentiable surrogates of the detectors that have one (`adaptive`)."""
+    makers = {KNNDetector: knn_surrogate, MahalanobisDetector: mahalanobis_surrogate,
+              LIDDetector: lid_surrogate, FeatureSqueezer: squeeze_surrogate}
+    return {name: makers[type(d)](subject.classifier, d) for name, d in detectors.items()
+            if type(d) in makers}
 
 
 def _with_adaptive(data: ComparisonData, subject: Subject, labels: torch.Tensor,
@@ -478,29 +422,117 @@ def _with_adaptive(data: ComparisonData, subject: Subject, labels: torch.Tensor,
     return replace(data, evaluated=evaluated)
 
 
+def compare_detectors(
+    model: nn.Module,
+    *,
+    train: tuple[torch.Tensor, torch.Tensor],
+    calibration: tuple[torch.Tensor, torch.Tensor],
+    test: tuple[torch.Tensor, torch.Tensor],
+    out_dir: str | Path,
+    config: ComparisonConfig = ComparisonConfig(),
+    screener_path: str | Path | None = None,
+    progress: bool = False,
+) -> ComparisonReport:
+    """Run every detector of `config` on the same adversarial sets; see the module docstring.
+
+    Args:
+        model: classifier of [N, C, H, W] images in [0, 1] (ImageNet normalisation inside when
+            `config.preprocess == "imagenet"`), C = 1 or 3.
+        train, calibration, test: (images [N, C, H, W] in [0, 1], labels [N]) clean splits;
+            only correctly classified images take part.
+        out_dir: where the adversarial sets, the results and the figures go.
+        config: see `ComparisonConfig`.
+        screener_path: where to save the best detector set as a screener (`_best_screener`),
+            calibrated on the calibration split at `config.operating_fpr`; None: no screener.
+        progress: show progress bars.
+
+    Raises:
+        ValueError: too few images or adversarials to train, combine or evaluate.
+    """
+    out = Path(out_dir)
+    subject = Subject.of(model, config.preprocess)
+    layers = config.layers or default_layers(subject.classifier)
+    knn = config.knn or KNNConfig(layers[-1])
+    evolution = config.evolution or EvolutionConfig(layers)
+    config = replace(config, mahalanobis=config.mahalanobis or MahalanobisConfig(layers),
+                     lid=config.lid or LIDConfig(layers))
+    collected = tuple(dict.fromkeys((*layers, knn.layer, *evolution.layers,
+                                     *config.mahalanobis.layers, *config.lid.layers)))
+    data = prepare(subject, train, calibration, test, out, config, collected, progress=progress)
+
+    training: dict[str, EvolutionTrainReport] = {}
+    detectors = {name: _detector(name, subject, data, config, knn, evolution, training, progress)
+                 for name in config.detectors}
+    scorers = {name: _scorer(d, subject, config) for name, d in detectors.items()}
+    if config.adaptive is not None:
+        data = _with_adaptive(data, subject, test[1], _surrogates(detectors, subject), config,
+                              collected)
+    scores = {name: data.scores(s) for name, s in scorers.items()}
+    combiner = combine_scores(scorers, data.combiner)
+    scores[COMBINED] = {key: combiner({n: scores[n][key] for n in detectors})
+                        for key in data.evaluated}
+    weights = combiner.weight_of()
+    results = [row for name, s in scores.items()
+               for row in _rows(name, s, data.attacks, config.operating_fpr)]
+    per_layer = _per_layer_rows(data, layers, knn, subject, config, detectors)
+    unseen = _unseen_rows(data, evolution, subject.identity, config, training, progress)
+    files = _write(out, results, per_layer, unseen, scores, data.attacks)
+    chosen: tuple[str, ...] = ()
+    if screener_path is not None:
+        screener = _best_screener(subject, detectors, combiner, scores, results, config)
+        files["screener"] = str(screener.save(screener_path))
+        chosen = (*(["combined"] if screener.combiner else []), *screener.detectors)
+    images = {role: i.tolist() for role, i in data.ids.items()}
+    images |= {"calibration": data.evaluated["calibration"].image.tolist(),
+               "test": data.evaluated["clean"].image.tolist()}
+    report = ComparisonReport(subject.identity, data.attack_stats, data.train_attack_stats,
+                              results, per_layer, best_layers(per_layer), unseen, weights,
+                              training, images, files, chosen)
+    write_json(out / "comparison-report.json", asdict(report))
+    return report
+
+
+def _best_screener(subject: Subject, detectors: dict[str, Detector], combiner: Combiner,
+                   scores: dict[str, dict[str, np.ndarray]], results: list[AttackEvaluation],
+                   config: ComparisonConfig) -> Screener:
+    """The combination or the single detector with the best mean AUC over the measured attacks
+    (all attacks where none is), as a calibrated screener."""
+    measured = {r.attack for r in results if r.measured} or {r.attack for r in results}
+    auc = {name: np.mean([r.auc for r in results if r.detector == name and r.attack in measured])
+           for name in (*detectors, COMBINED)}
+    best = max(auc, key=auc.__getitem__)
+    chosen = detectors if best == COMBINED else {best: detectors[best]}
+    screener = Screener(subject.model, chosen, preprocess=config.preprocess,
+                        combiner=combiner if best == COMBINED else None,
+                        batch_size=config.batch_size)
+    return screener.calibrate_scores({n: scores[n]["calibration"] for n in chosen},
+                                     config.operating_fpr)
+
+
 def _rows(name: str, scores: dict[str, np.ndarray], attacks: Sequence[str],
           fpr: float) -> list[AttackEvaluation]:
     return [evaluate_attack(scores["calibration"], scores["clean"], scores[a], detector=name,
                             attack=a, operating_fpr=fpr) for a in attacks]
 
 
-def _per_layer_rows(data: ComparisonData, layers: Sequence[str], knn: KNNConfig, identity: str,
-                    config: ComparisonConfig,
-                    layer_scorers: dict[str, tuple[tuple[str, ...], LayerScorer]]
+def _per_layer_rows(data: ComparisonData, layers: Sequence[str], knn: KNNConfig,
+                    subject: Subject, config: ComparisonConfig, detectors: dict[str, Detector]
                     ) -> list[AttackEvaluation]:
     """kNN, Mahalanobis and LID on each feature layer alone ("knn:<layer>", ...)."""
     rows = []
-    if "knn" in config.detectors:
+    if "knn" in detectors:
         for layer in layers:
             detector = KNNDetector.fit(data.fit[0].features, data.labels,
-                                       replace(knn, layer=layer), model=identity)
+                                       replace(knn, layer=layer), model=subject.identity)
             rows += _rows(f"knn:{layer}", data.scores(lambda p, d=detector: d.score(p.features)),
                           data.attacks, config.operating_fpr)
-    for name, (names, layer_scores) in layer_scorers.items():
-        scores = data.scores(layer_scores)
-        for i, layer in enumerate(names):
-            rows += _rows(f"{name}:{layer}", {k: v[:, i] for k, v in scores.items()},
-                          data.attacks, config.operating_fpr)
+    for name, detector in detectors.items():
+        if isinstance(detector, MahalanobisDetector | LIDDetector):
+            features = _features_of(detector, subject, config)
+            scores = data.scores(lambda p, d=detector, f=features: d.layer_scores(f(p)))
+            for i, layer in enumerate(detector.layers):
+                rows += _rows(f"{name}:{layer}", {k: v[:, i] for k, v in scores.items()},
+                              data.attacks, config.operating_fpr)
     return rows
 
 
@@ -551,32 +583,16 @@ def _write(out: Path, results: list[AttackEvaluation], per_layer: list[AttackEva
     return files
 
 
-def combine_scores(
-    scorers: dict[str, Scorer], combiner: Sequence[Part], scores: dict[str, dict[str, np.ndarray]]
-) -> tuple[dict[str, float], dict[str, np.ndarray]]:
-    """Fit a logistic regression on the combiner images' scores (both classes weigh the same).
+def combine_scores(scorers: dict[str, Scorer], combiner: Sequence[Part]) -> Combiner:
+    """Fit the combination on the combiner images' scores (clean versus adversarial).
 
-    Args:
-        scorers: the detectors, in the order of `scores`.
-        combiner: the combiner images' versions.
-        scores: detector -> evaluated set -> scores.
-
-    Returns:
-        (each detector's weight on its standardised score, the combination's decision values
-        on every evaluated set).
+    Raises:
+        ValueError: the combiner images lack clean or adversarial versions.
     """
-    x = np.column_stack([np.concatenate([score(p) for p in combiner])
-                         for score in scorers.values()])
-    y = np.concatenate([np.full(len(p.image), p.attack != CLEAN) for p in combiner])
-    if y.all() or not y.any():
-        raise ValueError("the combiner images need clean and adversarial versions")
-    combination = make_pipeline(StandardScaler(), LogisticRegression(class_weight="balanced"))
-    combination.fit(x, y)
-    weights = dict(zip(scorers, combination[-1].coef_[0].tolist(), strict=True))
-    keys = next(iter(scores.values()))
-    combined = {k: combination.decision_function(np.column_stack([s[k] for s in scores.values()]))
-                for k in keys}
-    return weights, combined
+    scores = {name: np.concatenate([score(p) for p in combiner])
+              for name, score in scorers.items()}
+    adversarial = np.concatenate([np.full(len(p.image), p.attack != CLEAN) for p in combiner])
+    return Combiner.fit(scores, adversarial)
 
 
 def comparison_table(results: Sequence[AttackEvaluation]) -> str:

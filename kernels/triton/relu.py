@@ -25,11 +25,9 @@ import triton
 import triton.language as tl
 
 from .._constants import RULE_CODES
+from ._launch import grid
 
-# Elements per program: a GPU block, or a large one under the interpreter, whose cost is mostly
-# per program instance.
-_BLOCK_GPU = 2048
-_BLOCK_INTERPRETER = 1 << 16
+_BLOCK_GPU = 2048  # elements per program on a GPU
 
 
 @triton.jit
@@ -75,19 +73,13 @@ def _check(*tensors: torch.Tensor) -> None:
             raise ValueError("the triton relu kernels take tensors on one device")
 
 
-def _grid(n: int, device: torch.device) -> tuple[int, int]:
-    block = _BLOCK_GPU if device.type == "cuda" else _BLOCK_INTERPRETER
-    block = max(8, min(block, triton.next_power_of_2(n)))
-    return block, triton.cdiv(n, block)
-
-
 def relu_forward(x: torch.Tensor, y: torch.Tensor, bits: torch.Tensor | None) -> None:
     """y = relu(x) and, unless `bits` is None, bits = packed (x > 0); y may be x."""
     _check(x, y, *([] if bits is None else [bits]))
     n = x.numel()
     if n == 0:
         return
-    block, programs = _grid(n, x.device)
+    block, programs = grid(n, x.device, _BLOCK_GPU, least=8)
     _relu_mask_fwd_kernel[(programs,)](
         x, y, x if bits is None else bits, n, triton.cdiv(n, 8),
         WRITE_MASK=bits is not None, BLOCK=block,
@@ -100,7 +92,7 @@ def relu_backward(g: torch.Tensor, bits: torch.Tensor | None, out: torch.Tensor,
     n = g.numel()
     if n == 0:
         return
-    block, programs = _grid(n, g.device)
+    block, programs = grid(n, g.device, _BLOCK_GPU, least=8)
     _relu_rule_bwd_kernel[(programs,)](
         g, g if bits is None else bits, out, n, triton.cdiv(n, 8),
         RULE=RULE_CODES[rule], BLOCK=block,

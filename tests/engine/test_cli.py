@@ -147,6 +147,25 @@ def test_bench_entropy_quick_writes_json(tmp_path):
     assert not list(out.parent.glob(".*.tmp")), "temporary file left behind"
 
 
+def test_bench_entropy_cuda_rows_or_why_not(tmp_path):
+    """On a GPU host the Triton rows with their operation-count estimates; elsewhere the
+    command says that the CUDA rows are skipped, and why. Other targets have no CUDA rows."""
+    import torch
+
+    out = tmp_path / "cuda.json"
+    result = frmap("bench", "entropy", "--device", "cuda", "--quick", "--json", str(out))
+    assert result.returncode == 0, result.stderr
+    data = json.loads(out.read_text())
+    if torch.cuda.is_available():
+        assert data["skipped"] is None and len(data["rows"]) == 2
+        assert all(r["triton_pix_per_s"] > 0 and r["est_register_ops"] > 0 for r in data["rows"])
+    else:
+        assert "CUDA rows skipped: no CUDA device" in result.stdout
+        assert data["rows"] == []
+    result = frmap("bench", "responses", "--device", "cuda")
+    assert result.returncode == 1 and "only `frmap bench entropy`" in result.stderr
+
+
 def test_bench_responses_and_detectors_quick(tmp_path):
     """The smoke runs: every method measured and checked against float64 Captum."""
     out = tmp_path / "responses.json"

@@ -79,9 +79,9 @@ def run(tmp_path_factory):
         calls["network"].append((len(reference), train, validation))
         return network_fit(cls, reference, labels, train, validation, *args, **kwargs)
 
-    def record_combiner(scorers, parts, scores):
+    def record_combiner(scorers, parts):
         calls["combiner"].extend(parts)
-        return combine(scorers, parts, scores)
+        return combine(scorers, parts)
 
     out = tmp_path_factory.mktemp("comparison")
     threads = torch.get_num_threads()

@@ -70,15 +70,13 @@ def bits_cases():
 
 @pytest.mark.parametrize("backend", [CPU, TRITON])
 @pytest.mark.parametrize("case", range(7), ids=[f"{b}bits" for *_, b in bits_cases()])
-def test_entropy_is_the_bit_depth(backend, case, request):
+def test_entropy_is_the_bit_depth(backend, case):
     """A window of 2**k equally frequent values has exactly k bits: the maximum is k."""
     image, footprint, bits = bits_cases()[case]
     if backend == "triton":
-        if bits == 3:  # 3.0000000000000004 today
-            request.applymarker(pytest.mark.xfail(reason="Triton not yet exact (issue 16)"))
-        if footprint.sum() > 256:
-            pytest.skip("the Triton kernel holds windows of up to a few hundred pixels")
-        image = image[:16, :16]  # one full window: enough under the interpreter
+        if footprint.sum() > 256 and interpreting():
+            pytest.skip("a window of 4096 pixels is too slow under the Triton interpreter")
+        image = image[:footprint.shape[0], :footprint.shape[1]]  # one full window
     got = run(backend, image, footprint)
     assert got.dtype == np.float64
     assert got.max() == bits, f"max {got.max()!r} != {bits}"

@@ -1,0 +1,145 @@
+"""Screener: scores equal each detector's own, decisions follow the calibrated thresholds,
+the combination is scikit-learn's logistic regression, and files round-trip or fail clearly."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from sklearn.linear_model import LogisticRegression
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
+
+from frmap.engine.data import load_digits_split, parse_footprint
+from frmap.engine.detectors import EntropyDetector, collect_features
+from frmap.engine.detectors.base import calibrate_threshold
+from frmap.engine.detectors.squeeze import DIGITS_SQUEEZERS
+from frmap.engine.models import DigitsCNN, load_digits_model, model_identity
+from frmap.engine.responses import ResponseEngine
+from frmap.engine.screening import Combiner, Screener
+from frmap.engine.screening.build import clean_detectors
+
+FPR = 0.1
+
+
+@pytest.fixture(scope="module")
+def digits():
+    model = load_digits_model()
+    train, cal, test = (load_digits_split(s) for s in ("train", "calibration", "test"))
+    detectors = clean_detectors(("entropy", "knn", "squeeze"), model, model,
+                                train=(train.images[:300], train.labels[:300]),
+                                footprint="square3", rule="guided", target="conv_max",
+                                squeeze=DIGITS_SQUEEZERS)
+    screener = Screener(model, detectors, batch_size=16).calibrate(cal.images[:120], FPR)
+    return model, screener, cal.images[:120], test.images[:24]
+
+
+def test_scores_are_each_detectors_own(digits):
+    model, screener, _, images = digits
+    features, scores = screener.scores(images)
+    d = screener.detectors
+    entropy = ResponseEngine(model, preprocess=None).scores(images, parse_footprint("square3"))
+    np.testing.assert_allclose(scores["entropy"], entropy.numpy(), rtol=0, atol=1e-12)
+    own = collect_features(model, images, d["knn"].layers)
+    np.testing.assert_allclose(scores["knn"], d["knn"].score(own), rtol=0, atol=1e-12)
+    # float32 softmax over batches of another size: equal to rounding
+    np.testing.assert_allclose(scores["squeeze"], d["squeeze"].score(model, images),
+                               rtol=0, atol=1e-6)
+    with torch.no_grad():
+        logits = model(images)
+    np.testing.assert_allclose(features.logits, logits.numpy(), rtol=1e-5, atol=1e-5)
+
+
+def test_any_decision_flags_what_some_detector_flags(digits):
+    _, screener, clean, images = digits
+    _, clean_scores = screener.scores(clean)
+    result = screener.screen(images)
+    expected = np.zeros(len(images), bool)
+    for name, detector in screener.detectors.items():
+        threshold = calibrate_threshold(clean_scores[name], FPR / 3)
+        assert detector.threshold.value == threshold and detector.threshold.fpr == FPR / 3
+        expected |= result.scores[name] > threshold
+    np.testing.assert_array_equal(result.flagged, expected)
+    assert screener.decision == "any" and result.combined is None
+    probabilities = torch.softmax(screener.model(images), 1).detach().numpy()
+    np.testing.assert_array_equal(result.predicted, probabilities.argmax(1))
+    np.testing.assert_allclose(result.confidence, probabilities.max(1), atol=1e-6)
+    record = result.record(0)
+    assert set(record) == {"prediction", "confidence", "scores", "combined", "flagged"}
+    assert json.loads(json.dumps(record)) == record
+
+
+def test_combiner_is_sklearns_logistic_regression():
+    rng = np.random.default_rng(0)
+    y = rng.random(400) < 0.4
+    scores = {"a": rng.normal(size=400) + 2 * y, "b": rng.normal(3, 5, 400) - y,
+              "c": rng.normal(size=400)}
+    combiner = Combiner.fit(scores, y)
+    reference = make_pipeline(StandardScaler(), LogisticRegression(class_weight="balanced"))
+    reference.fit(np.column_stack(list(scores.values())), y)
+    probe = {k: rng.normal(size=50) for k in scores}
+    np.testing.assert_allclose(combiner(probe),
+                               reference.decision_function(np.column_stack(list(probe.values()))),
+                               rtol=1e-10, atol=1e-10)
+    with pytest.raises(ValueError, match="clean and adversarial"):
+        Combiner.fit(scores, np.ones(400, bool))
+
+
+def test_combined_screener_round_trips(digits, tmp_path):
+    model, screener, clean, images = digits
+    _, scores = screener.scores(images)
+    labels = np.arange(len(images)) % 2 == 0
+    combiner = Combiner.fit(scores, labels)
+    combined = Screener(model, screener.detectors, combiner=combiner, batch_size=8)
+    combined = combined.calibrate(clean, FPR)
+    _, clean_scores = combined.scores(clean)
+    assert combined.threshold.value == calibrate_threshold(combiner(clean_scores), FPR)
+    result = combined.screen(images)
+    np.testing.assert_array_equal(result.flagged, result.combined > combined.threshold.value)
+    loaded = Screener.load(combined.save(tmp_path / "s.frmap"), model, batch_size=8)
+    again = loaded.screen(images)
+    assert loaded.decision == "combined" and list(loaded.detectors) == list(combined.detectors)
+    for key in ("predicted", "confidence", "combined", "flagged"):
+        np.testing.assert_array_equal(getattr(again, key), getattr(result, key))
+    for name in result.scores:
+        np.testing.assert_array_equal(again.scores[name], result.scores[name])
+
+
+def test_screener_refuses_another_model_and_bad_files(digits, tmp_path):
+    model, screener, _, images = digits
+    path = screener.save(tmp_path / "s.frmap")
+    with pytest.raises(ValueError, match=r"s\.frmap: made for model DigitsCNN:"):
+        Screener.load(path, DigitsCNN())
+    with pytest.raises(FileNotFoundError, match="no such screener file"):
+        Screener.load(tmp_path / "missing.frmap", model)
+    (tmp_path / "junk.frmap").write_bytes(b"junk")
+    with pytest.raises(ValueError, match="junk.frmap: neither a screener nor a detector file"):
+        Screener.load(tmp_path / "junk.frmap", model)
+    meta = {"format": "frmap.screener/1", "model": model_identity(model), "preprocess": None,
+            "decision": "majority", "fpr": 0.1, "threshold": None, "detectors": {},
+            "combiner": None}
+    with open(tmp_path / "bad.frmap", "wb") as f:  # np.savez would add .npz to a name
+        np.savez(f, meta=np.array(json.dumps(meta)))
+    with pytest.raises(ValueError, match="bad.frmap: field 'decision'"):
+        Screener.load(tmp_path / "bad.frmap", model)
+    with pytest.raises(ValueError, match="calibrate it first"):
+        Screener(model, {"entropy": EntropyDetector("square3", "guided", "conv_max",
+                                                    model_identity(model))}).screen(images)
+    with pytest.raises(ValueError, match="needs adversarial|cannot be fit on clean"):
+        clean_detectors(("distance-lstm",), model, model, train=None, footprint="square3",
+                        rule="guided", target="conv_max", squeeze=DIGITS_SQUEEZERS)
+
+
+def test_entropy_detector_file_loads_as_a_one_detector_screener(digits, tmp_path):
+    model, _, clean, images = digits
+    engine = ResponseEngine(model, preprocess=None)
+    detector = EntropyDetector.fit(engine.scores(clean, parse_footprint("square3")).numpy(),
+                                   fpr=FPR, footprint="square3", rule="guided",
+                                   target="conv_max", model=model_identity(model))
+    screener = Screener.load(detector.save(tmp_path / "det.npz"), model)
+    result = screener.screen(images)
+    np.testing.assert_array_equal(result.flagged,
+                                  detector.flag(engine.scores(images, parse_footprint("square3"))
+                                                .numpy()))
