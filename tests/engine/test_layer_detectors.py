@@ -21,6 +21,8 @@ from frmap.engine.detectors.mahalanobis import (
     min_distance_torch,
 )
 from frmap.engine.models.digits import load_digits_model, load_digits_split
+from frmap.engine.models.runtime import model_identity
+from frmap.engine.screening import Screener
 
 LAYERS = ("a", "b")
 
@@ -140,3 +142,30 @@ def test_mahalanobis_preprocessing_lowers_clean_distance():
     stepped = noisy.preprocessed_features(model, x[:20])
     before, after = plain.layer_scores(features.take(np.arange(20))), noisy.layer_scores(stepped)
     assert (after <= before + 1e-6).mean() > 0.9  # the step goes against the distance's gradient
+
+
+def test_screener_scores_and_saves_the_new_detectors(tmp_path):
+    """Both work as `Detector`s in a screener: its scores are theirs, also after a reload."""
+    model = load_digits_model()
+    layers = default_layers(model)
+    split = load_digits_split("train")
+    x, labels = split.images[:240], split.labels[:240].numpy()
+    features = collect_features(model, x, layers)
+    noisy = (x + 0.3 * torch.rand(x.shape, generator=torch.Generator().manual_seed(0))).clamp(0, 1)
+    examples = Examples.concat([Examples.of(features, CLEAN, np.arange(240)),
+                                Examples.of(collect_features(model, noisy, layers), "noise",
+                                            np.arange(240))])
+    identity = model_identity(model)
+    detectors = {
+        "mahalanobis": MahalanobisDetector.fit(features, labels, examples,
+                                               MahalanobisConfig(layers), model=identity),
+        "lid": LIDDetector.fit(examples, LIDConfig(layers, k=10, reference=60), model=identity),
+    }
+    test = load_digits_split("test").images[:30]
+    expected = {k: d.score(collect_features(model, test, layers)) for k, d in detectors.items()}
+    screener = Screener(model, detectors)
+    loaded = Screener.load(screener.save(tmp_path / "s.npz"), model)
+    for s in (screener, loaded):
+        scores = s.scores(test)[1]
+        for name, want in expected.items():
+            np.testing.assert_allclose(scores[name], want, rtol=1e-10, atol=1e-12)
