@@ -15,9 +15,7 @@ from frmap.engine.detectors import (
     MahalanobisConfig,
     MahalanobisDetector,
     collect_features,
-    default_layers,
 )
-from frmap.engine.detectors.distance_evolution import CLEAN, Examples
 from frmap.engine.detectors.squeeze import DIGITS_SQUEEZERS
 from frmap.engine.evaluation.adaptive import (
     AdaptiveConfig,
@@ -28,22 +26,16 @@ from frmap.engine.evaluation.adaptive import (
     squeeze_surrogate,
     standardised,
 )
-from frmap.engine.models.digits import load_digits_model, load_digits_split
+from frmap.engine.models.digits import load_digits_split
 
 
 @pytest.fixture(scope="module")
-def fitted():
+def fitted(digits_examples):
     """Detectors fitted on 300 digits; the "adversarial" examples are noisy digits."""
     torch.set_num_threads(1)
-    model = load_digits_model()
-    layers = default_layers(model)
-    train = load_digits_split("train")
-    x, labels = train.images[:300], train.labels[:300].numpy()
-    features = collect_features(model, x, layers)
-    noisy = (x + 0.3 * torch.rand(x.shape, generator=torch.Generator().manual_seed(0))).clamp(0, 1)
-    examples = Examples.concat([Examples.of(features, CLEAN, np.arange(300)),
-                                Examples.of(collect_features(model, noisy, layers), "noise",
-                                            np.arange(300))])
+    model, layers = digits_examples.model, digits_examples.layers
+    features, labels = digits_examples.features, digits_examples.labels
+    examples = digits_examples.examples
     detectors = {
         "mahalanobis": MahalanobisDetector.fit(features, labels, examples,
                                                MahalanobisConfig(layers)),

@@ -144,22 +144,17 @@ def test_mahalanobis_preprocessing_lowers_clean_distance():
     assert (after <= before + 1e-6).mean() > 0.9  # the step goes against the distance's gradient
 
 
-def test_screener_scores_and_saves_the_new_detectors(tmp_path):
+def test_screener_scores_and_saves_the_new_detectors(tmp_path, digits_examples):
     """Both work as `Detector`s in a screener: its scores are theirs, also after a reload."""
-    model = load_digits_model()
-    layers = default_layers(model)
-    split = load_digits_split("train")
-    x, labels = split.images[:240], split.labels[:240].numpy()
-    features = collect_features(model, x, layers)
-    noisy = (x + 0.3 * torch.rand(x.shape, generator=torch.Generator().manual_seed(0))).clamp(0, 1)
-    examples = Examples.concat([Examples.of(features, CLEAN, np.arange(240)),
-                                Examples.of(collect_features(model, noisy, layers), "noise",
-                                            np.arange(240))])
+    model, layers = digits_examples.model, digits_examples.layers
+    features, labels = digits_examples.features, digits_examples.labels
+    examples = digits_examples.examples
     identity = model_identity(model)
     detectors = {
         "mahalanobis": MahalanobisDetector.fit(features, labels, examples,
                                                MahalanobisConfig(layers), model=identity),
-        "lid": LIDDetector.fit(examples, LIDConfig(layers, k=10, reference=60), model=identity),
+        "lid": LIDDetector.fit(examples, LIDConfig(layers, k=10, reference=100),
+                                     model=identity),
     }
     test = load_digits_split("test").images[:30]
     expected = {k: d.score(collect_features(model, test, layers)) for k, d in detectors.items()}
