@@ -27,6 +27,13 @@ def _foolbox_model(model: nn.Module, x0: torch.Tensor) -> foolbox.PyTorchModel:
     return foolbox.PyTorchModel(model, bounds=(0, 1), device=x0.device)
 
 
+def _unbounded_l2(attack: foolbox.attacks.base.Attack, model: nn.Module, x0: torch.Tensor,
+                  labels: torch.Tensor) -> Perturbation:
+    """A foolbox minimal-perturbation attack, unbounded; epsilon is the L2 distance."""
+    _, adversarial, found = attack(_foolbox_model(model, x0), x0, labels, epsilons=None)
+    return adversarial, found, _l2_distance(adversarial, x0)
+
+
 @dataclass(frozen=True)
 class DeepFool:
     """foolbox's `L2DeepFoolAttack` (logits loss) over the `candidates` most likely classes."""
@@ -47,8 +54,7 @@ class DeepFool:
         attack = foolbox.attacks.L2DeepFoolAttack(
             steps=self.steps, candidates=self.candidates, overshoot=self.overshoot
         )
-        _, adversarial, found = attack(_foolbox_model(model, x0), x0, labels, epsilons=None)
-        return adversarial, found, _l2_distance(adversarial, x0)
+        return _unbounded_l2(attack, model, x0, labels)
 
 
 @dataclass(frozen=True)
@@ -188,5 +194,4 @@ class CarliniWagner:
         attack = foolbox.attacks.L2CarliniWagnerAttack(
             binary_search_steps=self.binary_search_steps, steps=self.steps,
             stepsize=self.stepsize, confidence=self.confidence, initial_const=self.initial_const)
-        _, adversarial, found = attack(_foolbox_model(model, x0), x0, labels, epsilons=None)
-        return adversarial, found, _l2_distance(adversarial, x0)
+        return _unbounded_l2(attack, model, x0, labels)
