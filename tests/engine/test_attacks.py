@@ -329,7 +329,13 @@ def test_bad_inputs_raise(images, labels, error, match, tmp_path):
 
 def test_bad_configs_raise():
     with pytest.raises(ValueError, match="unknown attack"):
-        make_attack("pgd")
+        make_attack("nope")
+    with pytest.raises(ValueError, match="pixels >= 1"):
+        OnePixel(pixels=0)
+    with pytest.raises(ValueError, match="steps >= 1"):
+        PGD(steps=0)
+    with pytest.raises(ValueError, match="increasing"):
+        BIM(epsilons=(0.1, 0.1))
     with pytest.raises(ValueError, match="increasing"):
         FGSM(epsilons=(0.2, 0.1))
     with pytest.raises(ValueError, match="positive"):
