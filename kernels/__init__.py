@@ -20,7 +20,7 @@ from ._constants import RULES
 from ._dispatch import BACKENDS, POOL_BACKENDS, RULE_BACKENDS, resolve_backend
 from ._threads import get_num_threads, set_num_threads
 from .entropy import local_entropy, mean_local_entropy
-from .response import response_score, response_to_image
+from .scoring import response_score, response_to_image
 
 # The torch-only names and the module that defines each.
 _TORCH_NAMES = {

@@ -1,7 +1,7 @@
 """Readable oracles for every backend: scikit-image for the entropy, numpy and PIL for the image.
 
 Each function takes already validated numpy arrays (see `frmap.kernels.entropy` and
-`frmap.kernels.response` for the contracts) and computes in float64.
+`frmap.kernels.scoring` for the contracts) and computes in float64.
 """
 
 from __future__ import annotations

@@ -172,6 +172,8 @@ def _screener(model: NamedModel, args: argparse.Namespace):
 def cmd_score(args: argparse.Namespace) -> int:
     model = load_model(args)
     screener = _screener(model, args)
+    if args.ray:
+        return _score_on_ray(args, model, screener)
     failed = 0
 
     def flush(batch: list[Path]) -> None:
@@ -180,17 +182,7 @@ def cmd_score(args: argparse.Namespace) -> int:
         failed += len(batch) - len(good)
         if not tensors:
             return
-        images = torch.stack(tensors)
-        if screener.calibrated:
-            result = screener.screen(images)
-            records = [result.record(i) for i in range(len(result))]
-        else:  # no thresholds: scores without flags
-            features, scores = screener.scores(images)
-            probabilities = features.probabilities
-            records = [{"prediction": int(p.argmax()), "confidence": round(float(p.max()), 6),
-                        "scores": {k: float(v[i]) for k, v in scores.items()},
-                        "combined": None, "flagged": None}
-                       for i, p in enumerate(probabilities)]
+        records = screener.records(torch.stack(tensors))
         for path, record in zip(good, records, strict=True):
             print(json.dumps({"path": str(path), **record}), flush=True)
 
@@ -204,6 +196,40 @@ def cmd_score(args: argparse.Namespace) -> int:
     if failed:
         print(f"frmap score: {failed} file(s) skipped", file=sys.stderr)
     return 1 if failed else 0
+
+
+def _score_on_ray(args: argparse.Namespace, model: NamedModel, screener) -> int:
+    import tempfile
+
+    if not args.out:
+        raise ValueError("--ray writes its results to a file: give --out results.jsonl")
+    try:
+        import ray
+
+        from frmap.engine.serving.jobs import ScoreJob, run_score_job
+    except ImportError as err:
+        raise RuntimeError(f"frmap score --ray needs Ray ({err}): pip install 'frmap[serve]'"
+                           ) from None
+    paths = list(score_paths(args))
+    job = ScoreJob(model=args.model, weights=args.weights, seed=args.seed,
+                   batch_size=args.batch_size, shard_groups=args.shard_groups,
+                   workers=args.workers,
+                   gpus=1.0 if next(model.model.parameters()).is_cuda else 0.0)
+    local = {} if args.address else {"num_cpus": args.num_cpus}
+    ray.init(address=args.address, include_dashboard=False, log_to_driver=False, **local)
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            path = screener.save(Path(tmp) / "screener.frmap")
+            report = run_score_job(
+                paths, path, Path(args.out), job, spec=model.spec,
+                device=str(next(model.model.parameters()).device),
+                on_shard=lambda done, all_: print(f"frmap score: shard {done}/{all_}",
+                                                  file=sys.stderr, flush=True))
+    finally:
+        ray.shutdown()
+    print(f"frmap score: {report.inputs} inputs, {report.failed} failed, shards computed "
+          f"{len(report.computed)}, reused {len(report.reused)} -> {args.out}", file=sys.stderr)
+    return 1 if report.failed else 0
 
 
 def cmd_calibrate(args: argparse.Namespace) -> int:

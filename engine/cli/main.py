@@ -77,6 +77,16 @@ def build_parser() -> argparse.ArgumentParser:
                         "detector file): its detectors' scores and 'flagged'")
     p.add_argument("--footprint", default="square3",
                    help="entropy window without a screener (scores only, no flags)")
+    p.add_argument("--ray", action="store_true",
+                   help="screen on Ray Data (a local instance, or --address), resumably, into "
+                        "--out; bad files are recorded there")
+    p.add_argument("--out", metavar="FILE", help="with --ray: the results (JSON lines)")
+    p.add_argument("--workers", type=int, default=1, help="with --ray: screening workers")
+    p.add_argument("--shard-groups", type=int, default=8,
+                   help="with --ray: batches per shard, the unit a rerun resumes from (default 8)")
+    p.add_argument("--address", help="with --ray: a running Ray cluster (default: local)")
+    p.add_argument("--num-cpus", type=int, default=None,
+                   help="with --ray: CPUs of the local Ray instance (default: all)")
     p.set_defaults(run=commands.cmd_score)
 
     p = sub.add_parser(

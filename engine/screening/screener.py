@@ -181,6 +181,17 @@ class Screener:
             flagged = combined > self.threshold.value
         return ScreenResult(predicted, confidence, scores, combined, flagged)
 
+    def records(self, images: torch.Tensor | np.ndarray) -> list[dict]:
+        """`screen(images)` as one JSON-ready dict per image (`ScreenResult.record`); an
+        uncalibrated screener gives the scores with `combined` and `flagged` None."""
+        if self.calibrated:
+            result = self.screen(images)
+            return [result.record(i) for i in range(len(result))]
+        features, scores = self.scores(images)
+        return [{"prediction": int(p.argmax()), "confidence": round(float(p.max()), 6),
+                 "scores": {k: float(v[i]) for k, v in scores.items()}, "combined": None,
+                 "flagged": None} for i, p in enumerate(features.probabilities)]
+
     def calibrate(self, clean_images: torch.Tensor | np.ndarray, fpr: float) -> Screener:
         """A copy calibrated on clean images to the false-positive rate `fpr`.
 

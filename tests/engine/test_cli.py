@@ -42,7 +42,7 @@ def test_help_lists_the_commands(capsys):
     result = frmap("--help")
     assert result.returncode == 0
     for command in ("score", "calibrate", "attack", "evaluate", "visualize", "bench", "demo",
-                    "train-digits"):
+                    "train-digits", "serve"):
         assert command in result.stdout
         with pytest.raises(SystemExit) as exit_info:
             build_parser().parse_args([command, "--help"])
@@ -61,8 +61,8 @@ def test_score_reports_and_skips_bad_files(digit_files):
     assert result.returncode == 1
     lines = [json.loads(line) for line in result.stdout.splitlines()]
     assert len(lines) == 6
-    assert {"path", "prediction", "confidence", "score", "flagged"} <= set(lines[0])
-    assert all(line["flagged"] is None for line in lines)
+    assert {"path", "prediction", "confidence", "scores", "combined", "flagged"} == set(lines[0])
+    assert all(line["flagged"] is None and set(line["scores"]) == {"entropy"} for line in lines)
     assert "corrupt.png: unreadable or corrupt" in result.stderr
     assert "colour.png: colour image" in result.stderr
 
@@ -75,18 +75,39 @@ def test_score_paths_on_stdin_match_arguments(digit_files):
     assert by_args.stdout == by_stdin.stdout
 
 
-def test_calibrate_then_score_with_detector(digit_files, tmp_path):
-    det = tmp_path / "det.npz"
-    result = frmap("calibrate", "--fpr", "0.1", "--footprint", "disk2", "--out", str(det))
+def test_calibrate_then_score_with_screener(digit_files, tmp_path):
+    out = tmp_path / "s.frmap"
+    result = frmap("calibrate", "--fpr", "0.1", "--footprint", "disk2", "--detectors",
+                   "entropy,squeeze", "--out", str(out))
     assert result.returncode == 0, result.stderr
     summary = json.loads(result.stdout)
-    assert summary["achieved_fpr"] <= 0.1 and summary["clean_images"] > 300
+    assert summary["clean_images"] > 300 and summary["decision"] == "any"
+    assert all(f <= 0.05 for f in summary["achieved_fpr"].values())  # 0.1 / 2 detectors
     scored = frmap("score", *sorted(str(p) for p in digit_files.glob("d*.png")),
-                   "--detector", str(det))
+                   "--screener", str(out))
     assert scored.returncode == 0, scored.stderr
-    threshold = load_detector(det).threshold.value
+    thresholds = summary["thresholds"]
     for line in map(json.loads, scored.stdout.splitlines()):
-        assert line["flagged"] == (line["score"] > threshold)
+        assert line["flagged"] == any(line["scores"][k] > t for k, t in thresholds.items())
+
+
+def test_an_entropy_detector_file_still_screens(digit_files, tmp_path):
+    from frmap.engine.data import parse_footprint
+    from frmap.engine.detectors import EntropyDetector
+    from frmap.engine.models import load_digits_model, model_identity
+    from frmap.engine.responses import ResponseEngine
+
+    model = load_digits_model()
+    clean = load_digits_split("calibration").images[:100]
+    scores = ResponseEngine(model, preprocess=None).scores(clean, parse_footprint("disk2"))
+    det = EntropyDetector.fit(scores.numpy(), fpr=0.2, footprint="disk2", rule="guided",
+                              target="conv_max", model=model_identity(model))
+    scored = frmap("score", *sorted(str(p) for p in digit_files.glob("d*.png")),
+                   "--detector", str(det.save(tmp_path / "det.npz")))
+    assert scored.returncode == 0, scored.stderr
+    threshold = load_detector(tmp_path / "det.npz").threshold.value
+    for line in map(json.loads, scored.stdout.splitlines()):
+        assert line["flagged"] == (line["scores"]["entropy"] > threshold)
 
 
 def test_detector_from_another_model_is_refused(digit_files, tmp_path):
@@ -105,8 +126,8 @@ def test_detector_from_another_model_is_refused(digit_files, tmp_path):
     result = frmap("score", str(digit_files / "d0_7.png"), "--weights", str(other),
                    "--detector", str(det))
     assert result.returncode == 1
-    assert "fit for model" in result.stderr
-    for bad, match in (("missing.json", "no such detector"), ("det.txt", "not a detector")):
+    assert "made for model" in result.stderr
+    for bad, match in (("missing.json", "no such screener"), ("det.txt", "neither a screener")):
         (tmp_path / "det.txt").write_text("{}")
         result = frmap("score", str(digit_files / "d0_7.png"), "--detector", str(tmp_path / bad))
         assert result.returncode == 1 and match in result.stderr

@@ -66,10 +66,11 @@ def response_to_image(responses: Array, *, backend: str = "auto") -> Array:
 
 
 def response_score(responses: Array, footprint: Array, *, backend: str = "auto") -> Array:
-    """The detection score: mean local entropy (bits) of each response image, in one pass.
+    """The detection score: mean local entropy (bits) of each response image.
 
     Equal to `mean_local_entropy(response_to_image(responses), footprint)`; the fast backends
-    fuse both steps without materialising the entropy map. Higher = more likely adversarial.
+    never materialise the entropy map (the C++ kernel computes the gray levels on the fly, the
+    Triton path writes the uint8 image, then reduces it). Higher = more likely adversarial.
 
     Args:
         responses: [N, C, H, W] finite floats, C = 1 or 3, numpy or torch.
