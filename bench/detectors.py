@@ -1,12 +1,13 @@
 """`frmap bench detectors`: scoring throughput of every detector on the digits.
 
 The detectors are fitted on the digits' train split (the distance-evolution networks for one
-epoch on noisy copies as stand-in adversarials: the weights' quality does not change the
-cost), then score the test split. The forward pass that collects the features and logits is
-shared by the activation-space detectors and feature squeezing and timed once, as its own
-row; each detector's row times only its own work (the entropy score runs its own forward and
-backward passes: guided backpropagation, square3 window), and the last row is the forward pass
-plus every detector. Every time is the best of a few repeats.
+epoch, and the Mahalanobis and LID layer combinations, on noisy copies as stand-in
+adversarials: the fit's quality does not change the cost), then score the test split. The
+forward pass that collects the features and logits is shared by the activation-space
+detectors and feature squeezing and timed once, as its own row; each detector's row times only
+its own work (the entropy score runs its own forward and backward passes: guided
+backpropagation, square3 window), and the last row is the forward pass plus every detector.
+Every time is the best of a few repeats.
 """
 
 from __future__ import annotations
@@ -24,6 +25,10 @@ from frmap.engine.detectors import (
     FeatureSqueezer,
     KNNConfig,
     KNNDetector,
+    LIDConfig,
+    LIDDetector,
+    MahalanobisConfig,
+    MahalanobisDetector,
     collect_features,
     default_layers,
 )
@@ -70,6 +75,9 @@ def run(quick: bool = False) -> dict:
     labels = train.labels.numpy()
     split = _evolution(model, layers)
     knn = KNNDetector.fit(reference, labels, KNNConfig(layers[-1], components=64, k=50))
+    mahalanobis = MahalanobisDetector.fit(reference, labels, split["fit"],
+                                          MahalanobisConfig(layers))
+    lid = LIDDetector.fit(split["fit"], LIDConfig(layers))
     networks = {
         f"distance-{net}": DistanceEvolutionDetector.fit(
             reference, labels, split["fit"], split["validation"],
@@ -85,6 +93,8 @@ def run(quick: bool = False) -> dict:
     timed: dict[str, Callable[[], object]] = {
         "forward (shared)": lambda: collect_features(model, images, layers),
         "knn": lambda: knn.score(features),
+        "mahalanobis": lambda: mahalanobis.score(features),
+        "lid": lambda: lid.score(features),
         **{name: (lambda d=d: d.score(features)) for name, d in networks.items()},
         "squeeze": lambda: squeeze.score(model, images, features),
         "entropy": lambda: entropy.scores(images, square3),

@@ -6,16 +6,18 @@ configs following the `Attack` protocol:
 
 - `FGSM` (Linf) and `GradientAttack` (L2): one step along the loss gradient, with each image's
   smallest successful epsilon on a grid (`single_step`).
-- `OnePixel`: differential evolution over one pixel's position and values (`one_pixel`).
-- `DeepFool` and `Boundary`: foolbox 3's attacks (`foolbox_attacks`).
+- `OnePixel`, `ThreePixel`, `FivePixel`: differential evolution over the positions and values
+  of 1, 3 or 5 pixels (`one_pixel`).
+- `DeepFool`, `Boundary`, `PGD`, `BIM` and `CarliniWagner`: foolbox 3's attacks
+  (`foolbox_attacks`); PGD and BIM with each image's smallest successful epsilon on a grid.
 
 Adversarial sets (`sets`) are generated resumably, in shards.
 """
 
 from frmap.engine.attacks.base import Attack, AttackResult, check_inputs, run_attack
-from frmap.engine.attacks.foolbox_attacks import Boundary, DeepFool
-from frmap.engine.attacks.one_pixel import OnePixel
-from frmap.engine.attacks.registry import ATTACKS, make_attack
+from frmap.engine.attacks.foolbox_attacks import BIM, PGD, Boundary, CarliniWagner, DeepFool
+from frmap.engine.attacks.one_pixel import FivePixel, OnePixel, ThreePixel
+from frmap.engine.attacks.registry import ATTACKS, PAPER_ATTACKS, make_attack
 from frmap.engine.attacks.sets import (
     AdversarialSet,
     AttackStats,
@@ -27,17 +29,23 @@ from frmap.engine.attacks.single_step import FGSM, L2_EPSILONS, LINF_EPSILONS, G
 
 __all__ = [
     "ATTACKS",
+    "BIM",
     "FGSM",
+    "PGD",
     "L2_EPSILONS",
     "LINF_EPSILONS",
+    "PAPER_ATTACKS",
     "AdversarialSet",
     "Attack",
     "AttackResult",
     "AttackStats",
     "Boundary",
+    "CarliniWagner",
     "DeepFool",
+    "FivePixel",
     "GradientAttack",
     "OnePixel",
+    "ThreePixel",
     "attack_stats",
     "check_inputs",
     "generate",

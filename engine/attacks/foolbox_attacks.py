@@ -1,5 +1,8 @@
-"""foolbox's DeepFool (`L2DeepFoolAttack`) and decision-based `BoundaryAttack` (started from
-`LinearSearchBlendedUniformNoiseAttack`)."""
+"""foolbox's attacks: DeepFool (`L2DeepFoolAttack`), the decision-based `BoundaryAttack` (started
+from `LinearSearchBlendedUniformNoiseAttack`), the iterative Linf attacks PGD (`LinfPGD`) and BIM
+(`LinfBasicIterativeAttack`) with each image's smallest successful epsilon on a grid, and
+Carlini-Wagner L2 (`L2CarliniWagnerAttack`, whose binary search over its constant already looks
+for the smallest perturbation)."""
 
 from __future__ import annotations
 
@@ -13,6 +16,7 @@ import torch
 from torch import nn
 
 from frmap.engine.attacks.base import Perturbation, l2_norms
+from frmap.engine.attacks.single_step import check_grid
 
 
 def _l2_distance(adversarial: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
@@ -21,6 +25,13 @@ def _l2_distance(adversarial: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
 
 def _foolbox_model(model: nn.Module, x0: torch.Tensor) -> foolbox.PyTorchModel:
     return foolbox.PyTorchModel(model, bounds=(0, 1), device=x0.device)
+
+
+def _unbounded_l2(attack: foolbox.attacks.base.Attack, model: nn.Module, x0: torch.Tensor,
+                  labels: torch.Tensor) -> Perturbation:
+    """A foolbox minimal-perturbation attack, unbounded; epsilon is the L2 distance."""
+    _, adversarial, found = attack(_foolbox_model(model, x0), x0, labels, epsilons=None)
+    return adversarial, found, _l2_distance(adversarial, x0)
 
 
 @dataclass(frozen=True)
@@ -43,8 +54,7 @@ class DeepFool:
         attack = foolbox.attacks.L2DeepFoolAttack(
             steps=self.steps, candidates=self.candidates, overshoot=self.overshoot
         )
-        _, adversarial, found = attack(_foolbox_model(model, x0), x0, labels, epsilons=None)
-        return adversarial, found, _l2_distance(adversarial, x0)
+        return _unbounded_l2(attack, model, x0, labels)
 
 
 @dataclass(frozen=True)
@@ -94,3 +104,94 @@ class Boundary:
             )
             adversarial[found] = best
         return adversarial, found, _l2_distance(adversarial, x0)
+
+
+ITERATIVE_EPSILONS = (0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3)
+
+
+@dataclass(frozen=True)
+class _LinfIterative:
+    """A foolbox Linf attack run at every epsilon of the grid; each image keeps the adversarial
+    of its smallest successful epsilon (foolbox's own sweep: `attack(..., epsilons=grid)`)."""
+
+    epsilons: tuple[float, ...] = ITERATIVE_EPSILONS
+    steps: int = 10
+
+    def __post_init__(self) -> None:
+        check_grid(self.epsilons)
+        if self.steps < 1:
+            raise ValueError(f"{self.name} needs steps >= 1, got {self.steps}")
+
+    def _attack(self) -> foolbox.attacks.base.Attack:
+        raise NotImplementedError
+
+    def perturb(
+        self,
+        model: nn.Module,
+        x0: torch.Tensor,
+        labels: torch.Tensor,
+        rng: np.random.Generator,
+        progress: bool,
+    ) -> Perturbation:
+        _, clipped, success = self._attack()(
+            _foolbox_model(model, x0), x0, labels, epsilons=list(self.epsilons))
+        # success: [E, N]; clipped: E tensors [N, C, H, W]
+        found = success.any(0)
+        first = success.int().argmax(0)  # the smallest successful epsilon (0 where none)
+        adversarial = torch.stack(clipped)[first, torch.arange(len(x0), device=x0.device)]
+        grid = torch.tensor(self.epsilons, dtype=torch.float64, device=x0.device)
+        return torch.where(found[:, None, None, None], adversarial, x0), found, grid[first]
+
+
+@dataclass(frozen=True)
+class PGD(_LinfIterative):
+    """foolbox's `LinfPGD` (random start, step 0.01 / 0.3 of epsilon, 40 steps)."""
+
+    name: ClassVar[str] = "pgd"
+    steps: int = 40
+    rel_stepsize: float = 0.01 / 0.3
+
+    def _attack(self) -> foolbox.attacks.base.Attack:
+        return foolbox.attacks.LinfPGD(rel_stepsize=self.rel_stepsize, steps=self.steps)
+
+
+@dataclass(frozen=True)
+class BIM(_LinfIterative):
+    """foolbox's `LinfBasicIterativeAttack` (no random start, step 0.2 of epsilon, 10 steps)."""
+
+    name: ClassVar[str] = "bim"
+    steps: int = 10
+    rel_stepsize: float = 0.2
+
+    def _attack(self) -> foolbox.attacks.base.Attack:
+        return foolbox.attacks.LinfBasicIterativeAttack(rel_stepsize=self.rel_stepsize,
+                                                        steps=self.steps)
+
+
+@dataclass(frozen=True)
+class CarliniWagner:
+    """foolbox's `L2CarliniWagnerAttack`; epsilon is the L2 distance of the adversarial.
+
+    foolbox's defaults (10000 steps, 9 binary-search steps) take hours on a CPU; these defaults
+    are a budget for 32x32 digits.
+    """
+
+    name: ClassVar[str] = "cw"
+    binary_search_steps: int = 5
+    steps: int = 200
+    stepsize: float = 0.01
+    confidence: float = 0.0
+    initial_const: float = 0.1
+
+    def perturb(
+        self,
+        model: nn.Module,
+        x0: torch.Tensor,
+        labels: torch.Tensor,
+        rng: np.random.Generator,
+        progress: bool,
+    ) -> Perturbation:
+        attack = foolbox.attacks.L2CarliniWagnerAttack(
+            binary_search_steps=self.binary_search_steps, steps=self.steps,
+            stepsize=self.stepsize, confidence=self.confidence, initial_const=self.initial_const)
+        return _unbounded_l2(attack, model, x0, labels)

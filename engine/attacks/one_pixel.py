@@ -1,4 +1,5 @@
-"""The one-pixel attack: differential evolution over one pixel (Su et al. 2019)."""
+"""The one-pixel attack and its few-pixel variants: differential evolution over the positions
+and values of k pixels (Su et al. 2019 attack with 1, 3 and 5 pixels)."""
 
 from __future__ import annotations
 
@@ -28,14 +29,16 @@ def _distinct_triples(rng: np.random.Generator, n: int, p: int) -> np.ndarray:
 
 
 def _with_pixel(x0: torch.Tensor, which: np.ndarray, pixels: np.ndarray) -> torch.Tensor:
-    """Copies of `x0[which]`, each with one pixel set: `pixels` rows are (row, col, one value
-    per channel), positions in [0, H] x [0, W] and floored to a pixel index."""
-    h, w = x0.shape[-2:]
+    """Copies of `x0[which]`, each with k pixels set: `pixels` rows are k times (row, col, one
+    value per channel), positions in [0, H] x [0, W] and floored to a pixel index; where two
+    coincide, the later one wins."""
+    c, h, w = x0.shape[-3:]
     images = x0[torch.from_numpy(which).to(x0.device)].clone()
-    rows = torch.from_numpy(np.minimum(pixels[:, 0], h - 1).astype(np.int64)).to(x0.device)
-    cols = torch.from_numpy(np.minimum(pixels[:, 1], w - 1).astype(np.int64)).to(x0.device)
-    values = torch.from_numpy(pixels[:, 2:]).to(x0.device, x0.dtype)
-    images[torch.arange(len(images), device=x0.device), :, rows, cols] = values
+    at = torch.arange(len(images), device=x0.device)
+    for pixel in pixels.reshape(len(pixels), -1, 2 + c).transpose(1, 0, 2):
+        rows = torch.from_numpy(np.minimum(pixel[:, 0], h - 1).astype(np.int64)).to(x0.device)
+        cols = torch.from_numpy(np.minimum(pixel[:, 1], w - 1).astype(np.int64)).to(x0.device)
+        images[at, :, rows, cols] = torch.from_numpy(pixel[:, 2:]).to(x0.device, x0.dtype)
     return images
 
 
@@ -58,10 +61,10 @@ def _true_probability(
 
 @dataclass(frozen=True)
 class OnePixel:
-    """One-pixel attack: differential evolution (DE/rand/1, no crossover) over one pixel.
+    """One-pixel attack: differential evolution (DE/rand/1, no crossover) over `pixels` pixels.
 
-    Each candidate is (row, col, one value per channel); the initial population spreads
-    uniformly over the pixels and over [0, 1]. A trial `a + mutation * (b - c)` from three
+    Each candidate is `pixels` times (row, col, one value per channel); the initial population
+    spreads uniformly over the pixels and over [0, 1]. A trial `a + mutation * (b - c)` from three
     other members replaces its member when it lowers the true-class probability (the
     fitness). An image stops evolving once its best candidate's true-class probability is
     below `stop_probability`; otherwise the best candidate is kept when the generations are
@@ -74,10 +77,12 @@ class OnePixel:
     generations: int = 10
     mutation: float = 0.5
     stop_probability: float = 0.05
+    pixels: int = 1
 
     def __post_init__(self) -> None:
-        if self.population < 4 or self.generations < 0:
-            raise ValueError("one-pixel attack needs population >= 4 and generations >= 0")
+        if self.population < 4 or self.generations < 0 or self.pixels < 1:
+            raise ValueError(
+                "one-pixel attack needs population >= 4, generations >= 0 and pixels >= 1")
         if not (0 < self.mutation <= 2 and 0 < self.stop_probability < 1):
             raise ValueError("one-pixel attack needs 0 < mutation <= 2, 0 < stop_probability < 1")
 
@@ -90,9 +95,9 @@ class OnePixel:
         progress: bool,
     ) -> Perturbation:
         n, c, h, w = x0.shape
-        low = np.zeros(2 + c)
-        high = np.array([h, w] + [1.0] * c)
-        pop = rng.uniform(low, high, size=(n, self.population, 2 + c))
+        low = np.zeros((2 + c) * self.pixels)
+        high = np.tile([h, w] + [1.0] * c, self.pixels).astype(np.float64)
+        pop = rng.uniform(low, high, size=(n, self.population, len(low)))
         fitness = _true_probability(model, x0, labels, pop)
         for _ in tqdm(
             range(self.generations), desc="one-pixel", unit="gen", leave=False, disable=not progress
@@ -115,3 +120,19 @@ class OnePixel:
         adversarial = _with_pixel(x0, np.arange(n), best)
         changed = (adversarial != x0).flatten(2).any(1).sum(1)
         return adversarial, changed > 0, changed.double()
+
+
+@dataclass(frozen=True)
+class ThreePixel(OnePixel):
+    """The one-pixel attack's differential evolution over 3 pixels."""
+
+    name: ClassVar[str] = "three_pixel"
+    pixels: int = 3
+
+
+@dataclass(frozen=True)
+class FivePixel(OnePixel):
+    """The one-pixel attack's differential evolution over 5 pixels."""
+
+    name: ClassVar[str] = "five_pixel"
+    pixels: int = 5

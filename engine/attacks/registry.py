@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 from frmap.engine.attacks.base import Attack
-from frmap.engine.attacks.foolbox_attacks import Boundary, DeepFool
-from frmap.engine.attacks.one_pixel import OnePixel
+from frmap.engine.attacks.foolbox_attacks import BIM, PGD, Boundary, CarliniWagner, DeepFool
+from frmap.engine.attacks.one_pixel import FivePixel, OnePixel, ThreePixel
 from frmap.engine.attacks.single_step import FGSM, GradientAttack
 
 ATTACKS: dict[str, type[Attack]] = {
-    a.name: a for a in (FGSM, GradientAttack, OnePixel, DeepFool, Boundary)
+    a.name: a for a in (FGSM, GradientAttack, OnePixel, ThreePixel, FivePixel, DeepFool, Boundary,
+                        PGD, BIM, CarliniWagner)
 }
 
 
@@ -17,3 +18,6 @@ def make_attack(name: str) -> Attack:
     if name not in ATTACKS:
         raise ValueError(f"unknown attack {name!r}; expected one of {sorted(ATTACKS)}")
     return ATTACKS[name]()
+
+# The attacks of the feature-response entropy paper (METHOD section 1), which the demo runs.
+PAPER_ATTACKS = ("fgsm", "gradient", "one_pixel", "deepfool", "boundary")

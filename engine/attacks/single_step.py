@@ -97,7 +97,7 @@ def _min_epsilon(
     return adversarial, found, eps.double()
 
 
-def _check_grid(epsilons: tuple[float, ...]) -> None:
+def check_grid(epsilons: tuple[float, ...]) -> None:
     grid = np.asarray(epsilons, dtype=np.float64)
     if grid.ndim != 1 or len(grid) == 0 or not np.all(grid > 0) or np.any(np.diff(grid) <= 0):
         raise ValueError(
@@ -112,7 +112,7 @@ class _SingleStep:
     epsilons: tuple[float, ...]
 
     def __post_init__(self) -> None:
-        _check_grid(self.epsilons)
+        check_grid(self.epsilons)
 
     def _step(self, grad: torch.Tensor) -> tuple[torch.Tensor, Candidates]:
         raise NotImplementedError

@@ -38,6 +38,7 @@ def _print_stats(stats: list) -> None:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    from frmap.engine.attacks import PAPER_ATTACKS
     from frmap.engine.data.digits import load_digits_split
     from frmap.engine.detectors.squeeze import DIGITS_SQUEEZERS
     from frmap.engine.evaluation.comparison import (
@@ -56,8 +57,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     _report_study(model, cal, test, out, StudyConfig(attack_limit=limit, seed=0))
     report = compare_detectors(
         model, train=train, calibration=cal, test=test, out_dir=out,
-        config=ComparisonConfig(detectors=DEMO_DETECTORS, squeeze=DIGITS_SQUEEZERS,
-                                attack_limit=limit, train_limit=limit, seed=0),
+        config=ComparisonConfig(detectors=DEMO_DETECTORS, attacks=PAPER_ATTACKS,
+                                squeeze=DIGITS_SQUEEZERS, attack_limit=limit, train_limit=limit,
+                                seed=0),
         screener_path=out / "screener.frmap", progress=True)
     print(f"\nThe screener's candidates (AUC / detection rate at FPR 5%; combined: logistic "
           f"regression on {len(report.images['combiner'])} train images):")
@@ -86,6 +88,7 @@ def _report_study(model, calibration, test, out: Path, config) -> int:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from frmap.engine.attacks import ATTACKS
     from frmap.engine.detectors.squeeze import DIGITS_SQUEEZERS, IMAGENET_SQUEEZERS
+    from frmap.engine.evaluation.adaptive import AdaptiveConfig
     from frmap.engine.evaluation.comparison import (
         ComparisonConfig,
         compare_detectors,
@@ -107,6 +110,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         squeeze=DIGITS_SQUEEZERS if model.name == "digits" else IMAGENET_SQUEEZERS,
         attack_limit=args.limit,
         train_limit=args.limit, batch_size=args.batch_size, seed=args.seed,
+        adaptive=None if args.adaptive is None else AdaptiveConfig(epsilon=args.adaptive),
     )
     test = dataset(model, args.data, "test", args.labels)
     if args.calibration is not None or args.data is None:
@@ -125,6 +129,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     print(f"\nDetector comparison (AUC / detection rate at FPR 5%; {comparison.footprint} entropy;"
           f" combined: logistic regression on {len(report.images['combiner'])} train images):")
     print(comparison_table([*report.results, *report.per_layer, *report.unseen]))
+    if report.best_layer:
+        print("\nbest single layer (mean AUC over the measured attacks): " + ", ".join(
+            f"{name} {layer}" for name, layer in report.best_layer.items()))
     print(f"\nwrote {args.out}/: " + ", ".join(Path(f).name for f in report.files.values()))
     if args.save_screener:
         _print_screener(report.screener, args.save_screener)

@@ -59,6 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: entropy, the study alone)")
     p.add_argument("--train", help="training image folder of the activation-space detectors "
                                    "(default: the digits train split)")
+    p.add_argument("--adaptive", type=float, metavar="EPSILON",
+                   help="also attack each differentiable detector adaptively (PGD within this "
+                        "Linf epsilon on the classifier's margin plus the detector's score)")
     p.add_argument("--save-screener", metavar="FILE",
                    help="save the best detector set found (the combination or one detector), "
                         "calibrated, as a screener file for frmap score / frmap serve")

@@ -16,6 +16,8 @@ from frmap.engine.detectors.distance_evolution import (
 from frmap.engine.detectors.entropy import EntropyDetector
 from frmap.engine.detectors.features import Features, collect_features, default_layers
 from frmap.engine.detectors.knn import KNNConfig, KNNDetector
+from frmap.engine.detectors.lid import LIDConfig, LIDDetector
+from frmap.engine.detectors.mahalanobis import MahalanobisConfig, MahalanobisDetector
 from frmap.engine.detectors.squeeze import FeatureSqueezer, SqueezeConfig
 
 __all__ = [
@@ -29,6 +31,10 @@ __all__ = [
     "FileFields",
     "KNNConfig",
     "KNNDetector",
+    "LIDConfig",
+    "LIDDetector",
+    "MahalanobisConfig",
+    "MahalanobisDetector",
     "SqueezeConfig",
     "Threshold",
     "calibrate_threshold",

@@ -13,7 +13,9 @@ Before the network, each layer's values are standardised with the mean and stand
 of that layer over the training sequences (layers differ in scale by orders of magnitude).
 Training: binary cross-entropy, Adam, batches drawn with replacement so that clean and
 adversarial examples weigh half each and every attack weighs the same, and the epoch whose
-weights give the best mean over attacks of the validation AUC is kept. Examples carry the
+weights give the best mean over attacks of the validation AUC is kept. The learning rate is
+halved when that mean has not risen for `lr_patience` epochs, and training stops when it has
+not risen for `patience` epochs (or after `epochs`). Examples carry the
 index of their source image, so splits (`split_by_image`, `leave_one_attack_out`) never put
 versions of one image on both sides.
 """
@@ -185,7 +187,10 @@ class EvolutionConfig:
         reference: "medoid" or "centroid".
         embedding: "cosine" (similarities) or "euclidean" (distances).
         network: "lstm" or "mlp".
-        epochs: passes of `len(train)` balanced draws; the best epoch by validation is kept.
+        epochs: at most this many passes of `len(train)` balanced draws; the best epoch by
+            validation is kept.
+        patience: stop after this many epochs without a better validation AUC.
+        lr_patience: halve the learning rate after this many epochs without a better one.
         seed: seeds the weights, the dropout and the draws.
     """
 
@@ -194,9 +199,11 @@ class EvolutionConfig:
     embedding: str = "cosine"
     network: str = "lstm"
     hidden: int = 100
-    epochs: int = 100
+    epochs: int = 300
     batch_size: int = 128
     lr: float = 3e-4
+    patience: int = 30
+    lr_patience: int = 10
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -205,8 +212,10 @@ class EvolutionConfig:
                                (self.network, NETWORKS)):
             if value not in allowed:
                 raise ValueError(f"unknown option {value!r}; expected one of {allowed}")
-        if not self.layers or min(self.hidden, self.epochs, self.batch_size) < 1:
-            raise ValueError("need at least one layer, and hidden, epochs, batch_size >= 1")
+        if not self.layers or min(self.hidden, self.epochs, self.batch_size, self.patience,
+                                  self.lr_patience) < 1:
+            raise ValueError("need at least one layer, and hidden, epochs, batch_size, "
+                             "patience, lr_patience >= 1")
 
 
 @dataclass(frozen=True)
@@ -216,7 +225,8 @@ class EvolutionTrainReport:
     Attributes:
         best_epoch: the kept epoch (1-based).
         validation_auc: per attack, the validation AUC of the kept epoch.
-        history: per epoch, the mean over attacks of the validation AUC.
+        history: per epoch trained, the mean over attacks of the validation AUC (shorter
+            than `epochs` where training stopped early).
     """
 
     best_epoch: int
@@ -426,6 +436,8 @@ def _train(
         draws = torch.Generator().manual_seed(config.seed)
         net = _network(config, classes)
         optimizer = torch.optim.Adam(net.parameters(), lr=config.lr)
+        schedule = torch.optim.lr_scheduler.ReduceLROnPlateau(
+            optimizer, mode="max", factor=0.5, patience=config.lr_patience, threshold=0.0)
         history, best = [], None
         for epoch in tqdm(range(1, config.epochs + 1), desc=f"train {config.network}",
                           unit="epoch", disable=not progress):
@@ -440,6 +452,9 @@ def _train(
             history.append(float(np.mean(list(aucs.values()))))
             if best is None or history[-1] > history[best[0] - 1]:
                 best = (epoch, aucs, copy.deepcopy(net.state_dict()))
+            if epoch - best[0] >= config.patience:
+                break
+            schedule.step(history[-1])
     epoch, aucs, state = best
     report = EvolutionTrainReport(epoch, aucs, tuple(history))
     return {k: v.numpy() for k, v in state.items()}, report

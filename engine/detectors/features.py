@@ -97,6 +97,39 @@ def default_layers(model: nn.Module) -> tuple[str, ...]:
     )
 
 
+def _pool(output: torch.Tensor) -> torch.Tensor:
+    """`[B, C, H, W] -> [B, C]`, the mean over every dimension after the first; `[B, D]` stays."""
+    return output.flatten(2).mean(2) if output.ndim > 2 else output.clone()
+
+
+def pooled_outputs(
+    model: nn.Module, x: torch.Tensor, layers: Sequence[str]
+) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
+    """One forward pass of `x` keeping the graph: (the layers' pooled outputs, the logits).
+
+    What `collect_features` keeps, as tensors differentiable in `x` (for input gradients of a
+    feature-based score); the hooks are removed before returning.
+    """
+    modules = dict(model.named_modules())
+    missing = [n for n in layers if n not in modules]
+    if missing:
+        raise ValueError(f"{type(model).__name__} has no layers {missing}")
+    outputs: dict[str, torch.Tensor] = {}
+
+    def keep(name: str):
+        def hook(_module: nn.Module, _inputs: object, output: torch.Tensor) -> None:
+            outputs[name] = _pool(output)
+        return hook
+
+    handles = [modules[n].register_forward_hook(keep(n)) for n in layers]
+    try:
+        logits = model(x)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return tuple(outputs[n] for n in layers), logits
+
+
 @torch.no_grad()
 def collect_features(
     model: nn.Module,
@@ -134,8 +167,7 @@ def collect_features(
 
     def keep(name: str):
         def hook(_module: nn.Module, _inputs: object, output: torch.Tensor) -> None:
-            pooled = output.flatten(2).mean(2) if output.ndim > 2 else output.clone()
-            outputs[name].append(pooled.float().cpu())
+            outputs[name].append(_pool(output).float().cpu())
         return hook
 
     handles = [modules[n].register_forward_hook(keep(n)) for n in names]

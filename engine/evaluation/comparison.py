@@ -9,15 +9,25 @@
    train the score combination, "validation" images only choose the distance-evolution
    networks' epoch, and the other correctly classified train images are the "fit" images the
    detectors learn from (kNN index, class references, the networks' training examples).
-3. One forward pass per image set gives the layer features and logits shared by kNN, distance
-   evolution and feature squeezing; the entropy detector runs its own response engine.
+3. One forward pass per image set gives the layer features and logits shared by kNN,
+   Mahalanobis, LID, distance evolution and feature squeezing; the entropy detector runs its
+   own response engine (and Mahalanobis its pre-processing step, when asked for).
 4. Every detector scores clean calibration, clean test and adversarial test images, higher =
    more adversarial; thresholds come from the calibration split and metrics from the test
    split (`evaluate_attack`), images no detector was trained on.
 5. "combined" is a logistic regression over the detectors' standardised scores, fitted on the
    clean and adversarial versions of the combiner images.
-6. kNN also runs on each feature layer alone ("knn:<layer>"), and each distance-evolution
-   network is also trained without one attack and tested on it ("<network> unseen").
+6. With `adaptive` set, an attacker who knows the detector (`adaptive`) crafts, from the test
+   images, one set against each detector with a differentiable surrogate ("adaptive-<name>"),
+   one against all of them at once ("adaptive-all"), and the same PGD without a detector term
+   ("pgd-fixed", the non-adaptive baseline at the same epsilon); every detector is scored on
+   every set.
+7. kNN, Mahalanobis and LID also run on each feature layer alone ("knn:<layer>", ...), and
+   each distance-evolution network is also trained without one attack and tested on it
+   ("<network> unseen").
+
+A row with fewer than `MIN_ADVERSARIALS` adversarials is kept in the results but not measured:
+the table shows it as "too few to measure", no mean counts it and the ROC figures leave it out.
 
 Everything it writes lands in `out_dir`, each file atomically.
 """
@@ -45,21 +55,41 @@ from frmap.engine.detectors import (
     FeatureSqueezer,
     KNNConfig,
     KNNDetector,
+    LIDConfig,
+    LIDDetector,
+    MahalanobisConfig,
+    MahalanobisDetector,
     SqueezeConfig,
     collect_features,
     default_layers,
 )
 from frmap.engine.detectors.distance_evolution import CLEAN, Examples
 from frmap.engine.detectors.squeeze import IMAGENET_SQUEEZERS
+from frmap.engine.evaluation.adaptive import (
+    AdaptiveConfig,
+    Surrogate,
+    adaptive_pgd,
+    knn_surrogate,
+    lid_surrogate,
+    mahalanobis_surrogate,
+    squeeze_surrogate,
+    standardised,
+    summed,
+)
 from frmap.engine.evaluation.figures import roc_figure
-from frmap.engine.evaluation.metrics import AttackEvaluation, evaluate_attack, roc, write_results
-from frmap.engine.evaluation.study import MIN_ADVERSARIALS
+from frmap.engine.evaluation.metrics import (
+    TOO_FEW,
+    AttackEvaluation,
+    evaluate_attack,
+    roc,
+    write_results,
+)
 from frmap.engine.evaluation.subject import Subject
 from frmap.engine.models import torch_settings
 from frmap.engine.responses import ResponseEngine
 from frmap.engine.screening import Combiner, Screener
 
-DETECTORS = ("entropy", "knn", "distance-lstm", "distance-mlp", "squeeze")
+DETECTORS = ("entropy", "knn", "mahalanobis", "lid", "distance-lstm", "distance-mlp", "squeeze")
 COMBINED = "combined"
 _NETWORKS = {"distance-lstm": "lstm", "distance-mlp": "mlp"}
 _DR_KEY = "5%"  # `AttackEvaluation.detection_rate` key of the FPR-5% detection rate
@@ -76,11 +106,14 @@ class ComparisonConfig:
         precision: the entropy detector's response precision, "float32" or "bf16".
         preprocess: "imagenet" for torchvision ImageNet models, None for models taking the
             images as they are.
-        layers: feature layers (None: `default_layers`); kNN runs on each of them alone.
+        layers: feature layers (None: `default_layers`); kNN, Mahalanobis and LID run on
+            each of them alone.
         knn: the kNN score of the "knn" row (None: `KNNConfig` defaults on the last layer).
+        mahalanobis, lid: their settings (None: the defaults on `layers`).
         evolution: the distance-evolution settings (None: `EvolutionConfig` defaults on
             `layers`); the network comes from the detector's name.
         squeeze: the feature squeezers.
+        adaptive: the adaptive attack (None: none).
         operating_fpr: the false-positive rate of precision and recall.
         attack_limit: attack at most this many test images (None: all).
         train_limit: attack at most this many train images (None: all).
@@ -99,8 +132,11 @@ class ComparisonConfig:
     preprocess: str | None = None
     layers: tuple[str, ...] | None = None
     knn: KNNConfig | None = None
+    mahalanobis: MahalanobisConfig | None = None
+    lid: LIDConfig | None = None
     evolution: EvolutionConfig | None = None
     squeeze: SqueezeConfig = IMAGENET_SQUEEZERS
+    adaptive: AdaptiveConfig | None = None
     operating_fpr: float = 0.05
     attack_limit: int | None = None
     train_limit: int | None = None
@@ -130,7 +166,9 @@ class ComparisonReport:
         model: the `model_identity` of the classifier.
         attacks, train_attacks: the statistics of the test and the train adversarial sets.
         results: one row per detector (and "combined") and attack.
-        per_layer: kNN on each feature layer alone ("knn:<layer>").
+        per_layer: kNN, Mahalanobis and LID on each feature layer alone ("knn:<layer>", ...).
+        best_layer: for each of those detectors, the layer whose rows have the best mean AUC
+            over the measured attacks.
         unseen: each distance-evolution network trained without the row's attack.
         combiner: the logistic regression's weight of each detector's standardised score.
         training: the networks' training reports, by detector name (those trained without
@@ -147,6 +185,7 @@ class ComparisonReport:
     train_attacks: list[AttackStats]
     results: list[AttackEvaluation]
     per_layer: list[AttackEvaluation]
+    best_layer: dict[str, str]
     unseen: list[AttackEvaluation]
     combiner: dict[str, float]
     training: dict[str, EvolutionTrainReport]
@@ -314,6 +353,17 @@ def _detector(name: str, subject: Subject, data: ComparisonData, config: Compari
         return FeatureSqueezer(config.squeeze, subject.identity)
     if name == "knn":
         return KNNDetector.fit(data.fit[0].features, data.labels, knn, model=subject.identity)
+    if name == "lid":
+        return LIDDetector.fit(_examples(data.fit), config.lid, model=subject.identity)
+    if name == "mahalanobis":
+        detector = MahalanobisDetector.fit(data.fit[0].features, data.labels,
+                                           _examples(data.fit), config.mahalanobis,
+                                           model=subject.identity)
+        if config.mahalanobis.noise == 0:
+            return detector
+        features = _features_of(detector, subject, config)
+        return detector.with_combination(_examples(
+            [replace(p, features=features(p)) for p in data.fit]))
     detector = _network(data, replace(evolution, network=_NETWORKS[name]), subject.identity,
                         progress)
     training[name] = detector.report
@@ -331,7 +381,48 @@ def _scorer(detector: Detector, subject: Subject, config: ComparisonConfig) -> S
     if isinstance(detector, FeatureSqueezer):
         return lambda p: detector.score(subject.classifier, p.images, p.features,
                                         batch_size=config.batch_size)
-    return lambda p: detector.score(p.features)
+    features = _features_of(detector, subject, config)
+    return lambda p: detector.score(features(p))
+
+
+def _features_of(detector: Detector, subject: Subject, config: ComparisonConfig
+                 ) -> Callable[[Part], Features]:
+    """The features `detector` scores: a part's own, or after Mahalanobis's pre-processing."""
+    if isinstance(detector, MahalanobisDetector) and detector.config.noise > 0:
+        return lambda p: detector.preprocessed_features(subject.classifier, p.images,
+                                                        batch_size=config.batch_size)
+    return lambda p: p.features
+
+
+def _surrogates(detectors: dict[str, Detector], subject: Subject) -> dict[str, Surrogate]:
+    """The differentiable surrogates of the detectors that have one (`adaptive`)."""
+    makers = {KNNDetector: knn_surrogate, MahalanobisDetector: mahalanobis_surrogate,
+              LIDDetector: lid_surrogate, FeatureSqueezer: squeeze_surrogate}
+    return {name: makers[type(d)](subject.classifier, d) for name, d in detectors.items()
+            if type(d) in makers}
+
+
+def _with_adaptive(data: ComparisonData, subject: Subject, labels: torch.Tensor,
+                   surrogates: dict[str, Surrogate], config: ComparisonConfig,
+                   layers: tuple[str, ...]) -> ComparisonData:
+    """`data` with the adaptive sets among the evaluated ones (see the module docstring)."""
+    clean = data.evaluated["clean"]
+    clean = clean.take(np.arange(len(clean.image)) < (config.attack_limit or len(clean.image)))
+    y = labels[torch.from_numpy(clean.image)]
+    calibration = data.evaluated["calibration"].images
+    attackers = {name: standardised(s, calibration, config.batch_size)
+                 for name, s in surrogates.items()}
+    if len(attackers) > 1:
+        attackers["all"] = summed(list(attackers.values()))
+    featurizer = _Featurizer(subject, layers, config.batch_size)
+    evaluated = dict(data.evaluated)
+    for name, surrogate in {"fixed": None, **attackers}.items():
+        adversarial, found = adaptive_pgd(subject.classifier, surrogate, clean.images, y,
+                                          config.adaptive, config.batch_size)
+        key = "pgd-fixed" if surrogate is None else f"adaptive-{name}"
+        if found.any():
+            evaluated[key] = featurizer.part(key, adversarial[found], clean.image[found.numpy()])
+    return replace(data, evaluated=evaluated)
 
 
 def compare_detectors(
@@ -366,13 +457,19 @@ def compare_detectors(
     layers = config.layers or default_layers(subject.classifier)
     knn = config.knn or KNNConfig(layers[-1])
     evolution = config.evolution or EvolutionConfig(layers)
-    collected = tuple(dict.fromkeys((*layers, knn.layer, *evolution.layers)))
+    config = replace(config, mahalanobis=config.mahalanobis or MahalanobisConfig(layers),
+                     lid=config.lid or LIDConfig(layers))
+    collected = tuple(dict.fromkeys((*layers, knn.layer, *evolution.layers,
+                                     *config.mahalanobis.layers, *config.lid.layers)))
     data = prepare(subject, train, calibration, test, out, config, collected, progress=progress)
 
     training: dict[str, EvolutionTrainReport] = {}
     detectors = {name: _detector(name, subject, data, config, knn, evolution, training, progress)
                  for name in config.detectors}
     scorers = {name: _scorer(d, subject, config) for name, d in detectors.items()}
+    if config.adaptive is not None:
+        data = _with_adaptive(data, subject, test[1], _surrogates(detectors, subject), config,
+                              collected)
     scores = {name: data.scores(s) for name, s in scorers.items()}
     combiner = combine_scores(scorers, data.combiner)
     scores[COMBINED] = {key: combiner({n: scores[n][key] for n in detectors})
@@ -380,8 +477,7 @@ def compare_detectors(
     weights = combiner.weight_of()
     results = [row for name, s in scores.items()
                for row in _rows(name, s, data.attacks, config.operating_fpr)]
-    per_layer = _per_layer_rows(data, layers, knn, subject.identity, config) \
-        if "knn" in config.detectors else []
+    per_layer = _per_layer_rows(data, layers, knn, subject, config, detectors)
     unseen = _unseen_rows(data, evolution, subject.identity, config, training, progress)
     files = _write(out, results, per_layer, unseen, scores, data.attacks)
     chosen: tuple[str, ...] = ()
@@ -393,8 +489,8 @@ def compare_detectors(
     images |= {"calibration": data.evaluated["calibration"].image.tolist(),
                "test": data.evaluated["clean"].image.tolist()}
     report = ComparisonReport(subject.identity, data.attack_stats, data.train_attack_stats,
-                              results, per_layer, unseen, weights, training, images, files,
-                              chosen)
+                              results, per_layer, best_layers(per_layer), unseen, weights,
+                              training, images, files, chosen)
     write_json(out / "comparison-report.json", asdict(report))
     return report
 
@@ -402,11 +498,9 @@ def compare_detectors(
 def _best_screener(subject: Subject, detectors: dict[str, Detector], combiner: Combiner,
                    scores: dict[str, dict[str, np.ndarray]], results: list[AttackEvaluation],
                    config: ComparisonConfig) -> Screener:
-    """The combination or the single detector with the best mean AUC over the attacks with at
-    least `MIN_ADVERSARIALS` adversarials (all attacks where none has), as a calibrated
-    screener."""
-    counts = {r.attack: r.n_adversarial for r in results}
-    measured = {a for a, n in counts.items() if n >= MIN_ADVERSARIALS} or set(counts)
+    """The combination or the single detector with the best mean AUC over the measured attacks
+    (all attacks where none is), as a calibrated screener."""
+    measured = {r.attack for r in results if r.measured} or {r.attack for r in results}
     auc = {name: np.mean([r.auc for r in results if r.detector == name and r.attack in measured])
            for name in (*detectors, COMBINED)}
     best = max(auc, key=auc.__getitem__)
@@ -424,16 +518,37 @@ def _rows(name: str, scores: dict[str, np.ndarray], attacks: Sequence[str],
                             attack=a, operating_fpr=fpr) for a in attacks]
 
 
-def _per_layer_rows(data: ComparisonData, layers: Sequence[str], knn: KNNConfig, identity: str,
-                    config: ComparisonConfig) -> list[AttackEvaluation]:
-    """kNN on each feature layer alone ("knn:<layer>")."""
+def _per_layer_rows(data: ComparisonData, layers: Sequence[str], knn: KNNConfig,
+                    subject: Subject, config: ComparisonConfig, detectors: dict[str, Detector]
+                    ) -> list[AttackEvaluation]:
+    """kNN, Mahalanobis and LID on each feature layer alone ("knn:<layer>", ...)."""
     rows = []
-    for layer in layers:
-        detector = KNNDetector.fit(data.fit[0].features, data.labels, replace(knn, layer=layer),
-                                   model=identity)
-        rows += _rows(f"knn:{layer}", data.scores(lambda p, d=detector: d.score(p.features)),
-                      data.attacks, config.operating_fpr)
+    if "knn" in detectors:
+        for layer in layers:
+            detector = KNNDetector.fit(data.fit[0].features, data.labels,
+                                       replace(knn, layer=layer), model=subject.identity)
+            rows += _rows(f"knn:{layer}", data.scores(lambda p, d=detector: d.score(p.features)),
+                          data.attacks, config.operating_fpr)
+    for name, detector in detectors.items():
+        if isinstance(detector, MahalanobisDetector | LIDDetector):
+            features = _features_of(detector, subject, config)
+            scores = data.scores(lambda p, d=detector, f=features: d.layer_scores(f(p)))
+            for i, layer in enumerate(detector.layers):
+                rows += _rows(f"{name}:{layer}", {k: v[:, i] for k, v in scores.items()},
+                              data.attacks, config.operating_fpr)
     return rows
+
+
+def best_layers(per_layer: Sequence[AttackEvaluation]) -> dict[str, str]:
+    """For each detector of the per-layer rows ("<detector>:<layer>"), the layer with the best
+    mean AUC over the measured rows."""
+    aucs: dict[str, dict[str, list[float]]] = {}
+    for r in per_layer:
+        if r.measured:
+            name, layer = r.detector.split(":", 1)
+            aucs.setdefault(name, {}).setdefault(layer, []).append(r.auc)
+    return {name: max(layers, key=lambda k, a=layers: np.mean(a[k]))
+            for name, layers in aucs.items()}
 
 
 def _unseen_rows(data: ComparisonData, evolution: EvolutionConfig, identity: str,
@@ -461,10 +576,12 @@ def _write(out: Path, results: list[AttackEvaluation], per_layer: list[AttackEva
                   out / "comparison.csv")
     files = {"results": str(out / "comparison.json"), "results_csv": str(out / "comparison.csv")}
     for attack in attacks:
+        rows = [r for r in results if r.attack == attack]
         curves = {r.detector: (*roc(scores[r.detector]["clean"], scores[r.detector][attack]),
-                               r.auc) for r in results if r.attack == attack}
+                               r.auc) for r in rows if r.measured}
         files[f"roc_{attack}"] = str(roc_figure(
-            curves, out / f"comparison-roc-{attack}.png", f"{attack}: every detector"))
+            curves, out / f"comparison-roc-{attack}.png", f"{attack}: every detector",
+            [f"{r.detector} on {attack}" for r in rows if not r.measured]))
     files["report"] = str(out / "comparison-report.json")
     return files
 
@@ -483,19 +600,22 @@ def combine_scores(scorers: dict[str, Scorer], combiner: Sequence[Part]) -> Comb
 
 def comparison_table(results: Sequence[AttackEvaluation]) -> str:
     """A terminal table: rows detectors, columns attacks and their mean, cells "AUC / DR@5%"
-    (the detection rate at the threshold calibrated to a 5% false-positive rate)."""
+    (the detection rate at the threshold calibrated to a 5% false-positive rate); an unmeasured
+    cell reads "too few to measure" and the mean is over the measured cells."""
     attacks = list(dict.fromkeys(r.attack for r in results))
     detectors = list(dict.fromkeys(r.detector for r in results))
     cells = {(r.detector, r.attack): r for r in results}
     width = max(len("detector"), *map(len, detectors))
-    head = f"{'detector':{width}} " + " ".join(f"{a:>13}" for a in [*attacks, "mean"])
+    cell = len(TOO_FEW)
+    head = f"{'detector':{width}} " + " ".join(f"{a:>{cell}}" for a in [*attacks, "mean"])
     lines = [head, "-" * len(head)]
     for name in detectors:
         rows = [cells.get((name, a)) for a in attacks]
-        present = [r for r in rows if r is not None]
-        mean = (np.mean([r.auc for r in present]),
-                np.mean([r.detection_rate[_DR_KEY] for r in present]))
-        line = [f"{r.auc:.3f} / {r.detection_rate[_DR_KEY]:.3f}" if r else "-" for r in rows]
-        line.append(f"{mean[0]:.3f} / {mean[1]:.3f}")
-        lines.append(f"{name:{width}} " + " ".join(f"{c:>13}" for c in line))
+        measured = [r for r in rows if r is not None and r.measured]
+        line = ["-" if r is None else TOO_FEW if not r.measured
+                else f"{r.auc:.3f} / {r.detection_rate[_DR_KEY]:.3f}" for r in rows]
+        line.append(f"{np.mean([r.auc for r in measured]):.3f} / "
+                    f"{np.mean([r.detection_rate[_DR_KEY] for r in measured]):.3f}"
+                    if measured else TOO_FEW)
+        lines.append(f"{name:{width}} " + " ".join(f"{c:>{cell}}" for c in line))
     return "\n".join(lines)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,13 +23,22 @@ def _save(fig: plt.Figure, path: Path) -> Path:
     return atomic_write_bytes(path, buf.getvalue())
 
 
+def _left_out(ax: plt.Axes, left_out: Sequence[str]) -> None:
+    """A legend entry naming what the figure does not draw."""
+    if left_out:
+        ax.plot([], [], " ", label="not drawn, too few adversarials to measure: "
+                + ", ".join(left_out))
+
+
 def roc_figure(
-    curves: dict[str, tuple[np.ndarray, np.ndarray, float]], path: Path, title: str
+    curves: dict[str, tuple[np.ndarray, np.ndarray, float]], path: Path, title: str,
+    left_out: Sequence[str] = (),
 ) -> Path:
-    """One ROC curve per label: {label: (fpr, tpr, auc)}."""
+    """One ROC curve per label: {label: (fpr, tpr, auc)}; the legend names `left_out`."""
     fig, ax = plt.subplots(figsize=(5, 5))
     for label, (fpr, tpr, auc) in curves.items():
         ax.plot(fpr, tpr, label=f"{label} (AUC {auc:.3f})")
+    _left_out(ax, left_out)
     ax.plot([0, 1], [0, 1], color="0.7", linestyle="--", linewidth=1)
     ax.set(xlabel="false-positive rate", ylabel="true-positive rate", title=title,
            xlim=(0, 1), ylim=(0, 1.01))
@@ -37,15 +47,18 @@ def roc_figure(
 
 
 def score_histogram(
-    clean: np.ndarray, adversarial: dict[str, np.ndarray], path: Path, xlabel: str
+    clean: np.ndarray, adversarial: dict[str, np.ndarray], path: Path, xlabel: str,
+    left_out: Sequence[str] = (),
 ) -> Path:
-    """Histograms of clean vs adversarial scores (the paper's Fig. 4a)."""
+    """Histograms of clean vs adversarial scores (the paper's Fig. 4a); the legend names
+    `left_out`."""
     fig, ax = plt.subplots(figsize=(6, 4))
     everything = np.concatenate([clean, *adversarial.values()])
     bins = np.linspace(everything.min(), everything.max(), 40)
     ax.hist(clean, bins=bins, alpha=0.6, label=f"clean ({len(clean)})", density=True)
     for name, scores in adversarial.items():
         ax.hist(scores, bins=bins, alpha=0.45, label=f"{name} ({len(scores)})", density=True)
+    _left_out(ax, left_out)
     ax.set(xlabel=xlabel, ylabel="density", title="clean vs adversarial scores")
     ax.legend(fontsize=8)
     return _save(fig, path)

@@ -1,6 +1,8 @@
 """Detection quality: thresholds from a clean calibration split, metrics on a held-out split.
 
 All metrics come from scikit-learn. Scores are oriented so that higher = more adversarial.
+A row with fewer than `MIN_ADVERSARIALS` adversarials is not measured: every table shows it as
+"too few to measure", no mean counts it and no figure draws it.
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ from frmap.engine.data.files import atomic_write_bytes, write_json
 from frmap.engine.detectors.base import calibrate_threshold
 
 FPRS = (0.01, 0.05, 0.10)
+MIN_ADVERSARIALS = 10
+TOO_FEW = "too few to measure"
 
 
 @dataclass(frozen=True)
@@ -39,6 +43,11 @@ class AttackEvaluation:
     operating_fpr: float
     precision: float
     recall: float
+
+    @property
+    def measured(self) -> bool:
+        """At least `MIN_ADVERSARIALS` adversarials: enough for the row to mean something."""
+        return self.n_adversarial >= MIN_ADVERSARIALS
 
 
 def _pct(fpr: float) -> str:
@@ -88,18 +97,18 @@ def roc(test_clean: np.ndarray, adversarial: np.ndarray) -> tuple[np.ndarray, np
 
 
 def table(results: list[AttackEvaluation]) -> str:
-    """A terminal table: one row per detector and attack, plus the mean over attacks."""
+    """A terminal table: one row per detector and attack, plus the mean over the measured
+    attacks; an unmeasured row shows its counts and "too few to measure"."""
     head = (f"{'detector':14} {'attack':10} {'clean':>6} {'adv':>6} {'AUC':>6} "
             + " ".join(f"{'DR@' + _pct(f):>7}" for f in FPRS) + f" {'prec':>6} {'recall':>6}")
     lines = [head, "-" * len(head)]
     for r in results:
-        lines.append(
-            f"{r.detector:14} {r.attack:10} {r.n_clean:6d} {r.n_adversarial:6d} {r.auc:6.3f} "
-            + " ".join(f"{r.detection_rate[_pct(f)]:7.3f}" for f in FPRS)
-            + f" {r.precision:6.3f} {r.recall:6.3f}"
-        )
+        counts = f"{r.detector:14} {r.attack:10} {r.n_clean:6d} {r.n_adversarial:6d} "
+        lines.append(counts + (
+            f"{r.auc:6.3f} " + " ".join(f"{r.detection_rate[_pct(f)]:7.3f}" for f in FPRS)
+            + f" {r.precision:6.3f} {r.recall:6.3f}" if r.measured else TOO_FEW))
     for name in dict.fromkeys(r.detector for r in results):
-        rows = [r for r in results if r.detector == name]
+        rows = [r for r in results if r.detector == name and r.measured]
         if len(rows) > 1:
             lines.append(
                 f"{name:14} {'mean':10} {'':6} {'':6} {np.mean([r.auc for r in rows]):6.3f} "

@@ -16,18 +16,22 @@ import numpy as np
 import torch
 from torch import nn
 
-from frmap.engine.attacks import ATTACKS, AdversarialSet, AttackStats, attack_stats
+from frmap.engine.attacks import ATTACKS, PAPER_ATTACKS, AdversarialSet, AttackStats, attack_stats
 from frmap.engine.data.files import write_json
 from frmap.engine.data.footprints import STUDY, parse_footprint
 from frmap.engine.detectors import EntropyDetector
 from frmap.engine.evaluation.figures import TracePanel, roc_figure, score_histogram, trace_figure
-from frmap.engine.evaluation.metrics import AttackEvaluation, evaluate_attack, roc, write_results
+from frmap.engine.evaluation.metrics import (
+    MIN_ADVERSARIALS,
+    AttackEvaluation,
+    evaluate_attack,
+    roc,
+    write_results,
+)
 from frmap.engine.evaluation.subject import Subject
 from frmap.engine.models import predict
 from frmap.engine.responses import ResponseEngine
 from frmap.kernels import local_entropy, response_score, response_to_image
-
-MIN_ADVERSARIALS = 10
 
 
 @dataclass(frozen=True)
@@ -35,7 +39,7 @@ class StudyConfig:
     """What the study runs.
 
     Attributes:
-        attacks: attack names (see `frmap.engine.attacks.ATTACKS`).
+        attacks: attack names (see `frmap.engine.attacks.ATTACKS`; default: the paper's five).
         footprints: footprint names compared in the footprint study.
         rule, target: the response engine's backward rule and back-propagated target.
         precision: the response engine's precision, "float32" or "bf16".
@@ -47,7 +51,7 @@ class StudyConfig:
         seed: seeds the attacks.
     """
 
-    attacks: tuple[str, ...] = tuple(ATTACKS)
+    attacks: tuple[str, ...] = PAPER_ATTACKS
     footprints: tuple[str, ...] = STUDY
     rule: str = "guided"
     target: str = "conv_max"
@@ -177,15 +181,18 @@ def run_study(
     write_results(results, out / "results.json", out / "results.csv")
     files |= {"results": str(out / "results.json"), "results_csv": str(out / "results.csv")}
     files["attacks"] = str(write_json(out / "attacks.json", [asdict(s) for s in stats]))
+    drawn = [a for a in adv_scores if len(sets[a].images) >= MIN_ADVERSARIALS]
+    left_out = [a for a in adv_scores if a not in drawn]
     curves = {}
-    for a in adv_scores:
+    for a in drawn:
         fpr, tpr = roc(clean_scores[best], adv_scores[a][best])
         auc = next(r.auc for r in results if r.attack == a and r.detector == f"entropy-{best}")
         curves[a] = (fpr, tpr, auc)
-    files["roc"] = str(roc_figure(curves, out / "roc.png", f"feature-response entropy, {best}"))
+    files["roc"] = str(roc_figure(curves, out / "roc.png", f"feature-response entropy, {best}",
+                                  left_out))
     files["histogram"] = str(score_histogram(
-        clean_scores[best], {a: s[best] for a, s in adv_scores.items()}, out / "histogram.png",
-        f"mean local entropy ({best}), bits"))
+        clean_scores[best], {a: adv_scores[a][best] for a in drawn}, out / "histogram.png",
+        f"mean local entropy ({best}), bits", left_out))
     traced = _traced_image(sets)
     if traced is not None:
         adversarials = {a: s.images[(s.index == traced).nonzero()[0, 0]]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import math
 
+import foolbox
 import numpy as np
 import pytest
 import torch
@@ -14,11 +15,16 @@ import frmap.engine.attacks.sets as adversarial_sets
 from frmap.bench.attacks import check_same_index, foolbox_minimal_index, minimal_index
 from frmap.engine.attacks import (
     ATTACKS,
+    BIM,
     FGSM,
+    PGD,
     Boundary,
+    CarliniWagner,
     DeepFool,
+    FivePixel,
     GradientAttack,
     OnePixel,
+    ThreePixel,
     make_attack,
     run_attack,
 )
@@ -34,7 +40,13 @@ SMALL = {
     "one_pixel": OnePixel(population=20, generations=10),
     "deepfool": DeepFool(),
     "boundary": Boundary(steps=100, init_directions=20, init_steps=20),
+    "three_pixel": ThreePixel(population=20, generations=10),
+    "five_pixel": FivePixel(population=20, generations=10),
+    "pgd": PGD(steps=10),
+    "bim": BIM(),
+    "cw": CarliniWagner(binary_search_steps=3, steps=50),
 }
+PIXELS = {"one_pixel": 1, "three_pixel": 3, "five_pixel": 5}
 
 
 @pytest.fixture(autouse=True)
@@ -133,16 +145,56 @@ def test_attack_succeeds_within_its_constraint(name, channels):
     assert (predict(model, adv[ok])[0] != y[ok]).all()
     delta = (adv - x)[ok].flatten(1).double()
     eps = result.epsilon[ok]
-    if name == "fgsm":
+    if name in ("fgsm", "pgd", "bim"):
         assert (delta.abs().amax(1) <= eps + 1e-6).all()
-    elif name == "one_pixel":
+        grid = torch.tensor(attack.epsilons, dtype=torch.float32)  # FGSM's grid is float32
+        assert torch.isin(eps.float(), grid).all()
+    elif name in PIXELS:
         changed = (adv != x)[ok].any(1).flatten(1).sum(1)
-        assert (changed == 1).all(), changed
-        assert (eps == 1).all()
+        assert (changed <= PIXELS[name]).all() and (changed >= 1).all(), changed
+        assert torch.equal(eps, changed.double())
     elif name == "gradient":
         assert (delta.norm(dim=1) <= eps * (1 + 1e-5)).all()
     else:
         torch.testing.assert_close(delta.norm(dim=1), eps, rtol=1e-6, atol=1e-6)
+
+
+def _foolbox_linf(attack, name: str) -> foolbox.attacks.base.Attack:
+    if name == "pgd":
+        return foolbox.attacks.LinfPGD(rel_stepsize=attack.rel_stepsize, steps=attack.steps)
+    return foolbox.attacks.LinfBasicIterativeAttack(rel_stepsize=attack.rel_stepsize,
+                                                    steps=attack.steps)
+
+
+@pytest.mark.parametrize("name", ["pgd", "bim"])
+def test_iterative_minimal_epsilon_is_foolbox_sweep(name):
+    """Each image's adversarial is foolbox's own at the smallest epsilon of its sweep that
+    succeeds (same seed: PGD's random start draws from torch's generator)."""
+    attack = SMALL[name]
+    model, x, y = tiny_case(1)
+    result = run_attack(attack, model, x, y, seed=5)
+    torch.manual_seed(5)
+    fmodel = foolbox.PyTorchModel(model.requires_grad_(False), bounds=(0, 1))
+    _, clipped, success = _foolbox_linf(attack, name)(fmodel, x, y, epsilons=list(attack.epsilons))
+    for i in range(len(x)):
+        hits = [e for e, s in enumerate(success) if s[i]]
+        assert bool(result.success[i]) == bool(hits), i
+        if hits:
+            assert result.epsilon[i] == attack.epsilons[hits[0]]
+            assert torch.equal(result.adversarial[i], clipped[hits[0]][i])
+    assert result.success.sum() >= len(x) // 2
+
+
+def test_carlini_wagner_is_foolbox():
+    attack = SMALL["cw"]
+    model, x, y = tiny_case(3)
+    result = run_attack(attack, model, x, y)
+    fmodel = foolbox.PyTorchModel(model.requires_grad_(False), bounds=(0, 1))
+    _, adversarial, success = foolbox.attacks.L2CarliniWagnerAttack(
+        binary_search_steps=3, steps=50, stepsize=attack.stepsize,
+        initial_const=attack.initial_const)(fmodel, x, y, epsilons=None)
+    assert torch.equal(result.success, success) and success.sum() >= len(x) // 2
+    assert torch.equal(result.adversarial[success], adversarial[success])
 
 
 def test_only_correct_inputs_are_attacked():
@@ -277,7 +329,13 @@ def test_bad_inputs_raise(images, labels, error, match, tmp_path):
 
 def test_bad_configs_raise():
     with pytest.raises(ValueError, match="unknown attack"):
-        make_attack("pgd")
+        make_attack("nope")
+    with pytest.raises(ValueError, match="pixels >= 1"):
+        OnePixel(pixels=0)
+    with pytest.raises(ValueError, match="steps >= 1"):
+        PGD(steps=0)
+    with pytest.raises(ValueError, match="increasing"):
+        BIM(epsilons=(0.1, 0.1))
     with pytest.raises(ValueError, match="increasing"):
         FGSM(epsilons=(0.2, 0.1))
     with pytest.raises(ValueError, match="positive"):

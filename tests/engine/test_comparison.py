@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from dataclasses import replace
 from itertools import product
 
 import numpy as np
@@ -16,18 +17,26 @@ import frmap.engine.evaluation.comparison as comparison
 from frmap.engine.detectors.distance_evolution import DistanceEvolutionDetector, EvolutionConfig
 from frmap.engine.detectors.features import default_layers
 from frmap.engine.detectors.knn import KNNConfig, KNNDetector
+from frmap.engine.detectors.lid import LIDConfig, LIDDetector
+from frmap.engine.detectors.mahalanobis import MahalanobisDetector
 from frmap.engine.detectors.squeeze import DIGITS_SQUEEZERS
+from frmap.engine.evaluation.adaptive import AdaptiveConfig
 from frmap.engine.evaluation.comparison import (
     COMBINED,
     DETECTORS,
     ComparisonConfig,
+    best_layers,
     compare_detectors,
     comparison_table,
 )
-from frmap.engine.evaluation.metrics import AttackEvaluation
+from frmap.engine.evaluation.metrics import MIN_ADVERSARIALS, TOO_FEW, AttackEvaluation
+from frmap.engine.evaluation.metrics import table as metrics_table
 from frmap.engine.models.digits import load_digits_model, load_digits_split
 
 ATTACKS = ("fgsm", "deepfool")
+ADAPTIVE = ("pgd-fixed", *(f"adaptive-{d}" for d in ("knn", "mahalanobis", "lid", "squeeze",
+                                                     "all")))
+EVALUATED = (*ATTACKS, *ADAPTIVE)
 NETWORKS = ("distance-lstm", "distance-mlp")
 
 
@@ -44,12 +53,23 @@ def run(tmp_path_factory):
     config = ComparisonConfig(
         attacks=ATTACKS, knn=KNNConfig(layers[-1], components=16, k=10),
         evolution=EvolutionConfig(layers, epochs=2), squeeze=DIGITS_SQUEEZERS, attack_limit=40,
-        train_limit=60,
+        train_limit=60, lid=LIDConfig(layers, k=10, reference=100),
+        adaptive=AdaptiveConfig(epsilon=0.15, steps=3, step=0.05),
     )
-    calls: dict[str, list] = {"knn": [], "network": [], "combiner": []}
+    calls: dict[str, list] = {"knn": [], "network": [], "combiner": [], "layered": []}
     knn_fit = KNNDetector.fit.__func__
     network_fit = DistanceEvolutionDetector.fit.__func__
+    mahalanobis_fit = MahalanobisDetector.fit.__func__
+    lid_fit = LIDDetector.fit.__func__
     combine = comparison.combine_scores
+
+    def record_mahalanobis(cls, clean, labels, examples, *args, **kwargs):
+        calls["layered"].append((len(clean), examples))
+        return mahalanobis_fit(cls, clean, labels, examples, *args, **kwargs)
+
+    def record_lid(cls, examples, *args, **kwargs):
+        calls["layered"].append((None, examples))
+        return lid_fit(cls, examples, *args, **kwargs)
 
     def record_knn(cls, features, *args, **kwargs):
         calls["knn"].append(len(features))
@@ -70,6 +90,8 @@ def run(tmp_path_factory):
         with pytest.MonkeyPatch.context() as mp:
             mp.setattr(KNNDetector, "fit", classmethod(record_knn))
             mp.setattr(DistanceEvolutionDetector, "fit", classmethod(record_network))
+            mp.setattr(MahalanobisDetector, "fit", classmethod(record_mahalanobis))
+            mp.setattr(LIDDetector, "fit", classmethod(record_lid))
             mp.setattr(comparison, "combine_scores", record_combiner)
             report = compare_detectors(
                 model, train=_split("train"), calibration=_split("calibration"),
@@ -83,17 +105,20 @@ def run(tmp_path_factory):
 def test_one_row_per_detector_and_attack_plus_combined(run):
     report, *_ = run
     keys = [(r.detector, r.attack) for r in report.results]
-    assert sorted(keys) == sorted(product((*DETECTORS, COMBINED), ATTACKS))
+    assert sorted(keys) == sorted(product((*DETECTORS, COMBINED), EVALUATED))
     assert set(report.combiner) == set(DETECTORS)
     test = report.images["test"]
     assert all(r.n_clean == len(test) and r.n_adversarial > 0 for r in report.results)
     assert all(0.0 <= r.auc <= 1.0 for r in report.results)
 
 
-def test_knn_per_layer_and_leave_one_attack_out_rows(run):
+def test_per_layer_and_leave_one_attack_out_rows(run):
     report, _, _, layers = run
     assert sorted((r.detector, r.attack) for r in report.per_layer) == sorted(
-        product((f"knn:{layer}" for layer in layers), ATTACKS))
+        product((f"{d}:{layer}" for d in ("knn", "mahalanobis", "lid") for layer in layers),
+                EVALUATED))
+    assert set(report.best_layer) == {"knn", "mahalanobis", "lid"}
+    assert set(report.best_layer.values()) <= set(layers)
     assert sorted((r.detector, r.attack) for r in report.unseen) == sorted(
         product((f"{n} unseen" for n in NETWORKS), ATTACKS))
     for name, attack in product(NETWORKS, ATTACKS):
@@ -115,6 +140,9 @@ def test_no_image_on_both_sides(run):
     held_out = [set(ATTACKS) - set(t.attacks) for _, t, _ in calls["network"]]
     assert sorted(map(sorted, held_out)) == [[], [], *sorted([[a] for a in ATTACKS] * 2)]
     assert {int(i) for p in calls["combiner"] for i in p.image} <= combiner
+    assert len(calls["layered"]) == 2
+    for n_clean, examples in calls["layered"]:
+        assert n_clean in (None, len(fit)) and set(examples.image) <= fit
     # The train images used share no image with the calibration and test images evaluated.
     train_images = _split("train")[0]
     used = {train_images[i].numpy().tobytes() for i in fit | validation | combiner}
@@ -139,6 +167,17 @@ def test_files_written(run):
 def _row(detector: str, attack: str, auc: float, dr: float) -> AttackEvaluation:
     return AttackEvaluation(detector, attack, 10, 10, auc, {"1%": 0.0, "5%": dr, "10%": 1.0},
                             {}, 0.05, 1.0, dr)
+
+
+def test_too_few_adversarials_are_not_measured():
+    few = replace(_row("knn", "one_pixel", 0.1, 0.0), n_adversarial=MIN_ADVERSARIALS - 1)
+    lines = comparison_table([_row("knn", "fgsm", 0.9, 0.5), few]).splitlines()
+    assert lines[2].split() == ["knn", "0.900", "/", "0.500", *TOO_FEW.split(), "0.900", "/",
+                                "0.500"]
+    assert "too few to measure" in metrics_table([few])
+    assert not few.measured and replace(few, n_adversarial=MIN_ADVERSARIALS).measured
+    assert best_layers([replace(few, detector="knn:a", auc=1.0),
+                        _row("knn:b", "fgsm", 0.6, 0.1)]) == {"knn": "b"}
 
 
 def test_table_cells_and_mean():

@@ -144,6 +144,16 @@ def test_detects_known_adversarial_trajectories(problem, network, reference, emb
     np.testing.assert_array_equal(loaded.score(test.features), scores)
 
 
+def test_stops_once_validation_stops_rising(problem):
+    reference, labels, train, validation, _ = problem
+    config = EvolutionConfig(LAYERS, network="mlp", epochs=200, lr=3e-3, patience=3,
+                             lr_patience=1)
+    report = DistanceEvolutionDetector.fit(reference, labels, train, validation, config).report
+    history = report.history
+    assert len(history) == report.best_epoch + 3 < 200, (report.best_epoch, len(history))
+    assert max(history[report.best_epoch:]) <= history[report.best_epoch - 1]
+
+
 def test_training_is_deterministic(problem):
     reference, labels, train, validation, test = problem
     config = EvolutionConfig(LAYERS, epochs=2, network="lstm")

@@ -1,0 +1,40 @@
+"""Engine test fixtures shared by several test modules."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from frmap.engine.detectors import Features, collect_features, default_layers
+from frmap.engine.detectors.distance_evolution import CLEAN, Examples
+from frmap.engine.models.digits import load_digits_model, load_digits_split
+
+
+@dataclass(frozen=True)
+class DigitsExamples:
+    """300 train digits: their features and labels, and detector examples whose
+    "adversarial" versions are the digits with uniform noise (up to 0.3) added."""
+
+    model: nn.Module
+    layers: tuple[str, ...]
+    features: Features
+    labels: np.ndarray
+    examples: Examples
+
+
+@pytest.fixture(scope="session")
+def digits_examples() -> DigitsExamples:
+    model = load_digits_model()
+    layers = default_layers(model)
+    train = load_digits_split("train")
+    x, labels = train.images[:300], train.labels[:300].numpy()
+    features = collect_features(model, x, layers)
+    noisy = (x + 0.3 * torch.rand(x.shape, generator=torch.Generator().manual_seed(0))).clamp(0, 1)
+    examples = Examples.concat([Examples.of(features, CLEAN, np.arange(300)),
+                                Examples.of(collect_features(model, noisy, layers), "noise",
+                                            np.arange(300))])
+    return DigitsExamples(model, layers, features, labels, examples)
