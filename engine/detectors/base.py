@@ -9,7 +9,8 @@ File format `frmap.detector/2`: an `.npz` archive (numpy's zip of `.npy` arrays,
 `allow_pickle=False`: nothing in it can run code) holding the detector's arrays and, under the
 key `meta`, one JSON document:
 
-    {"format": "frmap.detector/2", "kind": "entropy" | "knn" | "squeeze" | "distance-evolution",
+    {"format": "frmap.detector/2",
+     "kind": "entropy" | "knn" | "squeeze" | "distance-evolution" | "mahalanobis" | "lid",
      "model": "<ClassName>:<sha256 prefix>", "threshold": null | {"value", "fpr",
      "achieved_fpr", "n_clean"}, "versions": {"frmap", "numpy", "torch"}, ...the kind's settings}
 
