@@ -127,8 +127,10 @@ def test_results_equal_the_library_and_requests_share_batches(url, screener_file
     for i, reply in enumerate(replies):
         got, want = reply.json(), expected.record(i)
         assert got["prediction"] == want["prediction"] and got["flagged"] == want["flagged"]
+        # the service's batches are not the library's: float32 passes over batches of another
+        # size differ by rounding (squeezing's softmax distances by up to 2e-6 here)
         for name, score in want["scores"].items():
-            assert got["scores"][name] == pytest.approx(score, rel=1e-6, abs=1e-6)
+            assert got["scores"][name] == pytest.approx(score, rel=1e-5, abs=1e-5)
     sizes = [int(s) for r in replies for s in r.headers["X-Batch-Sizes"].split(",")]
     assert max(sizes) > 1, f"no batching: batch sizes {sizes}"
     metrics = httpx.get(f"{url}/metrics", timeout=30).text
