@@ -20,6 +20,7 @@ from frmap.engine.cli.inputs import (
     score_paths,
 )
 from frmap.engine.data.files import write_json
+from frmap.engine.models import model_device
 from frmap.engine.models.named import NamedModel
 
 DEFAULT_OUT = Path("frmap-out")
@@ -230,10 +231,11 @@ def _score_on_ray(args: argparse.Namespace, model: NamedModel, screener) -> int:
             bad += 1
         else:
             paths.append(item)
+    where = model_device(model.model)
     job = ScoreJob(model=args.model, weights=args.weights, seed=args.seed,
                    batch_size=args.batch_size, shard_groups=args.shard_groups,
                    workers=args.workers,
-                   gpus=1.0 if next(model.model.parameters()).is_cuda else 0.0)
+                   gpus=1.0 if where.type == "cuda" else 0.0)
     local = {} if args.address else {"num_cpus": args.num_cpus}
     ray.init(address=args.address, include_dashboard=False, log_to_driver=False, **local)
     try:
@@ -241,7 +243,7 @@ def _score_on_ray(args: argparse.Namespace, model: NamedModel, screener) -> int:
             path = screener.save(Path(tmp) / "screener.frmap")
             report = run_score_job(
                 paths, path, Path(args.out), job, spec=model.spec,
-                device=str(next(model.model.parameters()).device),
+                device=str(where),
                 on_shard=lambda done, all_: print(f"frmap score: shard {done}/{all_}",
                                                   file=sys.stderr, flush=True))
     finally:
@@ -300,7 +302,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                            ) from None
     model = load_model(args)
     Screener.load(args.screener, model.model, preprocess=model.preprocess)  # fail fast, here
-    where = next(model.model.parameters()).device
+    where = model_device(model.model)
     config = ServiceConfig(model=args.model, weights=args.weights, seed=args.seed,
                            device=str(where), max_batch=args.max_batch,
                            max_wait_ms=args.max_wait_ms, max_bytes=args.max_bytes,

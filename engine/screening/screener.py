@@ -204,10 +204,10 @@ class Screener:
         """`calibrate` from the detectors' scores of clean images (as `scores` gives them)."""
         if not 0 < fpr < 1:
             raise ValueError(f"the false-positive rate must lie in (0, 1), got {fpr}")
-        scores = clean_scores
         share = fpr / len(self.detectors)
-        detectors = {n: d.calibrate(scores[n], share) for n, d in self.detectors.items()}
-        threshold = None if self.combiner is None else Threshold.fit(self.combiner(scores), fpr)
+        detectors = {n: d.calibrate(clean_scores[n], share) for n, d in self.detectors.items()}
+        threshold = None if self.combiner is None else Threshold.fit(
+            self.combiner(clean_scores), fpr)
         return self._with(detectors=detectors, threshold=threshold, fpr=fpr)
 
     def save(self, path: str | Path) -> Path:
