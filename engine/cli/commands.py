@@ -159,13 +159,6 @@ def cmd_attack(args: argparse.Namespace) -> int:
     return 0
 
 
-def _check_screener_precision(args: argparse.Namespace) -> None:
-    """Screeners compute their responses in float32 for now: refuse --precision bf16."""
-    if args.precision != "float32":
-        raise ValueError(f"--precision {args.precision} is not available with screeners yet "
-                         f"(frmap {args.command}); frmap evaluate and visualize take it")
-
-
 def _screener(model: NamedModel, args: argparse.Namespace):
     """The screener of --screener, or an entropy-only one (no flags) from the arguments."""
     from frmap.engine.detectors import EntropyDetector
@@ -173,15 +166,22 @@ def _screener(model: NamedModel, args: argparse.Namespace):
     from frmap.engine.screening import Screener
 
     if args.screener:
-        return Screener.load(args.screener, model.model, preprocess=model.preprocess,
-                             batch_size=args.batch_size)
-    detector = EntropyDetector(args.footprint, args.rule, args.target, model_identity(model.model))
+        screener = Screener.load(args.screener, model.model, preprocess=model.preprocess,
+                                 batch_size=args.batch_size)
+        own = {d.precision for d in screener.detectors.values()
+               if isinstance(d, EntropyDetector)}
+        if args.precision is not None and own - {args.precision}:
+            raise ValueError(f"{args.screener}: its entropy detector was calibrated in "
+                             f"{own.pop()}; --precision {args.precision} would void its "
+                             "threshold (leave --precision out)")
+        return screener
+    detector = EntropyDetector(args.footprint, args.rule, args.target, model_identity(model.model),
+                               precision=args.precision or "float32")
     return Screener(model.model, {"entropy": detector}, preprocess=model.preprocess,
                     batch_size=args.batch_size)
 
 
 def cmd_score(args: argparse.Namespace) -> int:
-    _check_screener_precision(args)
     model = load_model(args)
     screener = _screener(model, args)
     if args.ray:
@@ -259,7 +259,6 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     from frmap.engine.screening import Screener
     from frmap.engine.screening.build import clean_detectors
 
-    _check_screener_precision(args)
     names = tuple(args.detectors.split(","))
     model = load_model(args)
     images, labels = dataset(model, args.data, "calibration", args.labels)
@@ -273,7 +272,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     train = dataset(model, args.train, "train", args.labels) if "knn" in names else None
     detectors = clean_detectors(
         names, model.model, model.classifier, train=train, footprint=args.footprint, rule=args.rule,
-        target=args.target, batch_size=args.batch_size,
+        target=args.target, precision=args.precision, batch_size=args.batch_size,
         squeeze=DIGITS_SQUEEZERS if model.name == "digits" else IMAGENET_SQUEEZERS)
     screener = Screener(model.model, detectors, preprocess=model.preprocess,
                         batch_size=args.batch_size).calibrate(images, args.fpr)

@@ -27,7 +27,9 @@ def _rule_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rule", default="guided", choices=RULES)
     p.add_argument("--target", default="conv_max", choices=TARGETS)
     p.add_argument("--precision", default="float32", choices=tuple(PRECISIONS),
-                   help="bf16: the reverse walk's convolutions in bfloat16 (default float32)")
+                   help="bf16: the reverse walk's convolutions in bfloat16 (default float32; "
+                        "frmap score --screener: the precision its entropy detector was "
+                        "calibrated in)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -98,7 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--address", help="with --ray: a running Ray cluster (default: local)")
     p.add_argument("--num-cpus", type=int, default=None,
                    help="with --ray: CPUs of the local Ray instance (default: all)")
-    p.set_defaults(run=commands.cmd_score)
+    p.set_defaults(run=commands.cmd_score, precision=None)
 
     p = sub.add_parser(
         "serve", help="a screener behind HTTP on Ray Serve (POST /screen, GET /healthz, /metrics)",

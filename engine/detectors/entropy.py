@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from frmap.engine.detectors.base import Detector, FileFields, Threshold
+from frmap.engine.responses.engine import PRECISIONS
 from frmap.engine.responses.targets import TARGETS
 from frmap.kernels import RULES
 
@@ -21,6 +22,8 @@ class EntropyDetector(Detector):
         rule, target: the response engine's backward rule and back-propagated target.
         model: the identity of the model the scores came from (`model_identity`).
         threshold: scores above its value are flagged.
+        precision: the response engine's precision, "float32" or "bf16" (the threshold holds
+            for scores computed in it; files without the field are float32).
     """
 
     kind = "entropy"
@@ -29,18 +32,28 @@ class EntropyDetector(Detector):
     target: str
     model: str
     threshold: Threshold | None = None
+    precision: str = "float32"
+
+    def __post_init__(self) -> None:
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"unknown precision {self.precision!r}; choose one of "
+                             f"{tuple(PRECISIONS)}")
 
     @classmethod
     def fit(cls, clean_scores: np.ndarray, *, fpr: float, footprint: str, rule: str,
-            target: str, model: str) -> EntropyDetector:
+            target: str, model: str, precision: str = "float32") -> EntropyDetector:
         """Calibrate the threshold on clean scores to the false-positive rate `fpr`."""
-        return cls(footprint, rule, target, model).calibrate(clean_scores, fpr)
+        return cls(footprint, rule, target, model, precision=precision).calibrate(clean_scores,
+                                                                                  fpr)
 
     def _settings(self) -> dict:
-        return {"footprint": self.footprint, "rule": self.rule, "target": self.target}
+        return {"footprint": self.footprint, "rule": self.rule, "target": self.target,
+                "precision": self.precision}
 
     @classmethod
     def _from_file(cls, meta, arrays, *, model, threshold):
         f = FileFields(meta, arrays)
+        precision = "float32" if f.is_null("precision") else f.text("precision",
+                                                                     tuple(PRECISIONS))
         return cls(f.footprint("footprint"), f.text("rule", RULES), f.text("target", TARGETS),
-                   model, threshold)
+                   model, threshold, precision)

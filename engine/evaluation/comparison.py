@@ -348,7 +348,8 @@ def _detector(name: str, subject: Subject, data: ComparisonData, config: Compari
               ) -> Detector:
     """The detector `name`, fitted on the fit images (uncalibrated)."""
     if name == "entropy":
-        return EntropyDetector(config.footprint, config.rule, config.target, subject.identity)
+        return EntropyDetector(config.footprint, config.rule, config.target, subject.identity,
+                               precision=config.precision)
     if name == "squeeze":
         return FeatureSqueezer(config.squeeze, subject.identity)
     if name == "knn":
@@ -375,7 +376,7 @@ def _scorer(detector: Detector, subject: Subject, config: ComparisonConfig) -> S
     if isinstance(detector, EntropyDetector):
         engine = ResponseEngine(subject.model, rule=detector.rule, target=detector.target,
                                 batch_size=config.batch_size, preprocess=config.preprocess,
-                                precision=config.precision)
+                                precision=detector.precision)
         footprint = parse_footprint(detector.footprint)
         return lambda p: engine.scores(p.images, footprint).cpu().numpy()
     if isinstance(detector, FeatureSqueezer):

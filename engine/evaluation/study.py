@@ -176,7 +176,8 @@ def run_study(
     best = max(footprint_auc, key=footprint_auc.__getitem__)
 
     detector = EntropyDetector.fit(calib_scores[best], fpr=config.operating_fpr, footprint=best,
-                                   rule=config.rule, target=config.target, model=identity)
+                                   rule=config.rule, target=config.target, model=identity,
+                                   precision=config.precision)
     files = {"detector": str(detector.save(out / "detector.npz"))}
     write_results(results, out / "results.json", out / "results.csv")
     files |= {"results": str(out / "results.json"), "results_csv": str(out / "results.csv")}

@@ -22,8 +22,8 @@ CLEAN_DETECTORS = ("entropy", "knn", "squeeze")
 
 def clean_detectors(names: tuple[str, ...], model: nn.Module, classifier: nn.Module, *,
                     train: tuple[torch.Tensor, torch.Tensor] | None, footprint: str, rule: str,
-                    target: str, squeeze: SqueezeConfig, batch_size: int = 64
-                    ) -> dict[str, Detector]:
+                    target: str, squeeze: SqueezeConfig, precision: str = "float32",
+                    batch_size: int = 64) -> dict[str, Detector]:
     """The detectors `names` (of `CLEAN_DETECTORS`), fitted where they need it on the correctly
     classified `train` images (kNN's neighbours), uncalibrated.
 
@@ -31,7 +31,7 @@ def clean_detectors(names: tuple[str, ...], model: nn.Module, classifier: nn.Mod
         model: the network; classifier: what [0, 1] images go through (`model` behind its
             normalisation).
         train: (images, labels), needed by "knn".
-        footprint, rule, target: the entropy detector's.
+        footprint, rule, target, precision: the entropy detector's.
         squeeze: the feature squeezers.
 
     Raises:
@@ -47,7 +47,8 @@ def clean_detectors(names: tuple[str, ...], model: nn.Module, classifier: nn.Mod
     detectors: dict[str, Detector] = {}
     for name in names:
         if name == "entropy":
-            detectors[name] = EntropyDetector(footprint, rule, target, identity)
+            detectors[name] = EntropyDetector(footprint, rule, target, identity,
+                                              precision=precision)
         elif name == "squeeze":
             detectors[name] = FeatureSqueezer(squeeze, identity)
         else:

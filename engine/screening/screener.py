@@ -139,7 +139,8 @@ class Screener:
             layer for d in detectors.values() for layer in d.layers))
         self._responses = {
             name: (ResponseEngine(model, rule=d.rule, target=d.target, batch_size=batch_size,
-                                  preprocess=preprocess), parse_footprint(d.footprint))
+                                  preprocess=preprocess, precision=d.precision),
+                   parse_footprint(d.footprint))
             for name, d in detectors.items() if isinstance(d, EntropyDetector)}
 
     @property

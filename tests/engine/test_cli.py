@@ -11,6 +11,7 @@ from pathlib import Path
 import foolbox
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from frmap.engine.cli import build_parser
@@ -159,12 +160,31 @@ def test_attack_is_resumable_and_visualize_draws(tmp_path, digit_files):
     assert result.returncode == 0, result.stderr
 
 
-@pytest.mark.parametrize("command", ["score", "calibrate"])
-def test_screeners_refuse_bf16_for_now(tmp_path, digit_files, command):
-    args = [str(digit_files)] if command == "score" else ["--out", str(tmp_path / "s.npz")]
-    result = frmap(command, *args, "--precision", "bf16")
-    assert result.returncode == 1 and "not available with screeners yet" in result.stderr
-    assert not (tmp_path / "s.npz").exists()
+def test_a_bf16_screener_scores_in_bf16(tmp_path, digit_files):
+    """`calibrate --precision bf16` records the precision; `score --screener` computes in it, and
+    refuses a --precision that would void the threshold."""
+    from frmap.engine.data import parse_footprint
+    from frmap.engine.data.images import DIGITS_IMAGES, load_image
+    from frmap.engine.models import load_digits_model
+    from frmap.engine.responses import ResponseEngine
+
+    screener = tmp_path / "bf16.frmap"
+    result = frmap("calibrate", "--detectors", "entropy", "--precision", "bf16", "--out",
+                   str(screener))
+    assert result.returncode == 0, result.stderr
+    files = sorted(digit_files.glob("d*.png"))
+    result = frmap("score", "--screener", str(screener), *map(str, files))
+    assert result.returncode == 0, result.stderr
+    scores = np.array([json.loads(line)["scores"]["entropy"] for line in result.stdout.splitlines()])
+    images = torch.stack([load_image(f, DIGITS_IMAGES) for f in files])
+    model = load_digits_model()
+    for precision, close in (("bf16", True), ("float32", False)):
+        reference = ResponseEngine(model, preprocess=None, precision=precision).scores(
+            images, parse_footprint("square3")).numpy()
+        assert np.allclose(scores, reference, rtol=0, atol=1e-6) == close, precision
+    result = frmap("score", "--screener", str(screener), "--precision", "float32", str(files[0]))
+    assert result.returncode == 1 and f"{screener}: its entropy detector was calibrated in bf16" \
+        in result.stderr and "Traceback" not in result.stderr and not result.stdout
 
 
 @pytest.mark.needs_extension

@@ -143,3 +143,41 @@ def test_entropy_detector_file_loads_as_a_one_detector_screener(digits, tmp_path
     np.testing.assert_array_equal(result.flagged,
                                   detector.flag(engine.scores(images, parse_footprint("square3"))
                                                 .numpy()))
+
+
+def test_a_bf16_entropy_detector_screens_in_bf16_and_keeps_it_in_its_file(digits, tmp_path):
+    model, _, clean, images = digits
+    footprint = parse_footprint("square3")
+    bf16 = ResponseEngine(model, preprocess=None, precision="bf16")
+    detector = EntropyDetector.fit(bf16.scores(clean, footprint).numpy(), fpr=FPR,
+                                   footprint="square3", rule="guided", target="conv_max",
+                                   model=model_identity(model), precision="bf16")
+    screener = Screener(model, {"entropy": detector}).calibrate(clean, FPR)
+    loaded = Screener.load(screener.save(tmp_path / "bf16.frmap"), model)
+    assert loaded.detectors["entropy"].precision == "bf16"
+    scores = loaded.scores(images)[1]["entropy"]
+    np.testing.assert_allclose(scores, bf16.scores(images, footprint).numpy(), rtol=0, atol=1e-12)
+    float32 = ResponseEngine(model, preprocess=None).scores(images, footprint).numpy()
+    assert not np.allclose(scores, float32, rtol=0, atol=1e-6)
+
+
+def test_entropy_detector_files_without_a_precision_are_float32_and_bad_ones_fail(digits,
+                                                                                  tmp_path):
+    from frmap.engine.detectors import load_detector
+    from frmap.engine.detectors.base import read_archive, write_archive
+
+    model = digits[0]
+    path = EntropyDetector("square3", "guided", "conv_max", model_identity(model)).save(
+        tmp_path / "det.npz")
+    meta, arrays = read_archive(path, "frmap.detector/2")
+    for value, expected in ((None, "float32"), ("fp8", None)):
+        if value is None:
+            meta.pop("precision")
+        else:
+            meta["precision"] = value
+        write_archive(path, {"format": "frmap.detector/2", **meta}, arrays)
+        if expected:
+            assert load_detector(path).precision == expected
+        else:
+            with pytest.raises(ValueError, match=r"det.npz.*field 'precision' must be one of"):
+                load_detector(path)
