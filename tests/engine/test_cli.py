@@ -175,7 +175,8 @@ def test_a_bf16_screener_scores_in_bf16(tmp_path, digit_files):
     files = sorted(digit_files.glob("d*.png"))
     result = frmap("score", "--screener", str(screener), *map(str, files))
     assert result.returncode == 0, result.stderr
-    scores = np.array([json.loads(line)["scores"]["entropy"] for line in result.stdout.splitlines()])
+    lines = result.stdout.splitlines()
+    scores = np.array([json.loads(line)["scores"]["entropy"] for line in lines])
     images = torch.stack([load_image(f, DIGITS_IMAGES) for f in files])
     model = load_digits_model()
     for precision, close in (("bf16", True), ("float32", False)):
