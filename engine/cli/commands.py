@@ -302,22 +302,24 @@ def cmd_serve(args: argparse.Namespace) -> int:
     model = load_model(args)
     Screener.load(args.screener, model.model, preprocess=model.preprocess)  # fail fast, here
     where = model_device(model.model)
-    config = ServiceConfig(model=args.model, weights=args.weights, seed=args.seed,
-                           device=str(where), max_batch=args.max_batch,
-                           max_wait_ms=args.max_wait_ms, max_bytes=args.max_bytes,
-                           max_queued=args.max_queued, replicas=args.replicas,
-                           gpus=args.gpus_per_replica)
     stop = threading.Event()
     local = {} if args.address else {"num_cpus": args.num_cpus}
     ray.init(address=args.address, include_dashboard=False, log_to_driver=False, **local)
     for signum in (signal.SIGINT, signal.SIGTERM):  # after ray.init, which sets its own
         signal.signal(signum, lambda *_: stop.set())
     try:
+        cpus = args.cpus_per_replica or (1 if args.address else max(
+            1, int(ray.cluster_resources().get("CPU", 1)) // args.replicas))
+        config = ServiceConfig(model=args.model, weights=args.weights, seed=args.seed,
+                               device=str(where), max_batch=args.max_batch,
+                               max_wait_ms=args.max_wait_ms, max_bytes=args.max_bytes,
+                               max_queued=args.max_queued, replicas=args.replicas, cpus=cpus,
+                               gpus=args.gpus_per_replica)
         serve.start(http_options={"host": args.host, "port": args.port})
         serve.run(service(Path(args.screener).read_bytes(), config), name="frmap",
                   route_prefix="/")
         print(f"frmap serve: {args.screener} on http://{args.host}:{args.port} "
-              f"({args.replicas} replica(s), batches of up to {args.max_batch}); "
+              f"({args.replicas} replica(s) of {cpus} CPU(s), batches of up to {args.max_batch}); "
               f"POST /screen, GET /healthz, GET /metrics; Ctrl-C stops", flush=True)
         stop.wait()
     finally:

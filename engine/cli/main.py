@@ -125,6 +125,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="waiting requests per replica before 503 (default 256)")
     p.add_argument("--replicas", type=positive_int, default=1,
                    help="replicas of the service (default 1)")
+    p.add_argument("--cpus-per-replica", type=positive_int, default=None,
+                   help="CPUs each replica reserves and runs torch on (default: the local "
+                        "instance's CPUs shared among the replicas; 1 on a cluster)")
     p.add_argument("--gpus-per-replica", type=float, default=0.0,
                    help="GPUs each replica takes on a cluster (default 0)")
     p.add_argument("--address", help="a running Ray cluster (e.g. ray://head:10001 or auto); "

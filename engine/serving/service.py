@@ -6,7 +6,8 @@ Routes:
   line, `path` aside); or `multipart/form-data` with one image per part -> a JSON list, one
   object per part in order, each with the part's `name`. The response header `X-Batch-Sizes`
   gives the size of the model batch each image went through.
-- `GET /healthz`: 200 once the model is loaded.
+- `GET /healthz`: 200 once the model is loaded, with the model's identity and the replica's
+  torch threads.
 - `GET /metrics`: request counts by status, batch sizes and latencies, in the Prometheus text
   format (per replica).
 
@@ -49,7 +50,8 @@ class ServiceConfig:
         max_batch, max_wait_ms: dynamic batching.
         max_bytes: the largest request body accepted.
         max_queued: requests waiting per replica before 503.
-        replicas, gpus: replicas of the service and GPUs per replica.
+        replicas, cpus, gpus: replicas of the service, and CPUs and GPUs per replica (a
+            replica reserves `cpus` CPUs in Ray and runs torch on as many threads).
     """
 
     model: str = "digits"
@@ -61,10 +63,11 @@ class ServiceConfig:
     max_bytes: int = 10 << 20
     max_queued: int = 256
     replicas: int = 1
+    cpus: int = 1
     gpus: float = 0.0
 
     def __post_init__(self) -> None:
-        for name in ("max_batch", "max_bytes", "max_queued", "replicas"):
+        for name in ("max_batch", "max_bytes", "max_queued", "replicas", "cpus"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
@@ -86,6 +89,7 @@ class ScreeningService:
 
     def __init__(self, screener: bytes, config: ServiceConfig) -> None:
         self.config = config
+        torch.set_num_threads(config.cpus)
         named = load_model(config.model, config.weights, seed=config.seed, device=config.device)
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / "screener.frmap"
@@ -109,7 +113,8 @@ class ScreeningService:
         route = path.rstrip("/") or "/"
         if route == "/healthz" and request.method == "GET":
             return self._respond(route, JSONResponse({"status": "ok",
-                                                      "model": self.screener.identity}))
+                                                      "model": self.screener.identity,
+                                                      "threads": torch.get_num_threads()}))
         if route == "/metrics" and request.method == "GET":
             return Response(generate_latest(self.registry),
                             media_type="text/plain; version=0.0.4")
@@ -194,6 +199,6 @@ def service(screener: bytes, config: ServiceConfig) -> serve.Application:
     options = {"num_replicas": config.replicas, "max_queued_requests": config.max_queued,
                "max_ongoing_requests": max(2 * config.max_batch, 8),
                "backpressure_config": BackpressureConfig(status_code=503, retry_after_s=1),
-               "ray_actor_options": {"num_gpus": config.gpus}}
+               "ray_actor_options": {"num_cpus": config.cpus, "num_gpus": config.gpus}}
     return ScreeningService.options(**options).bind(screener, config)
 

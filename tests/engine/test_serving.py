@@ -74,7 +74,7 @@ def test_frmap_serve_starts_answers_and_stops_on_sigterm(screener_file, pngs):
     port = _free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "frmap.engine.cli", "serve", "--screener", str(screener_file),
-         "--port", str(port), "--num-cpus", "1", "--max-batch", "4"],
+         "--port", str(port), "--num-cpus", "2", "--max-batch", "4"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         env={**os.environ, "RAY_ADDRESS": ""})
     try:
@@ -82,6 +82,8 @@ def test_frmap_serve_starts_answers_and_stops_on_sigterm(screener_file, pngs):
             if line.startswith("frmap serve:"):
                 break
         _wait_healthy(f"http://127.0.0.1:{port}", time.monotonic() + TIMEOUT)
+        # one replica on the local instance: it reserves both CPUs and runs torch on both
+        assert httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=30).json()["threads"] == 2
         reply = httpx.post(f"http://127.0.0.1:{port}/screen", content=pngs[0],
                            headers={"Content-Type": "image/png"}, timeout=30)
         assert reply.status_code == 200 and "flagged" in reply.json()
