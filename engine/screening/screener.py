@@ -29,7 +29,6 @@ and whose other keys are the detectors' arrays (`detector:<name>:<array>`) and t
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -47,7 +46,13 @@ from frmap.engine.detectors import (
     collect_features,
     load_detector,
 )
-from frmap.engine.detectors.base import from_parts, read_archive, versions, write_archive
+from frmap.engine.detectors.base import (
+    FileFields,
+    from_parts,
+    read_archive,
+    versions,
+    write_archive,
+)
 from frmap.engine.models import Normalized, model_identity
 from frmap.engine.responses import ResponseEngine
 from frmap.engine.screening.combiner import Combiner
@@ -258,41 +263,32 @@ class Screener:
     def _from_parts(cls, meta: dict, arrays: dict[str, np.ndarray], path: Path,
                     model: nn.Module, batch_size: int) -> Screener:
         _check_model(meta["model"], model, path)
-        if meta["decision"] not in DECISIONS:
-            raise ValueError(f"{path}: field 'decision' must be one of {DECISIONS}, got "
-                             f"{meta['decision']!r}")
-        if meta["preprocess"] not in ("imagenet", None):
-            raise ValueError(f"{path}: field 'preprocess' must be 'imagenet' or null, got "
-                             f"{meta['preprocess']!r}")
-        fpr = meta["fpr"]
-        if fpr is not None and (isinstance(fpr, bool) or not isinstance(fpr, int | float)
-                                or not 0 < fpr < 1):
-            raise ValueError(f"{path}: field 'fpr' must be a number in (0, 1), got {fpr!r}")
-        if not isinstance(meta["detectors"], dict) or not meta["detectors"]:
-            raise ValueError(f"{path}: field 'detectors' must name at least one detector")
-        detectors = {}
-        for name, doc in meta["detectors"].items():
-            own = {k.split(":", 2)[2]: v for k, v in arrays.items()
-                   if k.startswith(f"detector:{name}:")}
-            detectors[name] = from_parts(doc, own, f"{path}: detector {name!r}")
-        combiner = None
-        if meta["decision"] == "combined":
-            if meta["combiner"] is None:
-                raise ValueError(f"{path}: decision 'combined' needs field 'combiner'")
-            own = {k.removeprefix("combiner:"): v for k, v in arrays.items()
-                   if k.startswith("combiner:")}
-            try:
-                combiner = Combiner.from_parts(meta["combiner"], own)
-            except (KeyError, ValueError) as err:
-                raise ValueError(f"{path}: field 'combiner': {err}") from None
-        threshold = meta["threshold"]
-        if threshold is not None:
-            threshold = Threshold(**threshold)
-            if not math.isfinite(threshold.value):
-                raise ValueError(f"{path}: field 'threshold.value' must be finite, got "
-                                 f"{threshold.value!r}")
         try:
-            return cls(model, detectors, preprocess=meta["preprocess"], combiner=combiner,
+            f = FileFields(meta)
+            decision = f.text("decision", DECISIONS)
+            preprocess = None if f.is_null("preprocess") else f.text("preprocess", ("imagenet",))
+            fpr = None if f.is_null("fpr") else f.number("fpr", 0.0, 1.0)
+            if fpr in (0.0, 1.0):
+                f.fail("fpr", f"must lie in (0, 1), got {fpr}")
+            threshold = f.threshold()
+            if not isinstance(f.value("detectors"), dict) or not meta["detectors"]:
+                f.fail("detectors", "must name at least one detector")
+            detectors = {}
+            for name, doc in meta["detectors"].items():
+                own = {k.split(":", 2)[2]: v for k, v in arrays.items()
+                       if k.startswith(f"detector:{name}:")}
+                detectors[name] = from_parts(doc, own, f"detector {name!r}")
+            combiner = None
+            if decision == "combined":
+                if f.is_null("combiner"):
+                    f.fail("combiner", "is needed by decision 'combined'")
+                own = {k.removeprefix("combiner:"): v for k, v in arrays.items()
+                       if k.startswith("combiner:")}
+                try:
+                    combiner = Combiner.from_parts(meta["combiner"], own)
+                except (KeyError, ValueError) as err:
+                    f.fail("combiner", f"is malformed: {err}")
+            return cls(model, detectors, preprocess=preprocess, combiner=combiner,
                        threshold=threshold, fpr=fpr, batch_size=batch_size)
         except ValueError as err:
             raise ValueError(f"{path}: {err}") from None

@@ -181,3 +181,32 @@ def test_entropy_detector_files_without_a_precision_are_float32_and_bad_ones_fai
         else:
             with pytest.raises(ValueError, match=r"det.npz.*field 'precision' must be one of"):
                 load_detector(path)
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("decision", "majority", "field 'decision' must be one of"),
+    ("preprocess", "vgg", "field 'preprocess' must be one of"),
+    ("fpr", 1.0, "field 'fpr' must lie in"),
+    ("fpr", "0.1", "field 'fpr' must be a finite number"),
+    ("threshold", {"value": 1.0, "fpr": 0.1, "achieved_fpr": 0.1, "n_clean": True},
+     "field 'threshold.n_clean' must be an integer"),
+    ("threshold", {"value": 1.0, "fpr": 2.0, "achieved_fpr": 0.1, "n_clean": 5},
+     "field 'threshold.fpr' must be a finite number in"),
+    ("detectors", {}, "field 'detectors' must name at least one detector"),
+    ("detectors", [], "field 'detectors' must name at least one detector"),
+    ("combiner", None, "field 'combiner' is needed by decision 'combined'"),
+])
+def test_every_screener_field_is_checked_and_named(digits, tmp_path, field, value, message):
+    from frmap.engine.detectors.base import read_archive, write_archive
+
+    model, screener, clean, _ = digits
+    combined = Screener(model, screener.detectors,
+                        combiner=Combiner.fit({n: np.r_[s, s + 1] for n, s in
+                                               screener.scores(clean[:20])[1].items()},
+                                              np.r_[np.zeros(20), np.ones(20)].astype(bool)))
+    meta, arrays = read_archive(combined.calibrate(clean, FPR).save(tmp_path / "s.frmap"),
+                                "frmap.screener/1")
+    write_archive(tmp_path / "s.frmap", {"format": "frmap.screener/1", **meta, field: value},
+                  arrays)
+    with pytest.raises(ValueError, match=rf"s\.frmap: {message}"):
+        Screener.load(tmp_path / "s.frmap", model)
