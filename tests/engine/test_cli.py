@@ -188,6 +188,23 @@ def test_a_bf16_screener_scores_in_bf16(tmp_path, digit_files):
         in result.stderr and "Traceback" not in result.stderr and not result.stdout
 
 
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_score_on_cuda_gives_the_cpus_scores(tmp_path, digit_files):
+    screener = tmp_path / "s.frmap"
+    result = frmap("calibrate", "--detectors", "entropy,knn,squeeze", "--out", str(screener))
+    assert result.returncode == 0, result.stderr
+    files = [str(f) for f in sorted(digit_files.glob("d*.png"))]
+    runs = [frmap("score", "--screener", str(screener), "--device", device, *files)
+            for device in ("cpu", "cuda")]
+    assert all(r.returncode == 0 for r in runs), [r.stderr for r in runs]
+    cpu, cuda = ([json.loads(line) for line in r.stdout.splitlines()] for r in runs)
+    assert [r["prediction"] for r in cuda] == [r["prediction"] for r in cpu]
+    for name, atol in (("knn", 1e-4), ("squeeze", 1e-4), ("entropy", 0.05)):
+        np.testing.assert_allclose([r["scores"][name] for r in cuda],
+                                   [r["scores"][name] for r in cpu], rtol=0, atol=atol)
+
+
 @pytest.mark.needs_extension
 def test_bench_entropy_quick_writes_json(tmp_path):
     out = tmp_path / "sub" / "bench.json"

@@ -210,3 +210,20 @@ def test_every_screener_field_is_checked_and_named(digits, tmp_path, field, valu
                   arrays)
     with pytest.raises(ValueError, match=rf"s\.frmap: {message}"):
         Screener.load(tmp_path / "s.frmap", model)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_a_screener_on_cuda_gives_the_cpus_scores(digits, tmp_path):
+    import copy
+
+    model, screener, _, images = digits
+    gpu = Screener.load(screener.save(tmp_path / "s.frmap"), copy.deepcopy(model).cuda(),
+                        batch_size=16)
+    want, got = screener.screen(images), gpu.screen(images)
+    np.testing.assert_array_equal(got.predicted, want.predicted)
+    np.testing.assert_allclose(got.confidence, want.confidence, atol=1e-5)
+    for name in ("knn", "squeeze"):
+        np.testing.assert_allclose(got.scores[name], want.scores[name], rtol=1e-4, atol=1e-5)
+    # float32 in another order may flip a rare ReLU mask and move a few response pixels
+    assert np.abs(got.scores["entropy"] - want.scores["entropy"]).mean() < 2e-3
