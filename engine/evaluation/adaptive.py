@@ -14,7 +14,9 @@ with a lower surrogate score. Surrogates (`[N, C, H, W]` images -> `[N]` scores,
 - kNN: a soft-neighbour share, softmax(-d^2 / T) weights over the k nearest PCA features
   (T the median squared distance of an image's k neighbours) instead of rank weights;
 - feature squeezing: its exact score, the squeezers passed straight through in the backward
-  pass (BPDA, Athalye et al. 2018).
+  pass (BPDA, Athalye et al. 2018);
+- the feature-response entropy: the guided response with smoothed ReLU masks and its mean
+  local entropy with soft histogram bins (`frmap.engine.responses.smooth`).
 """
 
 from __future__ import annotations
@@ -27,13 +29,27 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from frmap.engine.detectors import FeatureSqueezer, KNNDetector, LIDDetector, MahalanobisDetector
+from frmap.engine.data.footprints import parse_footprint
+from frmap.engine.detectors import (
+    EntropyDetector,
+    FeatureSqueezer,
+    KNNDetector,
+    LIDDetector,
+    MahalanobisDetector,
+)
 from frmap.engine.detectors.features import pooled_outputs
 from frmap.engine.detectors.layer_scores import LayerCombination
 from frmap.engine.detectors.mahalanobis import min_distance_torch
 from frmap.engine.models.runtime import model_device
+from frmap.engine.responses.smooth import (
+    smooth_guided_responses,
+    soft_mean_local_entropy,
+    soft_response_image,
+)
 
 Surrogate = Callable[[torch.Tensor], torch.Tensor]
+# the entropy detector's (rule, target) that `entropy_surrogate` follows
+ENTROPY_SURROGATE = ("guided", "conv_max")
 
 
 @dataclass(frozen=True)
@@ -121,6 +137,31 @@ def squeeze_surrogate(classifier: nn.Module, squeezer: FeatureSqueezer) -> Surro
         distances = [(p - classifier(x + (s.to(x) - x).detach()).double().softmax(1)).abs().sum(1)
                      for s in squeezer.squeeze(x).values()]
         return torch.stack(distances, 1).amax(1)
+    return score
+
+
+def entropy_surrogate(classifier: nn.Module, detector: EntropyDetector, *,
+                      sharpness: float = 10.0, width: float = 0.5) -> Surrogate:
+    """The soft entropy of the smoothed guided response (`frmap.engine.responses.smooth`).
+
+    `classifier` is the chain the images go through (the model behind its normalisation, if
+    any). The defaults, measured on 40 test digits (square3): sharpness 1 / 10 / 100 at width
+    0.5 correlate with the exact scores of the clean digits at 0.93 / 0.97 / 0.97, widths 0.5 /
+    1 / 2 at sharpness 10 at 0.97 / 0.95 / 0.91; the attack (epsilon 0.1, weight 0.2) lowers
+    the detection rate at FPR 5% from 0.53 (PGD without it) to 0.07 with (10, 0.5), 0.13 with
+    (10, 1) and 0.17 with (3, 1).
+
+    Raises:
+        ValueError: a rule or target other than the paper's (guided, conv_max).
+    """
+    if (detector.rule, detector.target) != ENTROPY_SURROGATE:
+        raise ValueError("the entropy surrogate follows the guided rule and the conv_max target, "
+                         f"not {detector.rule!r} / {detector.target!r}")
+    footprint = parse_footprint(detector.footprint)
+
+    def score(x: torch.Tensor) -> torch.Tensor:
+        gray = soft_response_image(smooth_guided_responses(classifier, x, sharpness))
+        return soft_mean_local_entropy(gray, footprint, width=width)
     return score
 
 

@@ -18,7 +18,8 @@
 5. "combined" is a logistic regression over the detectors' standardised scores, fitted on the
    clean and adversarial versions of the combiner images.
 6. With `adaptive` set, an attacker who knows the detector (`adaptive`) crafts, from the test
-   images, one set against each detector with a differentiable surrogate ("adaptive-<name>"),
+   images, one set against each detector with a differentiable surrogate ("adaptive-<name>";
+   the entropy detector's with the guided rule and the conv_max target only),
    one against all of them at once ("adaptive-all"), and the same PGD without a detector term
    ("pgd-fixed", the non-adaptive baseline at the same epsilon); every detector is scored on
    every set.
@@ -66,9 +67,11 @@ from frmap.engine.detectors import (
 from frmap.engine.detectors.distance_evolution import CLEAN, Examples
 from frmap.engine.detectors.squeeze import IMAGENET_SQUEEZERS
 from frmap.engine.evaluation.adaptive import (
+    ENTROPY_SURROGATE,
     AdaptiveConfig,
     Surrogate,
     adaptive_pgd,
+    entropy_surrogate,
     knn_surrogate,
     lid_surrogate,
     mahalanobis_surrogate,
@@ -398,9 +401,11 @@ def _features_of(detector: Detector, subject: Subject, config: ComparisonConfig
 def _surrogates(detectors: dict[str, Detector], subject: Subject) -> dict[str, Surrogate]:
     """The differentiable surrogates of the detectors that have one (`adaptive`)."""
     makers = {KNNDetector: knn_surrogate, MahalanobisDetector: mahalanobis_surrogate,
-              LIDDetector: lid_surrogate, FeatureSqueezer: squeeze_surrogate}
+              LIDDetector: lid_surrogate, FeatureSqueezer: squeeze_surrogate,
+              EntropyDetector: entropy_surrogate}
     return {name: makers[type(d)](subject.classifier, d) for name, d in detectors.items()
-            if type(d) in makers}
+            if type(d) in makers and not (isinstance(d, EntropyDetector)
+                                          and (d.rule, d.target) != ENTROPY_SURROGATE)}
 
 
 def _with_adaptive(data: ComparisonData, subject: Subject, labels: torch.Tensor,

@@ -34,8 +34,8 @@ from frmap.engine.evaluation.metrics import table as metrics_table
 from frmap.engine.models.digits import load_digits_model, load_digits_split
 
 ATTACKS = ("fgsm", "deepfool")
-ADAPTIVE = ("pgd-fixed", *(f"adaptive-{d}" for d in ("knn", "mahalanobis", "lid", "squeeze",
-                                                     "all")))
+ADAPTIVE = ("pgd-fixed", *(f"adaptive-{d}" for d in ("entropy", "knn", "mahalanobis", "lid",
+                                                     "squeeze", "all")))
 EVALUATED = (*ATTACKS, *ADAPTIVE)
 NETWORKS = ("distance-lstm", "distance-mlp")
 
