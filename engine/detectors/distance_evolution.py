@@ -10,7 +10,8 @@ a logit, higher = more adversarial:
 - "mlp": the flattened L*C sequence -> 100 -> ReLU -> dropout 0.5 -> logit.
 
 Before the network, each layer's values are standardised with the mean and standard deviation
-of that layer over the training sequences (layers differ in scale by orders of magnitude).
+of that layer over the training sequences (layers differ in scale by orders of magnitude;
+`standardise=False` feeds the raw values).
 Training: binary cross-entropy, Adam, batches drawn with replacement so that clean and
 adversarial examples weigh half each and every attack weighs the same, and the epoch whose
 weights give the best mean over attacks of the validation AUC is kept. The learning rate is
@@ -187,6 +188,7 @@ class EvolutionConfig:
         reference: "medoid" or "centroid".
         embedding: "cosine" (similarities) or "euclidean" (distances).
         network: "lstm" or "mlp".
+        standardise: standardise each layer's values over the training sequences.
         epochs: at most this many passes of `len(train)` balanced draws; the best epoch by
             validation is kept.
         patience: stop after this many epochs without a better validation AUC.
@@ -198,6 +200,7 @@ class EvolutionConfig:
     reference: str = "medoid"
     embedding: str = "cosine"
     network: str = "lstm"
+    standardise: bool = True
     hidden: int = 100
     epochs: int = 300
     batch_size: int = 128
@@ -325,7 +328,9 @@ class DistanceEvolutionDetector(Detector):
             for layer in config.layers
         }
         raw = _sequences(train.features, references, config.embedding)
-        mean, std = raw.mean((0, 2)), np.maximum(raw.std((0, 2)), 1e-12)
+        mean, std = np.zeros(len(config.layers)), np.ones(len(config.layers))
+        if config.standardise:
+            mean, std = raw.mean((0, 2)), np.maximum(raw.std((0, 2)), 1e-12)
         seq = _standardise(raw, mean, std)
         val = _standardise(
             _sequences(validation.features, references, config.embedding), mean, std
@@ -361,6 +366,7 @@ class DistanceEvolutionDetector(Detector):
         config = EvolutionConfig(
             layers=c.texts("layers"), reference=c.text("reference", REFERENCES),
             embedding=c.text("embedding", EMBEDDINGS), network=c.text("network", NETWORKS),
+            standardise=c.is_null("standardise") or c.boolean("standardise"),
             hidden=c.integer("hidden", 1, MAX_HIDDEN), epochs=c.integer("epochs", 1),
             batch_size=c.integer("batch_size", 1), lr=c.number("lr", 0.0), seed=c.integer("seed"))
         auc = r.section("validation_auc")

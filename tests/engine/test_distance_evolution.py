@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from scipy.spatial.distance import cdist
 
 from frmap.engine.detectors.distance_evolution import (
     CLEAN,
@@ -118,13 +119,16 @@ def test_balanced_weights(problem):
         _balanced_weights(train.take(train.attack == CLEAN))
 
 
-@pytest.mark.parametrize(("network", "reference", "embedding"), [
-    ("lstm", "medoid", "cosine"),
-    ("mlp", "centroid", "euclidean"),
+@pytest.mark.parametrize(("network", "reference", "embedding", "standardise"), [
+    ("lstm", "medoid", "cosine", True),
+    ("mlp", "centroid", "euclidean", True),
+    ("mlp", "medoid", "cosine", False),
 ])
-def test_detects_known_adversarial_trajectories(problem, network, reference, embedding, tmp_path):
+def test_detects_known_adversarial_trajectories(problem, network, reference, embedding,
+                                                standardise, tmp_path):
     reference_features, labels, train, validation, test = problem
-    config = EvolutionConfig(LAYERS, reference, embedding, network, epochs=8, lr=3e-3)
+    config = EvolutionConfig(LAYERS, reference, embedding, network, standardise, epochs=8,
+                             lr=3e-3)
     det = DistanceEvolutionDetector.fit(reference_features, labels, train, validation, config,
                                         model="Net:abc")
     history = det.report.history
@@ -142,6 +146,22 @@ def test_detects_known_adversarial_trajectories(problem, network, reference, emb
     assert loaded.config == det.config and loaded.report == det.report
     assert loaded.threshold == det.threshold and loaded.model == "Net:abc"
     np.testing.assert_array_equal(loaded.score(test.features), scores)
+
+
+@pytest.mark.parametrize("standardise", [True, False])
+def test_sequences_are_the_embeddings_standardised_or_raw(problem, standardise):
+    reference, labels, train, validation, test = problem
+    det = DistanceEvolutionDetector.fit(
+        reference, labels, train, validation,
+        EvolutionConfig(LAYERS, embedding="euclidean", standardise=standardise, epochs=1))
+    raw = [cdist(f.layer(k), det.references[k]) for f in (train.features, test.features)
+           for k in LAYERS]
+    train_raw, test_raw = np.stack(raw[:3], 1), np.stack(raw[3:], 1)
+    if standardise:
+        mean, std = train_raw.mean((0, 2)), train_raw.std((0, 2))
+        test_raw = (test_raw - mean[:, None]) / std[:, None]
+        np.testing.assert_allclose(det.sequences(train.features).mean((0, 2)), 0, atol=1e-5)
+    np.testing.assert_allclose(det.sequences(test.features), test_raw, rtol=1e-5, atol=1e-5)
 
 
 def test_stops_once_validation_stops_rising(problem):
