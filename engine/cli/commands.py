@@ -113,16 +113,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         train_limit=args.limit, batch_size=args.batch_size, seed=args.seed,
         adaptive=None if args.adaptive is None else AdaptiveConfig(epsilon=args.adaptive),
     )
-    test = dataset(model, args.data, "test", args.labels)
-    if args.calibration is not None or args.data is None:
-        calibration = dataset(model, args.calibration, "calibration", args.labels)
-    else:
-        calibration, test = halves(test)
+    calibration, test = _evaluation_splits(args, model)
     if comparison.detectors == ("entropy",) and not args.save_screener:
         return _report_study(model.model, calibration, test, Path(args.out), config)
-    if args.train is None and model.name != "digits":
-        raise ValueError(f"--train is needed to compare detectors on model {model.name}")
-    train = dataset(model, args.train, "train", args.labels)
+    train = _train_split(args, model)
     _report_study(model.model, calibration, test, Path(args.out), config)
     report = compare_detectors(model.model, train=train, calibration=calibration, test=test,
                                out_dir=args.out, config=comparison,
@@ -143,6 +137,45 @@ def _print_screener(detectors: tuple[str, ...], path: str) -> None:
     print(f"\nscreener: {' '.join(detectors)} -> {path}; use it with\n"
           f"  frmap score --screener {path} IMAGES...\n"
           f"  frmap serve --screener {path}")
+
+
+def _evaluation_splits(args: argparse.Namespace, model: NamedModel) -> tuple:
+    """The clean (calibration, test) splits of --data / --calibration."""
+    test = dataset(model, args.data, "test", args.labels)
+    if args.calibration is not None or args.data is None:
+        return dataset(model, args.calibration, "calibration", args.labels), test
+    return halves(test)
+
+
+def _train_split(args: argparse.Namespace, model: NamedModel) -> tuple:
+    """The clean train split of --train (the digits' by default)."""
+    if args.train is None and model.name != "digits":
+        raise ValueError(f"--train is needed to compare detectors on model {model.name}")
+    return dataset(model, args.train, "train", args.labels)
+
+
+def cmd_probe_evolution(args: argparse.Namespace) -> int:
+    from frmap.engine.attacks import ATTACKS
+    from frmap.engine.evaluation.comparison import ComparisonConfig
+    from frmap.engine.evaluation.evolution_probe import probe_evolution
+
+    model = load_model(args)
+    calibration, test = _evaluation_splits(args, model)
+    config = ComparisonConfig(
+        attacks=tuple(args.attacks.split(",")) if args.attacks else tuple(ATTACKS),
+        preprocess=model.preprocess, attack_limit=args.limit, train_limit=args.limit,
+        batch_size=args.batch_size, seed=args.seed)
+    rows = probe_evolution(model.model, train=_train_split(args, model),
+                           calibration=calibration, test=test, out_dir=args.out, config=config,
+                           seeds=tuple(range(args.seeds)), progress=True)
+    print(f"\nDistance evolution, mean test AUC over the measured attacks ({args.seeds} seeds: "
+          "mean +- std; validation AUC and best epoch of the kept weights), kNN beside it:")
+    print(f"{'variant':28} {'network':7} {'AUC':>6} {'+-':>6} {'val AUC':>7} {'epoch':>6}")
+    for r in rows:
+        trained = "" if r.best_epoch is None else f"{r.validation_auc:7.3f} {r.best_epoch:6.1f}"
+        print(f"{r.variant:28} {r.network:7} {r.auc:6.3f} {r.spread:6.3f} {trained}")
+    print(f"\nwrote {Path(args.out) / 'evolution-probe.json'}")
+    return 0
 
 
 def cmd_attack(args: argparse.Namespace) -> int:

@@ -70,6 +70,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=str(DEFAULT_OUT), help="output folder (default frmap-out)")
     p.set_defaults(run=commands.cmd_evaluate)
 
+    p = sub.add_parser("probe-evolution",
+                       help="distance evolution under variants (references, embedding, "
+                            "standardisation, layers) beside kNN, on the comparison's sets")
+    add_model_args(p)
+    p.add_argument("--data", help="test image folder (default: the digits test split)")
+    p.add_argument("--calibration", help="clean calibration folder (default: half of --data)")
+    p.add_argument("--train", help="training image folder (default: the digits train split)")
+    p.add_argument("--attacks", help=f"comma-separated attacks (default: all: {','.join(ATTACKS)})")
+    p.add_argument("--limit", type=positive_int,
+                   help="attack at most this many test images (and as many train images)")
+    p.add_argument("--seeds", type=positive_int, default=3,
+                   help="seeds of each network (default 3)")
+    p.add_argument("--out", default=str(DEFAULT_OUT),
+                   help="output folder, shared with frmap evaluate's sets (default frmap-out)")
+    p.set_defaults(run=commands.cmd_probe_evolution)
+
     p = sub.add_parser("attack", help="craft a resumable adversarial set")
     add_model_args(p)
     p.add_argument("--attack", required=True,

@@ -333,8 +333,8 @@ def prepare(subject: Subject, train: tuple[torch.Tensor, torch.Tensor],
     )
 
 
-def _network(data: ComparisonData, config: EvolutionConfig, identity: str, progress: bool, *,
-             without: str | None = None) -> DistanceEvolutionDetector:
+def train_network(data: ComparisonData, config: EvolutionConfig, identity: str, progress: bool,
+                  *, without: str | None = None) -> DistanceEvolutionDetector:
     """A distance-evolution detector trained on the fit images (less one attack's)."""
     # one thread: the networks are too small to gain from more (they lose a lot on a busy
     # machine), and their weights then do not depend on the machine's thread count
@@ -368,8 +368,8 @@ def _detector(name: str, subject: Subject, data: ComparisonData, config: Compari
         features = _features_of(detector, subject, config)
         return detector.with_combination(_examples(
             [replace(p, features=features(p)) for p in data.fit]))
-    detector = _network(data, replace(evolution, network=_NETWORKS[name]), subject.identity,
-                        progress)
+    detector = train_network(data, replace(evolution, network=_NETWORKS[name]),
+                             subject.identity, progress)
     training[name] = detector.report
     return detector
 
@@ -482,7 +482,7 @@ def compare_detectors(
                         for key in data.evaluated}
     weights = combiner.weight_of()
     results = [row for name, s in scores.items()
-               for row in _rows(name, s, data.attacks, config.operating_fpr)]
+               for row in attack_rows(name, s, data.attacks, config.operating_fpr)]
     per_layer = _per_layer_rows(data, layers, knn, subject, config, detectors)
     unseen = _unseen_rows(data, evolution, subject.identity, config, training, progress)
     files = _write(out, results, per_layer, unseen, scores, data.attacks)
@@ -518,8 +518,10 @@ def _best_screener(subject: Subject, detectors: dict[str, Detector], combiner: C
                                      config.operating_fpr)
 
 
-def _rows(name: str, scores: dict[str, np.ndarray], attacks: Sequence[str],
-          fpr: float) -> list[AttackEvaluation]:
+def attack_rows(name: str, scores: dict[str, np.ndarray], attacks: Sequence[str],
+                fpr: float) -> list[AttackEvaluation]:
+    """`name`'s row on each attack: thresholds from the calibration scores, metrics on the clean
+    test scores."""
     return [evaluate_attack(scores["calibration"], scores["clean"], scores[a], detector=name,
                             attack=a, operating_fpr=fpr) for a in attacks]
 
@@ -533,15 +535,16 @@ def _per_layer_rows(data: ComparisonData, layers: Sequence[str], knn: KNNConfig,
         for layer in layers:
             detector = KNNDetector.fit(data.fit[0].features, data.labels,
                                        replace(knn, layer=layer), model=subject.identity)
-            rows += _rows(f"knn:{layer}", data.scores(lambda p, d=detector: d.score(p.features)),
-                          data.attacks, config.operating_fpr)
+            rows += attack_rows(f"knn:{layer}",
+                                data.scores(lambda p, d=detector: d.score(p.features)),
+                                data.attacks, config.operating_fpr)
     for name, detector in detectors.items():
         if isinstance(detector, MahalanobisDetector | LIDDetector):
             features = _features_of(detector, subject, config)
             scores = data.scores(lambda p, d=detector, f=features: d.layer_scores(f(p)))
             for i, layer in enumerate(detector.layers):
-                rows += _rows(f"{name}:{layer}", {k: v[:, i] for k, v in scores.items()},
-                              data.attacks, config.operating_fpr)
+                rows += attack_rows(f"{name}:{layer}", {k: v[:, i] for k, v in scores.items()},
+                                    data.attacks, config.operating_fpr)
     return rows
 
 
@@ -566,11 +569,11 @@ def _unseen_rows(data: ComparisonData, evolution: EvolutionConfig, identity: str
     rows = []
     for name in (d for d in config.detectors if d in _NETWORKS):
         for attack in left_out:
-            detector = _network(data, replace(evolution, network=_NETWORKS[name]), identity,
-                                progress, without=attack)
+            detector = train_network(data, replace(evolution, network=_NETWORKS[name]),
+                                     identity, progress, without=attack)
             training[f"{name} unseen:{attack}"] = detector.report
             scores = data.scores(lambda p, d=detector: d.score(p.features))
-            rows += _rows(f"{name} unseen", scores, [attack], config.operating_fpr)
+            rows += attack_rows(f"{name} unseen", scores, [attack], config.operating_fpr)
     return rows
 
 
