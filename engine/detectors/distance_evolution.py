@@ -11,7 +11,11 @@ a logit, higher = more adversarial:
 
 Before the network, each layer's values are standardised with the mean and standard deviation
 of that layer over the training sequences (layers differ in scale by orders of magnitude;
-`standardise=False` feeds the raw values).
+`standardise=False` feeds the raw values). With `predicted_first` (the default; the paper keeps
+the class order), each C-vector is rolled so that it starts at the image's predicted class
+(entry j: class (predicted + j) mod C), so the sequence means the same whatever the class: on the
+digits it raised the networks' mean test AUC from 0.60 / 0.58 (LSTM / MLP) to 0.73 / 0.79
+(`frmap probe-evolution`).
 Training: binary cross-entropy, Adam, batches drawn with replacement so that clean and
 adversarial examples weigh half each and every attack weighs the same, and the epoch whose
 weights give the best mean over attacks of the validation AUC is kept. The learning rate is
@@ -189,6 +193,8 @@ class EvolutionConfig:
         embedding: "cosine" (similarities) or "euclidean" (distances).
         network: "lstm" or "mlp".
         standardise: standardise each layer's values over the training sequences.
+        predicted_first: roll each C-vector to start at the predicted class (files without
+            the setting keep the class order they were trained on).
         epochs: at most this many passes of `len(train)` balanced draws; the best epoch by
             validation is kept.
         patience: stop after this many epochs without a better validation AUC.
@@ -201,6 +207,7 @@ class EvolutionConfig:
     embedding: str = "cosine"
     network: str = "lstm"
     standardise: bool = True
+    predicted_first: bool = True
     hidden: int = 100
     epochs: int = 300
     batch_size: int = 128
@@ -327,20 +334,20 @@ class DistanceEvolutionDetector(Detector):
             layer: class_references(reference.layer(layer), labels, classes, config.reference)
             for layer in config.layers
         }
-        raw = _sequences(train.features, references, config.embedding)
+        raw = _sequences(train.features, references, config)
         mean, std = np.zeros(len(config.layers)), np.ones(len(config.layers))
         if config.standardise:
             mean, std = raw.mean((0, 2)), np.maximum(raw.std((0, 2)), 1e-12)
         seq = _standardise(raw, mean, std)
         val = _standardise(
-            _sequences(validation.features, references, config.embedding), mean, std
+            _sequences(validation.features, references, config), mean, std
         )
         state, report = _train(config, classes, seq, train, val, validation, progress)
         return cls(config, model, references, mean, std, state, report)
 
     def sequences(self, features: Features) -> np.ndarray:
         """`[N, L, C]` float32, the standardised sequences the network reads."""
-        raw = _sequences(features, self.references, self.config.embedding)
+        raw = _sequences(features, self.references, self.config)
         return _standardise(raw, self.mean, self.std)
 
     @torch.no_grad()
@@ -367,6 +374,7 @@ class DistanceEvolutionDetector(Detector):
             layers=c.texts("layers"), reference=c.text("reference", REFERENCES),
             embedding=c.text("embedding", EMBEDDINGS), network=c.text("network", NETWORKS),
             standardise=c.is_null("standardise") or c.boolean("standardise"),
+            predicted_first=not c.is_null("predicted_first") and c.boolean("predicted_first"),
             hidden=c.integer("hidden", 1, MAX_HIDDEN), epochs=c.integer("epochs", 1),
             batch_size=c.integer("batch_size", 1), lr=c.number("lr", 0.0), seed=c.integer("seed"))
         auc = r.section("validation_auc")
@@ -386,8 +394,16 @@ class DistanceEvolutionDetector(Detector):
                    mean=f.array("mean", (layers,)), std=std, state=state, report=report,
                    threshold=threshold)
 
-def _sequences(features: Features, references: Mapping[str, np.ndarray], kind: str) -> np.ndarray:
-    return np.stack([embed(features.layer(k), r, kind) for k, r in references.items()], 1)
+def _sequences(features: Features, references: Mapping[str, np.ndarray],
+               config: EvolutionConfig) -> np.ndarray:
+    """`[N, L, C]` the embedded layers, rolled to the predicted class where configured."""
+    seq = np.stack([embed(features.layer(k), r, config.embedding)
+                    for k, r in references.items()], 1)
+    if not config.predicted_first:
+        return seq
+    classes = seq.shape[2]
+    index = (features.predictions[:, None] + np.arange(classes)) % classes
+    return np.take_along_axis(seq, index[:, None, :], 2)
 
 
 def _standardise(raw: np.ndarray, mean: np.ndarray, std: np.ndarray) -> np.ndarray:

@@ -5,8 +5,8 @@ adversarial sets under `out_dir`, the same division of the train images), then t
 network of each variant of `evolution_variants` on the fit images, several seeds each, scores
 the test sets and reports the mean over the measured attacks of the test AUC, beside kNN on the
 same sets. The variants change one thing each from the default: the class references
-(centroid), the embedding (Euclidean), the per-layer standardisation (off), the layers (each
-one alone).
+(centroid), the embedding (Euclidean), the per-layer standardisation (off), the order of the
+classes (the predicted one first or not), the layers (each one alone).
 """
 
 from __future__ import annotations
@@ -57,10 +57,12 @@ class ProbeRow:
 
 
 def evolution_variants(base: EvolutionConfig) -> dict[str, EvolutionConfig]:
-    """`base` (`DEFAULT`) and one variant of it per changed setting."""
+    """`base` (`DEFAULT`) and one variant of it per changed setting ("class order" flips
+    `predicted_first`)."""
     return {DEFAULT: base, "centroid": replace(base, reference="centroid"),
             "euclidean": replace(base, embedding="euclidean"),
             "unstandardised": replace(base, standardise=False),
+            "class order": replace(base, predicted_first=not base.predicted_first),
             **{f"only {layer}": replace(base, layers=(layer,)) for layer in base.layers}}
 
 

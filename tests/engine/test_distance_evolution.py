@@ -119,16 +119,17 @@ def test_balanced_weights(problem):
         _balanced_weights(train.take(train.attack == CLEAN))
 
 
-@pytest.mark.parametrize(("network", "reference", "embedding", "standardise"), [
-    ("lstm", "medoid", "cosine", True),
-    ("mlp", "centroid", "euclidean", True),
-    ("mlp", "medoid", "cosine", False),
+@pytest.mark.parametrize(("network", "reference", "embedding", "standardise", "predicted_first"), [
+    ("lstm", "medoid", "cosine", True, False),
+    ("mlp", "centroid", "euclidean", True, False),
+    ("mlp", "medoid", "cosine", False, False),
+    ("lstm", "centroid", "cosine", True, True),
 ])
 def test_detects_known_adversarial_trajectories(problem, network, reference, embedding,
-                                                standardise, tmp_path):
+                                                standardise, predicted_first, tmp_path):
     reference_features, labels, train, validation, test = problem
-    config = EvolutionConfig(LAYERS, reference, embedding, network, standardise, epochs=8,
-                             lr=3e-3)
+    config = EvolutionConfig(LAYERS, reference, embedding, network, standardise,
+                             predicted_first, epochs=8, lr=3e-3)
     det = DistanceEvolutionDetector.fit(reference_features, labels, train, validation, config,
                                         model="Net:abc")
     history = det.report.history
@@ -148,15 +149,24 @@ def test_detects_known_adversarial_trajectories(problem, network, reference, emb
     np.testing.assert_array_equal(loaded.score(test.features), scores)
 
 
-@pytest.mark.parametrize("standardise", [True, False])
-def test_sequences_are_the_embeddings_standardised_or_raw(problem, standardise):
+@pytest.mark.parametrize(("standardise", "predicted_first"), [(True, False), (False, False),
+                                                              (False, True), (True, True)])
+def test_sequences_are_the_embeddings_standardised_or_raw(problem, standardise,
+                                                          predicted_first):
     reference, labels, train, validation, test = problem
     det = DistanceEvolutionDetector.fit(
         reference, labels, train, validation,
-        EvolutionConfig(LAYERS, embedding="euclidean", standardise=standardise, epochs=1))
-    raw = [cdist(f.layer(k), det.references[k]) for f in (train.features, test.features)
-           for k in LAYERS]
-    train_raw, test_raw = np.stack(raw[:3], 1), np.stack(raw[3:], 1)
+        EvolutionConfig(LAYERS, embedding="euclidean", standardise=standardise,
+                        predicted_first=predicted_first, epochs=1))
+
+    def raw(features):
+        out = np.stack([cdist(features.layer(k), det.references[k]) for k in LAYERS], 1)
+        if predicted_first:  # entry j: the class j places after the predicted one
+            out = np.stack([np.roll(row, -p, axis=1)
+                            for row, p in zip(out, features.predictions, strict=True)])
+        return out
+
+    train_raw, test_raw = raw(train.features), raw(test.features)
     if standardise:
         mean, std = train_raw.mean((0, 2)), train_raw.std((0, 2))
         test_raw = (test_raw - mean[:, None]) / std[:, None]

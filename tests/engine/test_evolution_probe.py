@@ -24,13 +24,14 @@ def test_each_variant_changes_one_setting():
     base = EvolutionConfig(LAYERS, epochs=7)
     variants = evolution_variants(base)
     assert variants[DEFAULT] == base
-    assert set(variants) == {DEFAULT, "centroid", "euclidean", "unstandardised", "only a",
-                             "only b", "only c"}
+    assert set(variants) == {DEFAULT, "centroid", "euclidean", "unstandardised",
+                             "class order", "only a", "only b", "only c"}
     for name, variant in variants.items():
         changed = {f.name for f in fields(base)
                    if getattr(base, f.name) != getattr(variant, f.name)}
         expected = {DEFAULT: set(), "centroid": {"reference"}, "euclidean": {"embedding"},
-                    "unstandardised": {"standardise"}}.get(name, {"layers"})
+                    "unstandardised": {"standardise"},
+                    "class order": {"predicted_first"}}.get(name, {"layers"})
         assert changed == expected, name
     assert variants["only b"].layers == ("b",)
 
