@@ -5,12 +5,13 @@ and the max-pool and channel choices jump, so its gradient is zero almost everyw
 
 - every ReLU's backward is `sigmoid(sharpness * f) * relu(R)` (the derivative of softplus
   with beta = sharpness in place of `f > 0`, as Dombrowski et al. 2019 smooth explanations;
-  `R > 0` stays); the forward stays the model's, so are the target and the choices;
+  `R > 0` stays); the forward stays the model's, and so do the target and the choices;
 - the max-pool routing and the target's channel choice are constants (BPDA, Athalye et al.
   2018);
-- the response image is `response_to_image` without the truncation to uint8 (gray levels in
-  [0, 255] whose floor is the image's), and its mean local entropy is
-  `soft_mean_local_entropy`, whose histogram bins are soft.
+- the response image is `response_to_image` without the truncation to uint8 (one channel:
+  gray levels in [0, 255] whose floor is the image's; three: the luma of the untruncated
+  channels), and its mean local entropy is `soft_mean_local_entropy`, whose histogram bins are
+  soft.
 
 As sharpness grows the response tends to the guided one, and as the bin width shrinks the
 entropy tends to the exact op's.
