@@ -1,21 +1,27 @@
 """`frmap bench scale`: batch screening in one process against Ray Data workers, same run.
 
-On the digits default (the 360 test digits) and on VGG19 at 224 (random weights, random images),
+On the digits default (all 1797 digits) and on VGG19 at 224 (random weights, random images),
 entropy screening of PNG files end to end: the single-process path of `frmap score` (load the
 model, then decode and screen batch by batch) against `run_score_job` (`frmap score --ray`) on
 a local Ray instance with 1 and 2 worker actors, each taking its share of the CPUs and as many
-torch threads. The Ray instance is started once, outside the timings (a running cluster); a
-job's time includes starting its actors and loading the model in each. Reported: images/s,
-the ratio to the single process, and Ray's overhead per image (its seconds per image less the
-single process's).
+torch threads. The Ray instance is started once, outside the timings (a running cluster).
+Each is run twice, over all the images and over the first batch alone. Reported: images/s end
+to end (from loading the model; for Ray from submitting the job, which starts the actors and
+loads the model in each); images/s in the steady state (the images beyond the first batch over
+the difference in time between the two runs, which cancels the start-up); the steady-state ratio
+to the one process; Ray's overhead per image in the steady state (its seconds per image less
+the one process's); and the fixed start-up (end-to-end seconds less the steady state's time for
+all the images).
 """
 
 from __future__ import annotations
 
+import math
 import os
 import tempfile
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -38,15 +44,16 @@ class Case:
     batch_size: int
 
 
-FULL = (Case("digits", 360, 32), Case("vgg19", 24, 8))
+FULL = (Case("digits", 1797, 32), Case("vgg19", 32, 8))
 QUICK = (Case("digits", 64, 32),)
 WORKERS = (1, 2)
 
 
 def _files(case: Case, folder: Path) -> list[Path]:
-    """The case's inputs as PNG files: test digits, or seeded random 224x224 RGB images."""
+    """The case's inputs as PNG files: digits, or seeded random 224x224 RGB images."""
     if case.model == "digits":
-        digits = load_digits_split("test").images[:case.images, 0].numpy()
+        splits = ("train", "calibration", "test")
+        digits = torch.cat([load_digits_split(s).images for s in splits])[:case.images, 0].numpy()
         arrays = [((d * 255).astype(np.uint8), "L") for d in digits]
     else:
         rng = np.random.default_rng(0)
@@ -66,7 +73,7 @@ def _screener(named, batch_size: int) -> Screener:
                     batch_size=batch_size)
 
 
-def _single(case: Case, paths: list[Path]) -> tuple[float, list[dict]]:
+def _single(case: Case, paths: list[Path], folder: Path) -> tuple[float, list[dict]]:
     """`frmap score`'s single-process path, timed from loading the model."""
     start = time.perf_counter()
     named = load_model(case.model)
@@ -78,7 +85,8 @@ def _single(case: Case, paths: list[Path]) -> tuple[float, list[dict]]:
     return time.perf_counter() - start, records
 
 
-def _on_ray(case: Case, paths: list[Path], workers: int, folder: Path) -> tuple[float, list]:
+def _on_ray(case: Case, paths: list[Path], folder: Path, workers: int) -> tuple[float, list]:
+    """`run_score_job`, timed from submitting the job (actors started, models loaded)."""
     import json
 
     import ray
@@ -90,12 +98,23 @@ def _on_ray(case: Case, paths: list[Path], workers: int, folder: Path) -> tuple[
     screener = _screener(named, case.batch_size).save(folder / f"{case.model}.frmap")
     cpus = int(ray.cluster_resources()["CPU"]) // workers
     job = ScoreJob(WorkerPool(model=case.model, workers=workers, cpus=cpus),
-                   batch_size=case.batch_size, shard_groups=4)
-    out = folder / f"{case.model}-{workers}.jsonl"
+                   batch_size=case.batch_size, shard_groups=1)
+    out = folder / f"{case.model}-{workers}-{len(paths)}.jsonl"
     start = time.perf_counter()
     run_score_job(paths, screener, out, job, spec=named.spec)
     seconds = time.perf_counter() - start
     return seconds, [json.loads(line) for line in out.read_text().splitlines()]
+
+
+def _measure(run, case: Case, paths: list[Path], folder: Path) -> tuple[dict, list[dict]]:
+    """End-to-end images/s over all `paths`; the steady state and the fixed start-up from the
+    difference to a run over the first batch alone."""
+    first, _ = run(case, paths[:case.batch_size], folder)
+    seconds, records = run(case, paths, folder)
+    # NaN where the work beyond the first batch is lost in the start-up's noise
+    steady = (len(paths) - case.batch_size) / (seconds - first) if seconds > first else math.nan
+    return {"end_to_end_images_per_s": len(paths) / seconds, "steady_images_per_s": steady,
+            "startup_s": seconds - len(paths) / steady}, records
 
 
 def _scores(records: list[dict]) -> np.ndarray:
@@ -117,18 +136,20 @@ def run(quick: bool = False) -> dict:
                 folder = Path(tmp) / case.model
                 folder.mkdir()
                 paths = _files(case, folder)
-                seconds, reference = _single(case, paths)
+                single, reference = _measure(_single, case, paths, folder)
                 row = {"model": case.model, "images": case.images,
-                       "batch_size": case.batch_size, "single_images_per_s": len(paths) / seconds,
-                       "ray": []}
+                       "batch_size": case.batch_size, "single": single, "ray": []}
                 for workers in WORKERS:
-                    ray_seconds, records = _on_ray(case, paths, workers, folder)
-                    error = float(np.abs(_scores(records) - _scores(reference)).max())
+                    rates, records = _measure(partial(_on_ray, workers=workers), case, paths,
+                                              folder)
+                    rows_per_s = rates["steady_images_per_s"]
                     row["ray"].append({
-                        "workers": workers, "images_per_s": len(paths) / ray_seconds,
-                        "ratio": seconds / ray_seconds,
-                        "overhead_ms_per_image": 1e3 * (ray_seconds - seconds) / len(paths),
-                        "max_score_difference": error})
+                        "workers": workers, **rates,
+                        "ratio": rows_per_s / single["steady_images_per_s"],
+                        "overhead_ms_per_image": 1e3 * (1 / rows_per_s
+                                                        - 1 / single["steady_images_per_s"]),
+                        "max_score_difference": float(np.abs(
+                            _scores(records) - _scores(reference)).max())})
                 rows.append(row)
     finally:
         ray.shutdown()
@@ -136,13 +157,18 @@ def run(quick: bool = False) -> dict:
 
 
 def table(result: dict) -> str:
-    """A terminal table of the rows."""
+    """A terminal table of the rows: one process, then Ray with 1 and 2 workers."""
     lines = [machine.summary(result["machine"]),
-             f"{'model':8} {'images':>6} {'one process/s':>13} {'workers':>7} {'Ray/s':>7} "
-             f"{'ratio':>6} {'overhead ms/image':>17} {'max |diff|':>10}"]
+             f"{'model':7} {'images':>6} {'run':>12} {'end-to-end/s':>12} {'steady/s':>9} "
+             f"{'ratio':>6} {'overhead ms/img':>15} {'start-up s':>10} {'max |diff|':>10}"]
     for r in result["rows"]:
+        s = r["single"]
+        lines.append(f"{r['model']:7} {r['images']:6d} {'one process':>12} "
+                     f"{s['end_to_end_images_per_s']:12.2f} {s['steady_images_per_s']:9.2f} "
+                     f"{1:6.2f} {'':>15} {s['startup_s']:10.1f}")
         for w in r["ray"]:
-            lines.append(f"{r['model']:8} {r['images']:6d} {r['single_images_per_s']:13.2f} "
-                         f"{w['workers']:7d} {w['images_per_s']:7.2f} {w['ratio']:6.2f} "
-                         f"{w['overhead_ms_per_image']:17.1f} {w['max_score_difference']:10.2g}")
+            lines.append(f"{'':7} {'':6} {'Ray, ' + str(w['workers']) + ' wkr':>12} "
+                         f"{w['end_to_end_images_per_s']:12.2f} {w['steady_images_per_s']:9.2f} "
+                         f"{w['ratio']:6.2f} {w['overhead_ms_per_image']:15.1f} "
+                         f"{w['startup_s']:10.1f} {w['max_score_difference']:10.2g}")
     return "\n".join(lines)

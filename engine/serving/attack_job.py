@@ -25,7 +25,7 @@ def _attacker(named: NamedModel, attack: Attack) -> Callable[[dict], dict]:
 
     def work(row: dict) -> dict:
         shard = AttackShard(int(row["shard"]), int(row["start"]),
-                            torch.from_numpy(row["images"]), torch.from_numpy(row["labels"]),
+                            torch.tensor(row["images"]), torch.tensor(row["labels"]),
                             int(row["seed"]), str(row["made_by"]))
         return {"shard": shard.number, "part": 0,
                 "data": attack_shard(attack, named.classifier, shard)}

@@ -1,8 +1,9 @@
 """Batch jobs on Ray Data: rows of work mapped through a pool of worker actors, by shard.
 
 A job cuts its work into rows, each tagged with its shard and its part (position) in the shard.
-`run_shards` maps the rows, optionally through CPU tasks first (`prepare`: reading and decoding
-files), through a pool of actors that each load the model once, and hands each shard's results
+`run_shards` maps the rows, after an optional step (`prepare`: reading and decoding files) that
+Ray Data fuses into the same stage, through a pool of actors that each load the model once, and
+hands each shard's results
 back, in part order, as soon as all of them are in; the job writes the shard atomically and a
 rerun skips what is written. Ray Data restarts an actor whose process dies and retries its
 rows, and a shard is handed back once.
@@ -81,8 +82,8 @@ def run_shards(rows: list[dict], pool: WorkerPool, make: MakeWorker, args: tuple
         pool: the worker actors.
         make: called as `make(named_model, *args)` once per actor; the function it returns maps
             a row to a result row that keeps "shard" and "part".
-        prepare: a CPU task run on each row before the actors (reading files), called with
-            the row and `prepare_kwargs`.
+        prepare: a step run on each row before `make`'s function, in the same worker (reading
+            files), called with the row and `prepare_kwargs`.
 
     Yields:
         Each shard once, as soon as all its rows are done, with its results in part order.
@@ -93,12 +94,15 @@ def run_shards(rows: list[dict], pool: WorkerPool, make: MakeWorker, args: tuple
         return
     sizes = Counter(int(row["shard"]) for row in rows)
     dataset = ray.data.from_items(rows, override_num_blocks=len(rows))
+    resources = {"num_cpus": pool.cpus, "num_gpus": pool.gpus}
     if prepare is not None:
-        dataset = dataset.map(prepare, fn_kwargs=prepare_kwargs or {})
+        # the actors' resources: Ray Data fuses the step into the actors' stage, so each worker
+        # prepares its own rows (a separate task stage would wait for CPUs the actors hold)
+        dataset = dataset.map(prepare, fn_kwargs=prepare_kwargs or {}, **resources)
     # Ray Data's actor pools restart a dead actor and retry its rows without bound by default
     # (max_restarts=-1, max_task_retries=-1; passing them is deprecated since Ray 2.60)
     dataset = dataset.map(_Actor, fn_constructor_args=(pool, make, args),
-                          concurrency=pool.workers, num_cpus=pool.cpus, num_gpus=pool.gpus)
+                          compute=ray.data.ActorPoolStrategy(size=pool.workers), **resources)
     pending: dict[int, dict[int, dict]] = {}
     finished: set[int] = set()
     for row in dataset.iter_rows():

@@ -1,8 +1,8 @@
 """Batch screening on Ray Data (`frmap score --ray`): resumable, exactly once, equal to one process.
 
 The inputs are cut into groups of `batch_size` files in input order, the groups into shards of
-`shard_groups` groups. Ray Data reads and decodes each group in a CPU task, then the pool's
-actors (each loads the model and the screener once) screen each group in one pass, exactly as
+`shard_groups` groups. The pool's actors (each loads the model and the screener once) read,
+decode and screen a group per call, in one pass, exactly as
 `frmap score` batches the same files in one process, so the results are the same bit for bit.
 The driver writes each shard as soon as all its groups are in, atomically
 (`<out>.shards/shard-NNNNN.jsonl`); a rerun after any failure skips the finished shards, and the
@@ -87,7 +87,7 @@ class _Screening:
     def __call__(self, row: dict) -> dict:
         records, good = [], iter(())
         if len(row["images"]):
-            good = iter(self.screener.records(torch.from_numpy(row["images"])))
+            good = iter(self.screener.records(torch.tensor(row["images"])))
         for path, error in zip(row["paths"], row["errors"], strict=True):
             records.append(json.dumps({"path": path, "error": error}) if error
                            else json.dumps({"path": path, **next(good)}))

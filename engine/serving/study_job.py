@@ -27,7 +27,7 @@ def _scoring(named: NamedModel, config: EngineConfig,
     shapes = {name: parse_footprint(name) for name in footprints}
 
     def work(row: dict) -> dict:
-        scores = engine.footprint_scores(torch.from_numpy(row["images"]), shapes)
+        scores = engine.footprint_scores(torch.tensor(row["images"]), shapes)
         return {"shard": row["shard"], "part": 0,
                 "scores": np.stack([scores[name] for name in footprints])}
 
