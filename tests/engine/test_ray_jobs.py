@@ -224,3 +224,15 @@ def test_evaluate_command_on_ray_equals_one_process(ray_address, tmp_path):
                 assert got[key] == pytest.approx(value, abs=1e-6, nan_ok=True), key
             else:
                 assert got[key] == value, key
+
+
+def test_bad_ray_arguments_fail_clearly(tmp_path):
+    result = _frmap("attack", "--attack", "fgsm", "--out", str(tmp_path / "a"), "--ray",
+                    "--workers", "0")
+    assert result.returncode == 2
+    assert "argument --workers: must be a positive integer, got 0" in result.stderr
+    result = _frmap("evaluate", "--ray", "--cpus-per-worker", "-1")
+    assert result.returncode == 2 and "argument --cpus-per-worker" in result.stderr
+    result = _frmap("score", "--ray", str(tmp_path))
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert "--ray writes its results to a file: give --out results.jsonl" in result.stderr
