@@ -7,6 +7,10 @@ from `(seed, shard number)` alone, so a run killed at any point and started agai
 finished shards, recomputes the rest and ends with the same set as an uninterrupted run, byte
 for byte (the archives carry no time stamps).
 
+`generate` attacks the missing shards in this process, or hands them to an executor (a Ray Data
+job in `frmap.engine.serving`) that runs `attack_shard` on each elsewhere and gives back the
+shard files' bytes in any order; the set is the same.
+
 Safeguards: the manifest records each finished shard's SHA-256, so a truncated or corrupt shard
 is recomputed by `generate` and refused by `load_adversarial_set`; every shard records the
 attack, model and seed that made it, checked on load; `generate` holds an exclusive lock on the
@@ -22,6 +26,7 @@ import io
 import json
 import math
 import zipfile
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -183,31 +188,50 @@ def _identity(
     }
 
 
-def _attack_shard(
-    attack: Attack,
-    model: nn.Module,
-    images: torch.Tensor,
-    labels: torch.Tensor,
-    start: int,
-    seed: int,
-    progress: bool,
-) -> dict[str, np.ndarray]:
-    result = run_attack(attack, model, images, labels, seed=seed, progress=progress)
+@dataclass(frozen=True)
+class AttackShard:
+    """One shard of a set to attack: all `attack_shard` needs, wherever it runs.
+
+    Attributes:
+        number: the shard's number; start: the position of its first input.
+        images, labels: its inputs (`[n, C, H, W]` in [0, 1], `[n]`).
+        seed: its seed, derived from the set's seed and `number` alone.
+        made_by: the attack, model and seed its file records (JSON).
+    """
+
+    number: int
+    start: int
+    images: torch.Tensor
+    labels: torch.Tensor
+    seed: int
+    made_by: str
+
+
+# Attacks the shards it is given, yielding (shard number, shard file bytes) in any order.
+ShardExecutor = Callable[[Attack, list[AttackShard]], Iterable[tuple[int, bytes]]]
+
+
+def attack_shard(attack: Attack, model: nn.Module, shard: AttackShard,
+                 progress: bool = False) -> bytes:
+    """The shard file of `shard` (an `.npz` archive; the same inputs give the same bytes)."""
+    result = run_attack(attack, model, shard.images, shard.labels, seed=shard.seed,
+                        progress=progress)
     ok = result.success
-    return {
-        "index": (torch.arange(len(images)) + start)[ok].numpy(),
+    return _npz_bytes({
+        "index": (torch.arange(len(shard.images)) + shard.start)[ok].numpy(),
         "adversarial": result.adversarial[ok].numpy(),
-        "label": labels.long()[ok].numpy(),
+        "label": shard.labels.long()[ok].numpy(),
         "adv_label": result.adv_labels[ok].numpy(),
         "true_confidence": result.true_confidence[ok].numpy(),
         "adv_confidence": result.adv_confidence[ok].numpy(),
         "epsilon": result.epsilon[ok].numpy(),
         "attacked": np.int64(result.attacked.sum()),
-    }
+        "made_by": np.array(shard.made_by),
+    })
 
 
-def _made_by(identity: dict) -> np.ndarray:
-    return np.array(json.dumps({k: identity[k] for k in _MADE_BY}))
+def _made_by(identity: dict) -> str:
+    return json.dumps({k: identity[k] for k in _MADE_BY})
 
 
 def generate(
@@ -220,6 +244,7 @@ def generate(
     shard_size: int = 64,
     seed: int = 0,
     progress: bool = False,
+    executor: ShardExecutor | None = None,
 ) -> AdversarialSet:
     """Attack `images` shard by shard into `out_dir`, resuming whatever a previous run finished.
 
@@ -232,6 +257,7 @@ def generate(
         shard_size: Consecutive inputs per shard (and per attack batch).
         seed: Base seed; shard `k` runs with a seed derived from `(seed, k)`.
         progress: Show progress bars.
+        executor: Attacks the missing shards elsewhere (default: here, one after another).
 
     Returns:
         The set, as `load_adversarial_set(out_dir)` returns it.
@@ -251,7 +277,7 @@ def generate(
         _refuse_foreign(out)  # before the lock file is made in it
     try:
         with FileLock(out / _LOCK, timeout=0):
-            _generate_locked(attack, model, images, labels, out, identity, progress)
+            _generate_locked(attack, model, images, labels, out, identity, progress, executor)
     except Timeout:
         raise ValueError(f"{out}: another frmap run is writing this set (it holds {_LOCK}); "
                          "wait for it to finish or use another directory") from None
@@ -268,7 +294,8 @@ def _refuse_foreign(out: Path) -> None:
 
 
 def _generate_locked(attack: Attack, model: nn.Module, images: torch.Tensor,
-                     labels: torch.Tensor, out: Path, identity: dict, progress: bool) -> None:
+                     labels: torch.Tensor, out: Path, identity: dict, progress: bool,
+                     executor: ShardExecutor | None) -> None:
     shards, shard_size = identity["shards"], identity["shard_size"]
     previous = _read_manifest(out)
     if previous is not None:
@@ -290,22 +317,25 @@ def _generate_locked(attack: Attack, model: nn.Module, images: torch.Tensor,
                  for k, c in enumerate(checksums)]
     valid = [c is not None for c in checksums]
     write_json(manifest_path, {**identity, "complete": False, "shard_sha256": checksums})
+    made_by = _made_by(identity)
+    todo = [AttackShard(k, k * shard_size, images[k * shard_size:(k + 1) * shard_size],
+                        labels[k * shard_size:(k + 1) * shard_size],
+                        _shard_seed(identity["seed"], k), made_by)
+            for k in range(shards) if not valid[k]]
+    if executor is None:
+        done = ((s.number, attack_shard(attack, model, s, progress)) for s in todo)
+    else:
+        done = executor(attack, todo)
     with tqdm(total=shards, initial=sum(valid), desc=attack.name, unit="shard",
               disable=not progress) as bar:
-        for k in range(shards):
-            if valid[k]:
-                continue
-            start = k * shard_size
-            part = slice(start, start + shard_size)
-            arrays = _attack_shard(
-                attack, model, images[part], labels[part], start, _shard_seed(identity["seed"], k),
-                progress,
-            )
-            data = _npz_bytes({**arrays, "made_by": _made_by(identity)})
+        for k, data in done:
             atomic_write_bytes(_shard_path(out, k), data)
             checksums[k] = hashlib.sha256(data).hexdigest()
             write_json(manifest_path, {**identity, "complete": False, "shard_sha256": checksums})
             bar.update()
+    missing = [k for k, c in enumerate(checksums) if c is None]
+    if missing:
+        raise RuntimeError(f"{out}: shards {missing} were not attacked; run generate again")
     write_json(manifest_path, {**identity, "complete": True, "shard_sha256": checksums})
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from frmap.engine.cli.cluster import cpus_each, ray_session, worker_pool
 from frmap.engine.cli.inputs import (
     dataset,
     halves,
@@ -25,7 +26,7 @@ from frmap.engine.models.named import NamedModel
 
 DEFAULT_OUT = Path("frmap-out")
 DEMO_ATTACKED = 200  # test digits attacked by `frmap demo`: keeps the whole study under 10 min
-BENCHMARKS = ("entropy", "responses", "attacks", "detectors", "serve")
+BENCHMARKS = ("entropy", "responses", "attacks", "detectors", "serve", "scale")
 # the detectors `frmap demo` builds its screener from: those fit in seconds on the digits
 DEMO_DETECTORS = ("entropy", "knn", "squeeze")
 
@@ -69,11 +70,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def _report_study(model, calibration, test, out: Path, config) -> int:
+def _report_study(model, calibration, test, out: Path, config, scorer=None) -> int:
     from frmap.engine.evaluation.metrics import table
     from frmap.engine.evaluation.study import MIN_ADVERSARIALS, run_study
 
-    report = run_study(model, calibration, test, out, config, progress=True)
+    report = run_study(model, calibration, test, out, config, progress=True, scorer=scorer)
     print("\nAttacks (only successful adversarials are kept):")
     _print_stats(report.attacks)
     print("\nDetection (thresholds from the clean calibration images, metrics on held-out "
@@ -115,9 +116,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     )
     calibration, test = _evaluation_splits(args, model)
     if comparison.detectors == ("entropy",) and not args.save_screener:
-        return _report_study(model.model, calibration, test, Path(args.out), config)
+        return _study(args, model, calibration, test, config)
     train = _train_split(args, model)
-    _report_study(model.model, calibration, test, Path(args.out), config)
+    _study(args, model, calibration, test, config)
     report = compare_detectors(model.model, train=train, calibration=calibration, test=test,
                                out_dir=args.out, config=comparison,
                                screener_path=args.save_screener, progress=True)
@@ -131,6 +132,18 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if args.save_screener:
         _print_screener(report.screener, args.save_screener)
     return 0
+
+
+def _study(args: argparse.Namespace, model: NamedModel, calibration, test, config) -> int:
+    """The study of `frmap evaluate`, its scoring on Ray workers with --ray."""
+    if not args.ray:
+        return _report_study(model.model, calibration, test, Path(args.out), config)
+    with ray_session(args):
+        from frmap.engine.serving.study_job import ray_footprint_scores
+
+        scorer = ray_footprint_scores(worker_pool(args, model), config.engine, config.footprints)
+        return _report_study(model.model, calibration, test, Path(args.out), config,
+                             scorer=scorer)
 
 
 def _print_screener(detectors: tuple[str, ...], path: str) -> None:
@@ -185,8 +198,16 @@ def cmd_attack(args: argparse.Namespace) -> int:
     images, labels = dataset(model, args.data, "test", args.labels)
     if args.limit:
         images, labels = images[: args.limit], labels[: args.limit]
-    result = generate(args.attack, model.classifier, images, labels, args.out, seed=args.seed,
-                      shard_size=args.shard_size, progress=True)
+    if not args.ray:
+        result = generate(args.attack, model.classifier, images, labels, args.out,
+                          seed=args.seed, shard_size=args.shard_size, progress=True)
+    else:
+        with ray_session(args):
+            from frmap.engine.serving.attack_job import ray_attacks
+
+            result = generate(args.attack, model.classifier, images, labels, args.out,
+                              seed=args.seed, shard_size=args.shard_size, progress=True,
+                              executor=ray_attacks(worker_pool(args, model)))
     _print_stats([attack_stats(result)])
     print(f"wrote {args.out}")
     return 0
@@ -250,13 +271,6 @@ def _score_on_ray(args: argparse.Namespace, model: NamedModel, screener) -> int:
 
     if not args.out:
         raise ValueError("--ray writes its results to a file: give --out results.jsonl")
-    try:
-        import ray
-
-        from frmap.engine.serving.jobs import ScoreJob, run_score_job
-    except ImportError as err:
-        raise RuntimeError(f"frmap score --ray needs Ray ({err}): pip install 'frmap[serve]'"
-                           ) from None
     paths, bad = [], 0
     for item in score_paths(args):
         if isinstance(item, ImageFileError):
@@ -264,23 +278,16 @@ def _score_on_ray(args: argparse.Namespace, model: NamedModel, screener) -> int:
             bad += 1
         else:
             paths.append(item)
-    where = model_device(model.model)
-    job = ScoreJob(model=args.model, weights=args.weights, seed=args.seed,
-                   batch_size=args.batch_size, shard_groups=args.shard_groups,
-                   workers=args.workers,
-                   gpus=1.0 if where.type == "cuda" else 0.0)
-    local = {} if args.address else {"num_cpus": args.num_cpus}
-    ray.init(address=args.address, include_dashboard=False, log_to_driver=False, **local)
-    try:
-        with tempfile.TemporaryDirectory() as tmp:
-            path = screener.save(Path(tmp) / "screener.frmap")
-            report = run_score_job(
-                paths, path, Path(args.out), job, spec=model.spec,
-                device=str(where),
-                on_shard=lambda done, all_: print(f"frmap score: shard {done}/{all_}",
-                                                  file=sys.stderr, flush=True))
-    finally:
-        ray.shutdown()
+    with ray_session(args), tempfile.TemporaryDirectory() as tmp:
+        from frmap.engine.serving.score_job import ScoreJob, run_score_job
+
+        job = ScoreJob(worker_pool(args, model), batch_size=args.batch_size,
+                       shard_groups=args.shard_groups)
+        report = run_score_job(
+            paths, screener.save(Path(tmp) / "screener.frmap"), Path(args.out), job,
+            spec=model.spec,
+            on_shard=lambda done, all_: print(f"frmap score: shard {done}/{all_}",
+                                              file=sys.stderr, flush=True))
     print(f"frmap score: {report.inputs} inputs, {report.failed} failed, shards computed "
           f"{len(report.computed)}, reused {len(report.reused)} -> {args.out}", file=sys.stderr)
     return 1 if report.failed or bad else 0
@@ -325,7 +332,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from frmap.engine.screening import Screener
 
     try:
-        import ray
         from ray import serve
 
         from frmap.engine.serving import ServiceConfig, service
@@ -336,28 +342,26 @@ def cmd_serve(args: argparse.Namespace) -> int:
     Screener.load(args.screener, model.model, preprocess=model.preprocess)  # fail fast, here
     where = model_device(model.model)
     stop = threading.Event()
-    local = {} if args.address else {"num_cpus": args.num_cpus}
-    ray.init(address=args.address, include_dashboard=False, log_to_driver=False, **local)
-    for signum in (signal.SIGINT, signal.SIGTERM):  # after ray.init, which sets its own
-        signal.signal(signum, lambda *_: stop.set())
-    try:
-        cpus = args.cpus_per_replica or (1 if args.address else max(
-            1, int(ray.cluster_resources().get("CPU", 1)) // args.replicas))
+    with ray_session(args):
+        for signum in (signal.SIGINT, signal.SIGTERM):  # after ray.init, which sets its own
+            signal.signal(signum, lambda *_: stop.set())
+        cpus = cpus_each(args, args.cpus_per_replica, args.replicas)
         config = ServiceConfig(model=args.model, weights=args.weights, seed=args.seed,
                                device=str(where), max_batch=args.max_batch,
                                max_wait_ms=args.max_wait_ms, max_bytes=args.max_bytes,
                                max_queued=args.max_queued, replicas=args.replicas, cpus=cpus,
                                gpus=args.gpus_per_replica)
         serve.start(http_options={"host": args.host, "port": args.port})
-        serve.run(service(Path(args.screener).read_bytes(), config), name="frmap",
-                  route_prefix="/")
-        print(f"frmap serve: {args.screener} on http://{args.host}:{args.port} "
-              f"({args.replicas} replica(s) of {cpus} CPU(s), batches of up to {args.max_batch}); "
-              f"POST /screen, GET /healthz, GET /metrics; Ctrl-C stops", flush=True)
-        stop.wait()
-    finally:
-        serve.shutdown()
-        ray.shutdown()
+        try:
+            serve.run(service(Path(args.screener).read_bytes(), config), name="frmap",
+                      route_prefix="/")
+            print(f"frmap serve: {args.screener} on http://{args.host}:{args.port} "
+                  f"({args.replicas} replica(s) of {cpus} CPU(s), batches of up to "
+                  f"{args.max_batch}); POST /screen, GET /healthz, GET /metrics; Ctrl-C stops",
+                  flush=True)
+            stop.wait()
+        finally:
+            serve.shutdown()
     print("frmap serve: stopped", flush=True)
     return 0
 

@@ -12,6 +12,7 @@ import argparse
 import sys
 
 from frmap.engine.cli import commands
+from frmap.engine.cli.cluster import add_ray_args
 from frmap.engine.cli.commands import DEFAULT_OUT, DEMO_ATTACKED
 from frmap.engine.cli.inputs import add_model_args, footprint_name, positive_int, rate
 
@@ -68,6 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="save the best detector set found (the combination or one detector), "
                         "calibrated, as a screener file for frmap score / frmap serve")
     p.add_argument("--out", default=str(DEFAULT_OUT), help="output folder (default frmap-out)")
+    add_ray_args(p, "score the study's clean and adversarial images")
     p.set_defaults(run=commands.cmd_evaluate)
 
     p = sub.add_parser("probe-evolution",
@@ -95,6 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shard-size", type=positive_int, default=64,
                    help="images per shard, the unit of resumption (default 64)")
     p.add_argument("--out", required=True, help="folder of the set (resumes what is there)")
+    add_ray_args(p, "attack the shards")
     p.set_defaults(run=commands.cmd_attack)
 
     p = sub.add_parser("score", help="score image files; one JSON line per image")
@@ -106,16 +109,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "detector file): its detectors' scores and 'flagged'")
     p.add_argument("--footprint", default="square3", type=footprint_name,
                    help="entropy window without a screener (scores only, no flags)")
-    p.add_argument("--ray", action="store_true",
-                   help="screen on Ray Data (a local instance, or --address), resumably, into "
-                        "--out; bad files are recorded there")
+    add_ray_args(p, "screen into --out (bad files recorded there)")
     p.add_argument("--out", metavar="FILE", help="with --ray: the results (JSON lines)")
-    p.add_argument("--workers", type=int, default=1, help="with --ray: screening workers")
-    p.add_argument("--shard-groups", type=int, default=8,
+    p.add_argument("--shard-groups", type=positive_int, default=8,
                    help="with --ray: batches per shard, the unit a rerun resumes from (default 8)")
-    p.add_argument("--address", help="with --ray: a running Ray cluster (default: local)")
-    p.add_argument("--num-cpus", type=int, default=None,
-                   help="with --ray: CPUs of the local Ray instance (default: all)")
     p.set_defaults(run=commands.cmd_score, precision=None)
 
     p = sub.add_parser(

@@ -9,6 +9,7 @@ lands in `out_dir`, each file atomically.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -30,8 +31,8 @@ from frmap.engine.evaluation.metrics import (
 )
 from frmap.engine.evaluation.subject import Subject
 from frmap.engine.models import predict
-from frmap.engine.responses import ResponseEngine
-from frmap.kernels import local_entropy, response_score, response_to_image
+from frmap.engine.responses import EngineConfig, ResponseEngine
+from frmap.kernels import local_entropy, response_to_image
 
 
 @dataclass(frozen=True)
@@ -71,6 +72,12 @@ class StudyConfig:
         if not self.attacks or not self.footprints:
             raise ValueError("the study needs at least one attack and one footprint")
 
+    @property
+    def engine(self) -> EngineConfig:
+        """The response engine's settings."""
+        return EngineConfig(rule=self.rule, target=self.target, batch_size=self.batch_size,
+                            preprocess=self.preprocess, precision=self.precision)
+
 
 @dataclass(frozen=True)
 class StudyReport:
@@ -84,15 +91,8 @@ class StudyReport:
     files: dict[str, str]
 
 
-def _scores(engine: ResponseEngine, images: torch.Tensor, footprints: dict[str, np.ndarray],
-            batch_size: int) -> dict[str, np.ndarray]:
-    """Responses once per batch, then one score per footprint."""
-    out: dict[str, list[np.ndarray]] = {name: [] for name in footprints}
-    for start in range(0, len(images), batch_size):
-        responses = engine.responses(images[start:start + batch_size])
-        for name, fp in footprints.items():
-            out[name].append(response_score(responses, fp).numpy())
-    return {name: np.concatenate(parts) if parts else np.zeros(0) for name, parts in out.items()}
+# Scores images [N, C, H, W] for every footprint of the study: one [N] array per footprint name.
+Scorer = Callable[[torch.Tensor], dict[str, np.ndarray]]
 
 
 def trace_panels(engine: ResponseEngine, model: nn.Module, clean: torch.Tensor,
@@ -122,6 +122,7 @@ def run_study(
     config: StudyConfig = StudyConfig(),
     *,
     progress: bool = False,
+    scorer: Scorer | None = None,
 ) -> StudyReport:
     """Run the whole study; see the module docstring.
 
@@ -133,13 +134,13 @@ def run_study(
         out_dir: where adversarial sets, results, figures and the detector go.
         config: see `StudyConfig`.
         progress: show progress bars.
+        scorer: scores the clean and adversarial images elsewhere (a Ray Data job) with the
+            engine and footprints of `config`; default: `ResponseEngine.footprint_scores` here.
     """
     out = Path(out_dir)
     subject = Subject.of(model, config.preprocess)
     classifier, identity = subject.classifier, subject.identity
-    engine = ResponseEngine(subject.model, rule=config.rule, target=config.target,
-                            batch_size=config.batch_size, preprocess=config.preprocess,
-                            precision=config.precision)
+    engine = ResponseEngine(subject.model, **asdict(config.engine))
     footprints = {name: parse_footprint(name) for name in config.footprints}
 
     cal_images, cal_labels = calibration
@@ -153,10 +154,10 @@ def run_study(
                                     out / "adversarial", seed=config.seed, progress=progress)
     stats = [attack_stats(s) for s in sets.values()]
 
-    calib_scores = _scores(engine, cal_images, footprints, config.batch_size)
-    clean_scores = _scores(engine, clean_test, footprints, config.batch_size)
-    adv_scores = {name: _scores(engine, s.images, footprints, config.batch_size)
-                  for name, s in sets.items() if len(s.images)}
+    score = scorer or (lambda images: engine.footprint_scores(images, footprints))
+    calib_scores = score(cal_images)
+    clean_scores = score(clean_test)
+    adv_scores = {name: score(s.images) for name, s in sets.items() if len(s.images)}
     if not adv_scores:
         raise ValueError("no attack produced a successful adversarial: nothing to evaluate")
 

@@ -165,6 +165,18 @@ class ResponseEngine:
             x, classes))
         return torch.cat(parts).to(_device_of(images))
 
+    def footprint_scores(self, images: torch.Tensor,
+                         footprints: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """`scores` for several footprints: the responses once per batch, then one [N] float64
+        array of scores per footprint name."""
+        out: dict[str, list[np.ndarray]] = {name: [] for name in footprints}
+        for start in range(0, len(images), self.config.batch_size):
+            responses = self.responses(images[start:start + self.config.batch_size])
+            for name, fp in footprints.items():
+                out[name].append(response_score(responses, fp).numpy())
+        return {name: np.concatenate(parts) if parts else np.zeros(0)
+                for name, parts in out.items()}
+
     def _input_channels(self) -> int | None:
         if isinstance(self._net, Normalized):
             return self._net.channels

@@ -1,188 +1,117 @@
-"""Batch screening on Ray Data (`frmap score --ray`): resumable, exactly once, equal to one process.
+"""Batch jobs on Ray Data: rows of work mapped through a pool of worker actors, by shard.
 
-The inputs are cut into groups of `batch_size` files in input order, the groups into shards of
-`shard_groups` groups. Ray Data reads and decodes each group in a CPU task, then a pool of
-`workers` actors (each loads the model and the screener once; `gpus` each where there are GPUs)
-screens each group in one pass, exactly as `frmap score` batches the same files in one process,
-so the results are the same bit for bit. The driver writes each shard as soon as all its groups
-are in, atomically (`<out>.shards/shard-NNNNN.jsonl`); a rerun after any failure skips the
-finished shards, and the merged output, one JSON line per input in input order (bad files as
-`{"path", "error"}`), holds every input exactly once. Ray retries the tasks of a worker that
-dies.
+A job cuts its work into rows, each tagged with its shard and its part (position) in the shard.
+`run_shards` maps the rows, after an optional step (`prepare`: reading and decoding files) that
+Ray Data fuses into the same stage, through a pool of actors that each load the model once, and
+hands each shard's results
+back, in part order, as soon as all of them are in; the job writes the shard atomically and a
+rerun skips what is written. Ray Data restarts an actor whose process dies and retries its
+rows, and a shard is handed back once.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
-import tempfile
-from collections.abc import Callable, Sequence
+from collections import Counter
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
 
-import numpy as np
 import torch
 
-from frmap.engine.data.files import atomic_write_bytes, write_json
-from frmap.engine.data.images import ImageFileError, ImageSpec, load_image
-from frmap.engine.models.named import load_model
-from frmap.engine.screening import Screener
+from frmap.engine.models.named import NamedModel, load_model
 
-_MANIFEST = "manifest.json"
+# Makes a worker's per-row function once per actor, from the loaded model and the job's arguments.
+MakeWorker = Callable[..., Callable[[dict], dict]]
+
+
+def check_positive(config: object, *names: str) -> None:
+    """Raise ValueError unless each field `names` of `config` is a positive integer."""
+    for name in names:
+        value = getattr(config, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
 
 
 @dataclass(frozen=True)
-class ScoreJob:
-    """A batch screening job.
+class WorkerPool:
+    """The worker actors of a job and the classifier each loads once.
 
     Attributes:
         model, weights, seed: the classifier (`frmap.engine.models.named.load_model`); a
             weights file must be readable on every node.
-        batch_size: files per model pass (the same groups as `frmap score --batch-size`).
-        shard_groups: groups per shard (the unit of resumption).
-        workers: screening actors; gpus: GPUs per actor.
+        device: where each worker runs the model.
+        workers: how many actors.
+        cpus: CPUs each actor takes, and the torch threads it runs (Ray gives a process that
+            asks for none a single thread).
+        gpus: GPUs each actor takes.
     """
 
     model: str = "digits"
     weights: str | None = None
     seed: int = 0
-    batch_size: int = 32
-    shard_groups: int = 8
+    device: str = "cpu"
     workers: int = 1
+    cpus: int = 1
     gpus: float = 0.0
 
     def __post_init__(self) -> None:
-        for name in ("batch_size", "shard_groups", "workers"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        check_positive(self, "workers", "cpus")
+        if not self.gpus >= 0:
+            raise ValueError(f"gpus must be >= 0, got {self.gpus!r}")
 
 
-@dataclass(frozen=True)
-class ScoreReport:
-    """What a job did: inputs, bad files, shards computed now and found finished."""
+class _Actor:
+    """A worker actor: torch threads set, the model loaded, the job's function made, once."""
 
-    inputs: int
-    failed: int
-    shards: int
-    computed: list[int]
-    reused: list[int]
-
-
-def _decode_group(row: dict, spec: ImageSpec) -> dict:
-    """Read one group's files: stacked images of the good ones, an error per bad one."""
-    images, errors = [], []
-    for path in row["paths"]:
-        try:
-            images.append(load_image(Path(path), spec).numpy())
-            errors.append("")
-        except ImageFileError as err:
-            errors.append(str(err))
-    shape = images[0].shape if images else (0,)
-    return {**row, "errors": errors,
-            "images": np.stack(images) if images else np.zeros((0, *shape), np.float32)}
-
-
-class _Screening:
-    """A worker: the model and the screener loaded once; screens one group per call."""
-
-    def __init__(self, screener: bytes, job: ScoreJob, device: str) -> None:
-        named = load_model(job.model, job.weights, seed=job.seed, device=device)
-        with tempfile.TemporaryDirectory() as tmp:
-            path = Path(tmp) / "screener.frmap"
-            path.write_bytes(screener)
-            self.screener = Screener.load(path, named.model, preprocess=named.preprocess,
-                                          batch_size=job.batch_size)
+    def __init__(self, pool: WorkerPool, make: MakeWorker, args: tuple) -> None:
+        torch.set_num_threads(pool.cpus)
+        named: NamedModel = load_model(pool.model, pool.weights, seed=pool.seed,
+                                       device=pool.device)
+        self.work = make(named, *args)
 
     def __call__(self, row: dict) -> dict:
-        records, good = [], iter(())
-        if len(row["images"]):
-            good = iter(self.screener.records(torch.from_numpy(row["images"])))
-        for path, error in zip(row["paths"], row["errors"], strict=True):
-            records.append(json.dumps({"path": path, "error": error}) if error
-                           else json.dumps({"path": path, **next(good)}))
-        return {"group": row["group"], "lines": records}
+        return self.work(row)
 
 
-def run_score_job(paths: Sequence[Path], screener: Path, out: Path, job: ScoreJob, *,
-                  spec: ImageSpec, device: str = "cpu",
-                  on_shard: Callable[[int, int], None] | None = None) -> ScoreReport:
-    """Screen `paths` on the connected Ray cluster into `out` (JSON lines, input order).
+def run_shards(rows: list[dict], pool: WorkerPool, make: MakeWorker, args: tuple = (), *,
+               prepare: Callable[..., dict] | None = None,
+               prepare_kwargs: dict | None = None) -> Iterator[tuple[int, list[dict]]]:
+    """Map `rows` through the pool on the connected Ray cluster; yield `(shard, results)`.
 
     Args:
-        paths: the image files, in order.
-        screener: the screener file.
-        out: the merged output; the shards go to `<out>.shards/`.
-        job: the model, batching, sharding and workers.
-        spec: how the model takes image files.
-        device: where the workers run the model.
-        on_shard: called with (finished shards, all shards) after each shard is written.
+        rows: the work, each row a dict with "shard" and "part" keys.
+        pool: the worker actors.
+        make: called as `make(named_model, *args)` once per actor; the function it returns maps
+            a row to a result row that keeps "shard" and "part".
+        prepare: a step run on each row before `make`'s function, in the same worker (reading
+            files), called with the row and `prepare_kwargs`.
 
-    Raises:
-        ValueError: a shard folder left by a job over other inputs, screener or settings.
+    Yields:
+        Each shard once, as soon as all its rows are done, with its results in part order.
     """
     import ray
 
-    data = screener.read_bytes()
-    folder = out.with_name(out.name + ".shards")
-    groups = [list(map(str, paths[i:i + job.batch_size]))
-              for i in range(0, len(paths), job.batch_size)]
-    per_shard = job.shard_groups
-    shards = -(-len(groups) // per_shard)
-    _claim(folder, paths, data, job)
-    done = [k for k in range(shards) if _shard(folder, k).exists()]
-    todo = [k for k in range(shards) if k not in done]
-    pending: dict[int, dict[int, list[str]]] = {k: {} for k in todo}
-    if todo:
-        rows = [{"group": g, "paths": groups[g]} for k in todo
-                for g in range(k * per_shard, min((k + 1) * per_shard, len(groups)))]
-        dataset = ray.data.from_items(rows, override_num_blocks=len(rows))
-        dataset = dataset.map(_decode_group, fn_kwargs={"spec": spec})
-        dataset = dataset.map(_Screening, fn_constructor_args=(data, job, device),
-                              concurrency=job.workers, num_gpus=job.gpus)
-        for row in dataset.iter_rows():
-            group = int(row["group"])
-            shard = group // per_shard
-            pending[shard][group] = [str(line) for line in row["lines"]]
-            if len(pending[shard]) == min((shard + 1) * per_shard, len(groups)) - shard * per_shard:
-                parts = pending.pop(shard)
-                text = "".join(line + "\n" for g in sorted(parts) for line in parts[g])
-                atomic_write_bytes(_shard(folder, shard), text.encode())
-                if on_shard is not None:
-                    on_shard(shards - len(pending), shards)
-    lines = [line for k in range(shards) for line in _shard(folder, k).read_text().splitlines()]
-    atomic_write_bytes(out, ("\n".join(lines) + "\n").encode() if lines else b"")
-    failed = sum("error" in json.loads(line) for line in lines)
-    return ScoreReport(len(paths), failed, shards, todo, done)
-
-
-def _shard(folder: Path, k: int) -> Path:
-    return folder / f"shard-{k:05d}.jsonl"
-
-
-def _claim(folder: Path, paths: Sequence[Path], screener: bytes, job: ScoreJob) -> None:
-    """Create the shard folder with its manifest, or check that it is this job's.
-
-    Raises:
-        ValueError: the folder holds another job's shards, or files frmap did not write.
-    """
-    identity = {"format": "frmap.score-job/1",
-                "inputs_sha256": hashlib.sha256("\n".join(map(str, paths)).encode()).hexdigest(),
-                "screener_sha256": hashlib.sha256(screener).hexdigest(),
-                "model": job.model, "weights": job.weights, "seed": job.seed,
-                "batch_size": job.batch_size, "shard_groups": job.shard_groups}
-    manifest = folder / _MANIFEST
-    if manifest.exists():
-        try:
-            found = json.loads(manifest.read_text())
-        except (OSError, json.JSONDecodeError) as err:
-            raise ValueError(f"{manifest}: unreadable manifest ({err})") from None
-        if found != identity:
-            changed = sorted(k for k in identity if not isinstance(found, dict)
-                             or found.get(k) != identity[k])
-            raise ValueError(f"{folder} holds the shards of another job (different {changed});"
-                             " remove it or choose another --out")
+    if not rows:
         return
-    if folder.exists() and any(folder.iterdir()):
-        raise ValueError(f"{folder} exists and is not a frmap score job's shard folder")
-    write_json(manifest, identity)
+    sizes = Counter(int(row["shard"]) for row in rows)
+    dataset = ray.data.from_items(rows, override_num_blocks=len(rows))
+    resources = {"num_cpus": pool.cpus, "num_gpus": pool.gpus}
+    if prepare is not None:
+        # the actors' resources: Ray Data fuses the step into the actors' stage, so each worker
+        # prepares its own rows (a separate task stage would wait for CPUs the actors hold)
+        dataset = dataset.map(prepare, fn_kwargs=prepare_kwargs or {}, **resources)
+    # Ray Data's actor pools restart a dead actor and retry its rows without bound by default
+    # (max_restarts=-1, max_task_retries=-1; passing them is deprecated since Ray 2.60)
+    dataset = dataset.map(_Actor, fn_constructor_args=(pool, make, args),
+                          compute=ray.data.ActorPoolStrategy(size=pool.workers), **resources)
+    pending: dict[int, dict[int, dict]] = {}
+    finished: set[int] = set()
+    for row in dataset.iter_rows():
+        shard = int(row["shard"])
+        if shard in finished:
+            continue
+        parts = pending.setdefault(shard, {})
+        parts[int(row["part"])] = row
+        if len(parts) == sizes[shard]:
+            del pending[shard]
+            finished.add(shard)
+            yield shard, [parts[p] for p in sorted(parts)]

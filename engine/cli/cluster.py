@@ -1,0 +1,70 @@
+"""What the `--ray` commands share: their arguments, the Ray instance and the worker pool."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from frmap.engine.cli.inputs import positive_int
+from frmap.engine.models import model_device
+from frmap.engine.models.named import NamedModel
+
+
+def add_ray_args(p: argparse.ArgumentParser, what: str) -> None:
+    """--ray and the options of a job on Ray Data; `what` the workers do."""
+    p.add_argument("--ray", action="store_true",
+                   help=f"{what} on Ray Data workers (a local Ray instance, or --address), "
+                        "with results equal to one process's")
+    p.add_argument("--workers", type=positive_int, default=1,
+                   help="with --ray: worker actors, each loading the model once (default 1)")
+    p.add_argument("--cpus-per-worker", type=positive_int, default=None,
+                   help="with --ray: CPUs (and torch threads) each worker takes (default: the "
+                        "local instance's CPUs shared among the workers; 1 on a cluster)")
+    p.add_argument("--address", help="with --ray: a running Ray cluster, e.g. auto or "
+                                     "HEAD:6379 (default: a local instance)")
+    p.add_argument("--num-cpus", type=positive_int, default=None,
+                   help="with --ray: CPUs of the local Ray instance (default: all)")
+
+
+@contextmanager
+def ray_session(args: argparse.Namespace) -> Iterator[None]:
+    """A local Ray instance (--num-cpus) or the cluster at --address, shut down afterwards.
+
+    Raises:
+        RuntimeError: Ray is not installed.
+    """
+    try:
+        import ray
+    except ImportError as err:
+        raise RuntimeError(f"frmap {args.command} --ray needs Ray ({err}): "
+                           "pip install 'frmap[serve]'") from None
+    local = {} if args.address else {"num_cpus": args.num_cpus}
+    ray.init(address=args.address, include_dashboard=False, log_to_driver=False, **local)
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+def worker_pool(args: argparse.Namespace, model: NamedModel):
+    """The job's worker actors, in a Ray session: the model of the arguments on its device, one
+    GPU each where it runs on CUDA."""
+
+    from frmap.engine.serving.jobs import WorkerPool
+
+    where = model_device(model.model)
+    return WorkerPool(model=args.model, weights=args.weights, seed=args.seed, device=str(where),
+                      workers=args.workers, cpus=cpus_each(args, args.cpus_per_worker,
+                                                           args.workers),
+                      gpus=1.0 if where.type == "cuda" else 0.0)
+
+
+def cpus_each(args: argparse.Namespace, asked: int | None, actors: int) -> int:
+    """CPUs (and torch threads) for each of `actors` actors, in a Ray session: `asked`, or by
+    default the local instance's CPUs shared among them (1 each on a cluster)."""
+    import ray
+
+    if asked is not None:
+        return asked
+    return 1 if args.address else max(1, int(ray.cluster_resources().get("CPU", 1)) // actors)
