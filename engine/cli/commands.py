@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 from dataclasses import asdict
@@ -198,16 +199,15 @@ def cmd_attack(args: argparse.Namespace) -> int:
     images, labels = dataset(model, args.data, "test", args.labels)
     if args.limit:
         images, labels = images[: args.limit], labels[: args.limit]
-    if not args.ray:
-        result = generate(args.attack, model.classifier, images, labels, args.out,
-                          seed=args.seed, shard_size=args.shard_size, progress=True)
-    else:
-        with ray_session(args):
+    with ray_session(args) if args.ray else contextlib.nullcontext():
+        executor = None
+        if args.ray:
             from frmap.engine.serving.attack_job import ray_attacks
 
-            result = generate(args.attack, model.classifier, images, labels, args.out,
-                              seed=args.seed, shard_size=args.shard_size, progress=True,
-                              executor=ray_attacks(worker_pool(args, model)))
+            executor = ray_attacks(worker_pool(args, model))
+        result = generate(args.attack, model.classifier, images, labels, args.out,
+                          seed=args.seed, shard_size=args.shard_size, progress=True,
+                          executor=executor)
     _print_stats([attack_stats(result)])
     print(f"wrote {args.out}")
     return 0

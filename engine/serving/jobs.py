@@ -11,13 +11,16 @@ rows, and a shard is handed back once.
 
 from __future__ import annotations
 
+import tempfile
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
 from frmap.engine.models.named import NamedModel, load_model
+from frmap.engine.screening import Screener
 
 # Makes a worker's per-row function once per actor, from the loaded model and the job's arguments.
 MakeWorker = Callable[..., Callable[[dict], dict]]
@@ -29,6 +32,15 @@ def check_positive(config: object, *names: str) -> None:
         value = getattr(config, name)
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
+def load_screener(data: bytes, named: NamedModel, batch_size: int) -> Screener:
+    """The screener of a file's bytes (as sent to a worker or replica), on `named`'s model."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "screener.frmap"
+        path.write_bytes(data)
+        return Screener.load(path, named.model, preprocess=named.preprocess,
+                             batch_size=batch_size)
 
 
 @dataclass(frozen=True)

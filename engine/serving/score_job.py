@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,8 +24,7 @@ import torch
 from frmap.engine.data.files import atomic_write_bytes, write_json
 from frmap.engine.data.images import ImageFileError, ImageSpec, load_image
 from frmap.engine.models.named import NamedModel
-from frmap.engine.screening import Screener
-from frmap.engine.serving.jobs import WorkerPool, check_positive, run_shards
+from frmap.engine.serving.jobs import WorkerPool, check_positive, load_screener, run_shards
 
 _MANIFEST = "manifest.json"
 
@@ -78,11 +76,7 @@ class _Screening:
     """A worker's work: the screener loaded once on the model; screens one group per call."""
 
     def __init__(self, named: NamedModel, screener: bytes, batch_size: int) -> None:
-        with tempfile.TemporaryDirectory() as tmp:
-            path = Path(tmp) / "screener.frmap"
-            path.write_bytes(screener)
-            self.screener = Screener.load(path, named.model, preprocess=named.preprocess,
-                                          batch_size=batch_size)
+        self.screener = load_screener(screener, named, batch_size)
 
     def __call__(self, row: dict) -> dict:
         records, good = [], iter(())

@@ -20,10 +20,8 @@ Beyond `max_queued` waiting requests a replica answers 503 with `Retry-After`.
 from __future__ import annotations
 
 import asyncio
-import tempfile
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
@@ -34,7 +32,7 @@ from starlette.responses import JSONResponse, Response
 
 from frmap.engine.data.images import ImageFileError, decode_image
 from frmap.engine.models.named import load_model
-from frmap.engine.screening import Screener
+from frmap.engine.serving.jobs import check_positive, load_screener
 
 IMAGE_TYPES = ("image/png", "image/jpeg")
 
@@ -67,10 +65,7 @@ class ServiceConfig:
     gpus: float = 0.0
 
     def __post_init__(self) -> None:
-        for name in ("max_batch", "max_bytes", "max_queued", "replicas", "cpus"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        check_positive(self, "max_batch", "max_bytes", "max_queued", "replicas", "cpus")
         if not 0 <= self.max_wait_ms <= 60_000:
             raise ValueError(f"max_wait_ms must lie in [0, 60000], got {self.max_wait_ms}")
         if self.gpus < 0:
@@ -91,11 +86,7 @@ class ScreeningService:
         self.config = config
         torch.set_num_threads(config.cpus)
         named = load_model(config.model, config.weights, seed=config.seed, device=config.device)
-        with tempfile.TemporaryDirectory() as tmp:
-            path = Path(tmp) / "screener.frmap"
-            path.write_bytes(screener)
-            self.screener = Screener.load(path, named.model, preprocess=named.preprocess,
-                                          batch_size=config.max_batch)
+        self.screener = load_screener(screener, named, config.max_batch)
         self.spec = named.spec
         self.screen_batch.set_max_batch_size(config.max_batch)
         self.screen_batch.set_batch_wait_timeout_s(config.max_wait_ms / 1000)
