@@ -5,17 +5,20 @@ entropy screening of PNG files end to end: the single-process path of `frmap sco
 model, then decode and screen batch by batch) against `run_score_job` (`frmap score --ray`) on
 a local Ray instance with 1 and 2 worker actors, each taking its share of the CPUs and as many
 torch threads. The Ray instance is started once, outside the timings (a running cluster).
-Each is run over all the images and over the first batch alone, the best of two runs each.
+The runs take turns (one process, 1 worker, 2 workers; three rounds), so that a shared machine's
+load falls on all of them alike, and each figure is the best of its three.
 Reported: images/s end to end (from loading the model; for Ray from submitting the job, which
-starts the actors and loads the model in each); images/s in the steady state (the images beyond
-the first batch over the difference in time between the two runs, which cancels the start-up);
-the steady-state ratio to the one process; Ray's overhead per image in the steady state (its
-seconds per image less the one process's); and the fixed start-up (end-to-end seconds less the
-steady state's time for all the images).
+starts the actors and loads the model in each); images/s in the steady state, from the times
+the batches (for Ray the shards) finish: the slope of a line fitted to the images done against
+those times from the `w`-th on, where `w` is the number of workers, whose first batches finish
+together; the steady-state ratio to the one process; Ray's overhead per image in the steady
+state (its seconds per image less the one process's); and the fixed start-up (end-to-end
+seconds less the steady state's time for all the images).
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import tempfile
@@ -42,12 +45,13 @@ class Case:
     model: str
     images: int
     batch_size: int
+    shard_groups: int  # batches a shard: the times of finished shards give the steady state
 
 
-FULL = (Case("digits", 1797, 32), Case("vgg19", 32, 8))
-QUICK = (Case("digits", 64, 32),)
+FULL = (Case("digits", 1797, 32, 8), Case("vgg19", 48, 8, 1))
+QUICK = (Case("digits", 256, 32, 1),)
 WORKERS = (1, 2)
-REPEATS = 2  # the best of two runs of each: the machine may be shared
+ROUNDS = 3  # the best of three runs of each, taking turns: the machine may be shared
 
 
 def _files(case: Case, folder: Path) -> list[Path]:
@@ -74,19 +78,20 @@ def _screener(named, batch_size: int) -> Screener:
                     batch_size=batch_size)
 
 
-def _single(case: Case, paths: list[Path], folder: Path) -> tuple[float, list[dict]]:
+def _single(case: Case, paths: list[Path], folder: Path) -> tuple[dict, list[dict]]:
     """`frmap score`'s single-process path, timed from loading the model."""
     start = time.perf_counter()
     named = load_model(case.model)
     screener = _screener(named, case.batch_size)
-    records = []
-    for i in range(0, len(paths), case.batch_size):
-        batch = torch.stack([load_image(p, named.spec) for p in paths[i:i + case.batch_size]])
-        records += screener.records(batch)
-    return time.perf_counter() - start, records
+    batches = [paths[i:i + case.batch_size] for i in range(0, len(paths), case.batch_size)]
+    records, finished = [], []
+    for batch in batches:
+        records += screener.records(torch.stack([load_image(p, named.spec) for p in batch]))
+        finished.append(time.perf_counter() - start)
+    return _rates([len(b) for b in batches], finished, 1), records
 
 
-def _on_ray(case: Case, paths: list[Path], folder: Path, workers: int) -> tuple[float, list]:
+def _on_ray(case: Case, paths: list[Path], folder: Path, workers: int) -> tuple[dict, list]:
     """`run_score_job`, timed from submitting the job (actors started, models loaded)."""
     import json
 
@@ -99,24 +104,41 @@ def _on_ray(case: Case, paths: list[Path], folder: Path, workers: int) -> tuple[
     screener = _screener(named, case.batch_size).save(folder / f"{case.model}.frmap")
     cpus = int(ray.cluster_resources()["CPU"]) // workers
     job = ScoreJob(WorkerPool(model=case.model, workers=workers, cpus=cpus),
-                   batch_size=case.batch_size, shard_groups=1)
+                   batch_size=case.batch_size, shard_groups=case.shard_groups)
     out = Path(tempfile.mkdtemp(dir=folder)) / "results.jsonl"  # a new job: nothing to resume
+    finished: list[float] = []
     start = time.perf_counter()
-    run_score_job(paths, screener, out, job, spec=named.spec)
+    run_score_job(paths, screener, out, job, spec=named.spec,
+                  on_shard=lambda done, shards: finished.append(time.perf_counter() - start))
     seconds = time.perf_counter() - start
-    return seconds, [json.loads(line) for line in out.read_text().splitlines()]
+    shards = [paths[i:i + case.batch_size * case.shard_groups]
+              for i in range(0, len(paths), case.batch_size * case.shard_groups)]
+    rates = _rates([len(s) for s in shards], finished, workers)
+    rates["end_to_end_images_per_s"] = len(paths) / seconds  # the merge after the last shard
+    return rates, [json.loads(line) for line in out.read_text().splitlines()]
 
 
-def _measure(run, case: Case, paths: list[Path], folder: Path) -> tuple[dict, list[dict]]:
-    """End-to-end images/s over all `paths`; the steady state and the fixed start-up from the
-    difference to a run over the first batch alone."""
-    first = min(run(case, paths[:case.batch_size], folder)[0] for _ in range(REPEATS))
-    seconds, records = min((run(case, paths, folder) for _ in range(REPEATS)),
-                           key=lambda timed: timed[0])
-    # NaN where the work beyond the first batch is lost in the start-up's noise
-    steady = (len(paths) - case.batch_size) / (seconds - first) if seconds > first else math.nan
-    return {"end_to_end_images_per_s": len(paths) / seconds, "steady_images_per_s": steady,
-            "startup_s": seconds - len(paths) / steady}, records
+def _rates(sizes: list[int], finished: list[float], workers: int) -> dict:
+    """End-to-end and steady-state images/s and the start-up, from the sizes of the batches
+    (or shards) and the times (s) they finished, with `workers` working at once: the steady
+    state is the slope of the images done against time from the `workers`-th on (the workers'
+    first batches finish together)."""
+    done = np.cumsum(sizes)[workers - 1:]
+    times = np.asarray(finished)[workers - 1:]
+    if len(times) > 2 and np.ptp(times) > 0:
+        steady = float(np.polyfit(times, done, 1)[0])
+    else:  # too few batches to see a steady state
+        steady = math.nan
+    images = sum(sizes)
+    return {"end_to_end_images_per_s": images / finished[-1], "steady_images_per_s": steady,
+            "startup_s": finished[-1] - images / steady}
+
+
+def _best(runs: list[dict]) -> dict:
+    """The best of each figure over the runs (the least start-up)."""
+    return {"end_to_end_images_per_s": max(r["end_to_end_images_per_s"] for r in runs),
+            "steady_images_per_s": max(r["steady_images_per_s"] for r in runs),
+            "startup_s": min(r["startup_s"] for r in runs)}
 
 
 def _scores(records: list[dict]) -> np.ndarray:
@@ -131,34 +153,51 @@ def run(quick: bool = False) -> dict:
         raise RuntimeError(f"frmap bench scale needs Ray ({err}): pip install 'frmap[serve]'"
                            ) from None
     rows = []
-    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+    from frmap.engine.serving.jobs import quiet_ray_data
+
+    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False,
+             logging_level=logging.WARNING)
+    quiet_ray_data()
     try:
         with tempfile.TemporaryDirectory() as tmp:
             for case in QUICK if quick else FULL:
                 folder = Path(tmp) / case.model
                 folder.mkdir()
-                paths = _files(case, folder)
-                single, reference = _measure(_single, case, paths, folder)
-                row = {"model": case.model, "images": case.images,
-                       "batch_size": case.batch_size, "single": single, "ray": []}
-                for workers in WORKERS:
-                    rates, records = _measure(partial(_on_ray, workers=workers), case, paths,
-                                              folder)
-                    error = float(np.abs(_scores(records) - _scores(reference)).max())
-                    if error > 1e-6:
-                        raise RuntimeError(f"{case.model}, {workers} Ray worker(s): scores differ "
-                                           f"from the one process's by up to {error:.3g}")
-                    rows_per_s = rates["steady_images_per_s"]
-                    row["ray"].append({
-                        "workers": workers, **rates,
-                        "ratio": rows_per_s / single["steady_images_per_s"],
-                        "overhead_ms_per_image": 1e3 * (1 / rows_per_s
-                                                        - 1 / single["steady_images_per_s"]),
-                        "max_score_difference": error})
-                rows.append(row)
+                rows.append(_case(case, _files(case, folder), folder, ROUNDS if not quick else 1))
     finally:
         ray.shutdown()
     return {"rows": rows, "machine": machine.describe()}
+
+
+def _case(case: Case, paths: list[Path], folder: Path, rounds: int) -> dict:
+    """One case's row: the one process and each number of workers, taking turns."""
+    runs = {"single": _single, **{w: partial(_on_ray, workers=w) for w in WORKERS}}
+    timed: dict = {name: [] for name in runs}
+    reference = None
+    for _ in range(rounds):
+        for name, run in runs.items():
+            rates, records = run(case, paths, folder)
+            timed[name].append(rates)
+            if name == "single":
+                reference = _scores(records)
+                continue
+            error = float(np.abs(_scores(records) - reference).max())
+            if error > 1e-6:
+                raise RuntimeError(f"{case.model}, {name} Ray worker(s): scores differ from the "
+                                   f"one process's by up to {error:.3g}")
+            rates["max_score_difference"] = error
+    single = _best(timed["single"])
+    row = {"model": case.model, "images": case.images, "batch_size": case.batch_size,
+           "rounds": rounds, "single": single, "ray": []}
+    for workers in WORKERS:
+        best = _best(timed[workers])
+        rate = best["steady_images_per_s"]
+        row["ray"].append({
+            "workers": workers, **best,
+            "ratio": rate / single["steady_images_per_s"],
+            "overhead_ms_per_image": 1e3 * (1 / rate - 1 / single["steady_images_per_s"]),
+            "max_score_difference": max(r["max_score_difference"] for r in timed[workers])})
+    return row
 
 
 def table(result: dict) -> str:

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import logging
+import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 from frmap.engine.cli.inputs import positive_int
 from frmap.engine.models import model_device
 from frmap.engine.models.named import NamedModel
+from frmap.engine.serving.jobs import quiet_ray_data
 
 
 def add_ray_args(p: argparse.ArgumentParser, what: str) -> None:
@@ -39,12 +42,35 @@ def ray_session(args: argparse.Namespace) -> Iterator[None]:
     except ImportError as err:
         raise RuntimeError(f"frmap {args.command} --ray needs Ray ({err}): "
                            "pip install 'frmap[serve]'") from None
+    if args.address:
+        _check_reachable(args.address)
     local = {} if args.address else {"num_cpus": args.num_cpus}
-    ray.init(address=args.address, include_dashboard=False, log_to_driver=False, **local)
+    ray.init(address=args.address, include_dashboard=False, log_to_driver=False,
+             logging_level=logging.WARNING, **local)
+    quiet_ray_data()
     try:
         yield
     finally:
         ray.shutdown()
+
+
+def _check_reachable(address: str, timeout: float = 10.0) -> None:
+    """Fail fast where a HOST:PORT address (or ray://HOST:PORT) does not accept a connection:
+    Ray itself retries an unreachable address for minutes. "auto" is left to Ray.
+
+    Raises:
+        RuntimeError: nothing listens at the address, or it is not HOST:PORT.
+    """
+    target = address.removeprefix("ray://")
+    if target == "auto":
+        return
+    host, _, port = target.rpartition(":")
+    if not host or not port.isdigit():
+        raise RuntimeError(f"--address {address!r}: expected auto or HOST:PORT")
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout).close()
+    except OSError as err:
+        raise RuntimeError(f"--address {address}: no Ray cluster answers there ({err})") from None
 
 
 def worker_pool(args: argparse.Namespace, model: NamedModel):

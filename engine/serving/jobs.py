@@ -11,6 +11,7 @@ rows, and a shard is handed back once.
 
 from __future__ import annotations
 
+import logging
 import tempfile
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -41,6 +42,17 @@ def load_screener(data: bytes, named: NamedModel, batch_size: int) -> Screener:
         path.write_bytes(data)
         return Screener.load(path, named.model, preprocess=named.preprocess,
                              batch_size=batch_size)
+
+
+def quiet_ray_data() -> None:
+    """Ray Data's progress bars and INFO lines off, for a caller that reports progress by
+    shard; its warnings, such as a pool that cannot get its resources, still show."""
+    import ray.data
+    from ray.util.debug import log_once
+
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    log_once("ray_data_progress_manager_disabled")  # Ray Data's notice that they are off
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
 
 
 @dataclass(frozen=True)
@@ -105,7 +117,8 @@ def run_shards(rows: list[dict], pool: WorkerPool, make: MakeWorker, args: tuple
     if not rows:
         return
     sizes = Counter(int(row["shard"]) for row in rows)
-    dataset = ray.data.from_items(rows, override_num_blocks=len(rows))
+    # about a shard a block (a task): the per-task cost of Ray Data is paid once a shard
+    dataset = ray.data.from_items(rows, override_num_blocks=len(sizes))
     resources = {"num_cpus": pool.cpus, "num_gpus": pool.gpus}
     if prepare is not None:
         # the actors' resources: Ray Data fuses the step into the actors' stage, so each worker

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -236,3 +237,31 @@ def test_bad_ray_arguments_fail_clearly(tmp_path):
     result = _frmap("score", "--ray", str(tmp_path))
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert "--ray writes its results to a file: give --out results.jsonl" in result.stderr
+
+
+def test_unreachable_address_fails_fast(tmp_path):
+    with socket.socket() as probe:  # a port nothing listens on once the probe is closed
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    for address, message in ((f"127.0.0.1:{port}", "no Ray cluster answers there"),
+                             ("headnode", "expected auto or HOST:PORT")):
+        result = _frmap("score", "--ray", "--address", address, str(tmp_path),
+                        "--out", str(tmp_path / "out.jsonl"))
+        assert result.returncode == 1 and "Traceback" not in result.stderr
+        assert f"--address {address}" in result.stderr.replace("'", "")
+        assert message in result.stderr
+        assert not (tmp_path / "out.jsonl").exists()
+
+
+def test_bench_scale_quick(tmp_path):
+    """The smoke run of `frmap bench scale`: every run measured, Ray's scores equal to the one
+    process's (the benchmark checks them against each other and fails otherwise)."""
+    out = tmp_path / "scale.json"
+    result = _frmap("bench", "scale", "--quick", "--json", str(out))
+    assert result.returncode == 0, result.stderr
+    assert "Ray, 2 wkr" in result.stdout
+    (row,) = json.loads(out.read_text())["rows"]
+    assert [r["workers"] for r in row["ray"]] == [1, 2]
+    for run in [row["single"], *row["ray"]]:
+        assert run["end_to_end_images_per_s"] > 0 and run["steady_images_per_s"] > 0
+    assert all(r["max_score_difference"] <= 1e-6 for r in row["ray"])
