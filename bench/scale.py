@@ -2,11 +2,12 @@
 
 On the digits default (all 1797 digits) and on VGG19 at 224 (random weights, random images),
 entropy screening of PNG files end to end: the single-process path of `frmap score` (load the
-model, then decode and screen batch by batch) against `run_score_job` (`frmap score --ray`) on
-a local Ray instance with 1 and 2 worker actors, each taking its share of the CPUs and as many
-torch threads. The Ray instance is started once, outside the timings (a running cluster).
-The runs take turns (one process, 1 worker, 2 workers; three rounds), so that a shared machine's
-load falls on all of them alike, and each figure is the best of its three.
+model, then decode and screen batch by batch, in a process of its own) against
+`run_score_job` (`frmap score --ray`) on a local Ray instance with 1 and 2 worker actors, each
+taking its share of the CPUs and as many torch threads. The Ray instance is started once,
+outside the timings (a running cluster). The runs take turns (one process, 1 worker, 2
+workers; three rounds), so that a shared machine's load falls on all of them alike, and each
+figure is the best of its three.
 Reported: images/s end to end (from loading the model; for Ray from submitting the job, which
 starts the actors and loads the model in each); images/s in the steady state, from the times
 the batches (for Ray the shards) finish: the slope of a line fitted to the images done against
@@ -20,9 +21,11 @@ from __future__ import annotations
 
 import logging
 import math
+import multiprocessing
 import os
 import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -89,6 +92,14 @@ def _single(case: Case, paths: list[Path], folder: Path) -> tuple[dict, list[dic
         records += screener.records(torch.stack([load_image(p, named.spec) for p in batch]))
         finished.append(time.perf_counter() - start)
     return _rates([len(b) for b in batches], finished, 1), records
+
+
+def _single_apart(case: Case, paths: list[Path], folder: Path) -> tuple[dict, list[dict]]:
+    """`_single` in a fresh process without Ray, as `frmap score` runs (a driver's Ray threads
+    would compete with torch's)."""
+    spawn = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=1, mp_context=spawn) as apart:
+        return apart.submit(_single, case, paths, folder).result()
 
 
 def _on_ray(case: Case, paths: list[Path], folder: Path, workers: int) -> tuple[dict, list]:
@@ -171,7 +182,7 @@ def run(quick: bool = False) -> dict:
 
 def _case(case: Case, paths: list[Path], folder: Path, rounds: int) -> dict:
     """One case's row: the one process and each number of workers, taking turns."""
-    runs = {"single": _single, **{w: partial(_on_ray, workers=w) for w in WORKERS}}
+    runs = {"single": _single_apart, **{w: partial(_on_ray, workers=w) for w in WORKERS}}
     timed: dict = {name: [] for name in runs}
     reference = None
     for _ in range(rounds):
