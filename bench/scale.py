@@ -19,6 +19,7 @@ seconds less the steady state's time for all the images).
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import multiprocessing
@@ -104,8 +105,6 @@ def _single_apart(case: Case, paths: list[Path], folder: Path) -> tuple[dict, li
 
 def _on_ray(case: Case, paths: list[Path], folder: Path, workers: int) -> tuple[dict, list]:
     """`run_score_job`, timed from submitting the job (actors started, models loaded)."""
-    import json
-
     import ray
 
     from frmap.engine.serving.jobs import WorkerPool
@@ -122,9 +121,9 @@ def _on_ray(case: Case, paths: list[Path], folder: Path, workers: int) -> tuple[
     run_score_job(paths, screener, out, job, spec=named.spec,
                   on_shard=lambda done, shards: finished.append(time.perf_counter() - start))
     seconds = time.perf_counter() - start
-    shards = [paths[i:i + case.batch_size * case.shard_groups]
-              for i in range(0, len(paths), case.batch_size * case.shard_groups)]
-    rates = _rates([len(s) for s in shards], finished, workers)
+    per_shard = case.batch_size * case.shard_groups
+    rates = _rates([len(paths[i:i + per_shard]) for i in range(0, len(paths), per_shard)],
+                   finished, workers)
     rates["end_to_end_images_per_s"] = len(paths) / seconds  # the merge after the last shard
     return rates, [json.loads(line) for line in out.read_text().splitlines()]
 
@@ -163,9 +162,9 @@ def run(quick: bool = False) -> dict:
     except ImportError as err:
         raise RuntimeError(f"frmap bench scale needs Ray ({err}): pip install 'frmap[serve]'"
                            ) from None
-    rows = []
     from frmap.engine.serving.jobs import quiet_ray_data
 
+    rows = []
     ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False,
              logging_level=logging.WARNING)
     quiet_ray_data()

@@ -11,7 +11,7 @@ from contextlib import contextmanager
 from frmap.engine.cli.inputs import positive_int
 from frmap.engine.models import model_device
 from frmap.engine.models.named import NamedModel
-from frmap.engine.serving.jobs import quiet_ray_data
+from frmap.engine.serving.jobs import WorkerPool, quiet_ray_data
 
 
 def add_ray_args(p: argparse.ArgumentParser, what: str) -> None:
@@ -35,7 +35,7 @@ def ray_session(args: argparse.Namespace) -> Iterator[None]:
     """A local Ray instance (--num-cpus) or the cluster at --address, shut down afterwards.
 
     Raises:
-        RuntimeError: Ray is not installed.
+        RuntimeError: Ray is not installed, or nothing answers at --address.
     """
     try:
         import ray
@@ -73,12 +73,9 @@ def _check_reachable(address: str, timeout: float = 10.0) -> None:
         raise RuntimeError(f"--address {address}: no Ray cluster answers there ({err})") from None
 
 
-def worker_pool(args: argparse.Namespace, model: NamedModel):
+def worker_pool(args: argparse.Namespace, model: NamedModel) -> WorkerPool:
     """The job's worker actors, in a Ray session: the model of the arguments on its device, one
     GPU each where it runs on CUDA."""
-
-    from frmap.engine.serving.jobs import WorkerPool
-
     where = model_device(model.model)
     return WorkerPool(model=args.model, weights=args.weights, seed=args.seed, device=str(where),
                       workers=args.workers, cpus=cpus_each(args, args.cpus_per_worker,

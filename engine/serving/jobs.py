@@ -3,10 +3,9 @@
 A job cuts its work into rows, each tagged with its shard and its part (position) in the shard.
 `run_shards` maps the rows, after an optional step (`prepare`: reading and decoding files) that
 Ray Data fuses into the same stage, through a pool of actors that each load the model once, and
-hands each shard's results
-back, in part order, as soon as all of them are in; the job writes the shard atomically and a
-rerun skips what is written. Ray Data restarts an actor whose process dies and retries its
-rows, and a shard is handed back once.
+hands each shard's results back, in part order, as soon as all of them are in; the job writes
+the shard atomically and a rerun skips what is written. Ray Data restarts an actor whose
+process dies and retries its rows, and a shard is handed back once.
 """
 
 from __future__ import annotations
