@@ -39,6 +39,7 @@ from frmap.engine.detectors.distance_evolution import (
     Examples,
     split_by_image,
 )
+from frmap.engine.detectors.screen_pass import PassRunner, ScreenPass
 from frmap.engine.detectors.squeeze import DIGITS_SQUEEZERS
 from frmap.engine.models import load_digits_model
 from frmap.engine.responses import ResponseEngine
@@ -88,15 +89,15 @@ def run(quick: bool = False) -> dict:
     squeeze = FeatureSqueezer(DIGITS_SQUEEZERS)
     entropy = ResponseEngine(model, preprocess=None, batch_size=128)
     square3 = parse_footprint("square3")
-    features = collect_features(model, images, layers)
+    features = ScreenPass(collect_features(model, images, layers))
+    squeezed = PassRunner(model, model, squeeze.needs, preprocess=None, batch_size=len(images))
     repeats = 2 if quick else 5
     timed: dict[str, Callable[[], object]] = {
         "forward (shared)": lambda: collect_features(model, images, layers),
-        "knn": lambda: knn.score(features),
-        "mahalanobis": lambda: mahalanobis.score(features),
-        "lid": lambda: lid.score(features),
-        **{name: (lambda d=d: d.score(features)) for name, d in networks.items()},
-        "squeeze": lambda: squeeze.score(model, images, features),
+        **{name: (lambda d=d: d.score(features))
+           for name, d in {"knn": knn, "mahalanobis": mahalanobis, "lid": lid,
+                           **networks}.items()},
+        "squeeze": lambda: squeeze.score(squeezed.run(images)),
         "entropy": lambda: entropy.scores(images, square3),
     }
     seconds = {name: best_time(fn, repeats) for name, fn in timed.items()}

@@ -151,3 +151,22 @@ def assert_levels_equal(actual, expected, unrounded: np.ndarray, atol: float = 1
             f"first at {idx}: {actual[bad][:5].tolist()} != {expected[bad][:5].tolist()}"
         )
     return int(differ.sum())
+
+
+def direct_squeeze_scores(model, images, squeezer) -> np.ndarray:
+    """Feature squeezing's score computed directly: each squeezed copy through `model` on its
+    own, `max_s || softmax(model(x)) - softmax(model(s(x))) ||_1` in float64."""
+    import torch
+
+    with torch.no_grad():
+        p = model(images).double().softmax(1)
+        return torch.stack([(p - model(s).double().softmax(1)).abs().sum(1)
+                            for s in squeezer.squeeze(images).values()]).amax(0).numpy()
+
+
+def screen_pass(model, images, *detectors, batch_size: int = 64):
+    """The pass a screener of `detectors` makes over `images` (`PassRunner`, no preprocessing)."""
+    from frmap.engine.detectors.screen_pass import Needs, PassRunner
+
+    needs = Needs.union([d.needs for d in detectors])
+    return PassRunner(model, model, needs, preprocess=None, batch_size=batch_size).run(images)

@@ -2,8 +2,10 @@
 and one file format.
 
 A detector is a frozen dataclass subclassing `Detector`, with the fields `model: str` (the
-`model_identity` of the CNN its scores come from) and `threshold: Threshold | None`. Scores are
-higher for images more likely adversarial; `flag` marks those above the threshold.
+`model_identity` of the CNN its scores come from) and `threshold: Threshold | None`. Every
+detector scores a `ScreenPass` (one pass of the classifier over the images) through
+`score(p)`, reading what its `needs` names. Scores are higher for images more likely
+adversarial; `flag` marks those above the threshold.
 
 File format `frmap.detector/2`: an `.npz` archive (numpy's zip of `.npy` arrays, read with
 `allow_pickle=False`: nothing in it can run code) holding the detector's arrays and, under the
@@ -37,6 +39,7 @@ import torch
 
 from frmap.engine.data.files import atomic_write_bytes
 from frmap.engine.data.footprints import parse_footprint
+from frmap.engine.detectors.screen_pass import Needs, ScreenPass
 
 FORMAT = "frmap.detector/2"
 
@@ -237,6 +240,19 @@ class Detector:
     def layers(self) -> tuple[str, ...]:
         """The feature layers its scores read (`collect_features`); none for the others."""
         return ()
+
+    @property
+    def needs(self) -> Needs:
+        """What `score` reads of a pass (by default: the features of `layers`)."""
+        return Needs(layers=self.layers)
+
+    def score(self, p: ScreenPass) -> np.ndarray:
+        """`[N]` float64 scores of the pass's images: higher = more adversarial.
+
+        The one scoring contract of every detector (`frmap.engine.detectors.screen_pass`): `p`
+        holds at least what `needs` asks for.
+        """
+        raise NotImplementedError
 
     def parts(self) -> tuple[dict, dict[str, np.ndarray]]:
         """The detector as a JSON-ready document and its arrays (what `save` writes)."""

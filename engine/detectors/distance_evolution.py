@@ -41,6 +41,7 @@ from tqdm.auto import tqdm
 
 from frmap.engine.detectors.base import Detector, FileFields, Threshold
 from frmap.engine.detectors.features import Features
+from frmap.engine.detectors.screen_pass import ScreenPass
 from frmap.engine.models.runtime import torch_settings
 
 REFERENCES = ("medoid", "centroid")
@@ -351,8 +352,9 @@ class DistanceEvolutionDetector(Detector):
         return _standardise(raw, self.mean, self.std)
 
     @torch.no_grad()
-    def score(self, features: Features, batch_size: int = 4096) -> np.ndarray:
+    def score(self, p: ScreenPass, batch_size: int = 4096) -> np.ndarray:
         """`[N]` float64, the network's logits: higher = more adversarial."""
+        features = p.features
         return np.concatenate([
             _logits(self._net, self.sequences(features.take(slice(i, i + batch_size))))
             for i in range(0, len(features), batch_size)

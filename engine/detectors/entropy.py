@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from frmap.engine.detectors.base import Detector, FileFields, Threshold
+from frmap.engine.detectors.screen_pass import EntropyNeed, Needs, ScreenPass
 from frmap.engine.responses.engine import PRECISIONS
 from frmap.engine.responses.targets import TARGETS
 from frmap.kernels import RULES
@@ -45,6 +46,19 @@ class EntropyDetector(Detector):
         """Calibrate the threshold on clean scores to the false-positive rate `fpr`."""
         return cls(footprint, rule, target, model, precision=precision).calibrate(clean_scores,
                                                                                   fpr)
+
+    @property
+    def needs(self) -> Needs:
+        return Needs(entropy=(self.entropy_need,))
+
+    @property
+    def entropy_need(self) -> EntropyNeed:
+        """The entropy scores it reads: its rule, target, precision and window."""
+        return EntropyNeed(self.rule, self.target, self.precision, self.footprint)
+
+    def score(self, p: ScreenPass) -> np.ndarray:
+        """`[N]` float64, the mean local entropy of each image's response image."""
+        return p.entropy[self.entropy_need]
 
     def _settings(self) -> dict:
         return {"footprint": self.footprint, "rule": self.rule, "target": self.target,

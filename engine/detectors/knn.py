@@ -21,6 +21,7 @@ from sklearn.neighbors import NearestNeighbors
 
 from frmap.engine.detectors.base import Detector, FileFields, Threshold
 from frmap.engine.detectors.features import Features
+from frmap.engine.detectors.screen_pass import ScreenPass
 
 WEIGHTS = ("uniform", "rank", "distance")
 _ARRAYS = ("mean", "components", "scale", "train", "labels")
@@ -128,9 +129,9 @@ class KNNDetector(Detector):
         agree = self.labels[indices] == features.predictions[:, None]
         return (w * agree).sum(1) / w.sum(1)
 
-    def score(self, features: Features) -> np.ndarray:
-        """`[N]` float64, `1 - share`: higher = more adversarial."""
-        return 1.0 - self.share(features)
+    def score(self, p: ScreenPass) -> np.ndarray:
+        """`[N]` float64, `1 - share` of the pass's features: higher = more adversarial."""
+        return 1.0 - self.share(p.features)
 
     def _settings(self) -> dict:
         return {"config": asdict(self.config)}

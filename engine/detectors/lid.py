@@ -22,6 +22,7 @@ from frmap.engine.detectors.base import Detector, Threshold
 from frmap.engine.detectors.distance_evolution import Examples
 from frmap.engine.detectors.features import Features
 from frmap.engine.detectors.layer_scores import LayerCombination
+from frmap.engine.detectors.screen_pass import ScreenPass
 
 
 @dataclass(frozen=True)
@@ -107,9 +108,13 @@ class LIDDetector(Detector):
         """`[N, L]` float64, each layer's LID estimate."""
         return _estimates(self._indexes, self.config.layers, features)
 
-    def score(self, features: Features) -> np.ndarray:
+    def score(self, p: ScreenPass) -> np.ndarray:
         """`[N]` float64, the layer combination's decision value: higher = more adversarial."""
-        return self.combination(self.layer_scores(features))
+        return self.combination(self.layer_scores(self.scored_features(p)))
+
+    def scored_features(self, p: ScreenPass) -> Features:
+        """The features `score` reads: the pass's own."""
+        return p.features
 
     def _settings(self) -> dict:
         return {"config": asdict(self.config)}

@@ -27,6 +27,7 @@ from frmap.engine.detectors.base import Detector, Threshold
 from frmap.engine.detectors.distance_evolution import Examples
 from frmap.engine.detectors.features import Features, collect_features, pooled_outputs
 from frmap.engine.detectors.layer_scores import LayerCombination
+from frmap.engine.detectors.screen_pass import ScreenPass
 from frmap.engine.models.runtime import model_device
 
 COVARIANCES = {"empirical": EmpiricalCovariance, "ledoit-wolf": LedoitWolf}
@@ -141,9 +142,19 @@ class MahalanobisDetector(Detector):
             min_distance(features.layer(name), m, p)
             for name, m, p in zip(self.config.layers, self.means, self.precisions, strict=True)])
 
-    def score(self, features: Features) -> np.ndarray:
-        """`[N]` float64, the layer combination's decision value: higher = more adversarial."""
-        return self.combination(self.layer_scores(features))
+    def score(self, p: ScreenPass) -> np.ndarray:
+        """`[N]` float64, the layer combination's decision value: higher = more adversarial.
+
+        With `noise` > 0 the features are those of the pre-processed images
+        (`preprocessed_features`, through the pass's classifier)."""
+        return self.combination(self.layer_scores(self.scored_features(p)))
+
+    def scored_features(self, p: ScreenPass) -> Features:
+        """The features `score` reads: the pass's own, or those of its images after the
+        pre-processing step when `noise` > 0."""
+        if self.config.noise == 0:
+            return p.features
+        return self.preprocessed_features(p.classifier, p.images, batch_size=p.batch_size)
 
     def preprocessed_features(self, classifier: nn.Module, images: torch.Tensor, *,
                               batch_size: int = 128) -> Features:

@@ -16,17 +16,18 @@ image, `max_s || p(x) - p(s(x)) ||_1` in [0, 2]: higher = more adversarial.
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
+from functools import partial
 
 import numpy as np
 import torch
 from scipy import ndimage
 from skimage.restoration import denoise_nl_means
-from torch import nn
 
 from frmap.engine.data.footprints import MAX_FOOTPRINT_SIDE
 from frmap.engine.detectors.base import Detector, FileFields, Threshold
-from frmap.engine.detectors.features import Features, collect_features
+from frmap.engine.detectors.screen_pass import Needs, ScreenPass, Squeeze
 
 
 @dataclass(frozen=True)
@@ -73,26 +74,45 @@ DIGITS_SQUEEZERS = SqueezeConfig(bits=5, median=2,
                                  nl_means=NLMeans(search=13, block=3, strength=2.0))
 
 
-def reduce_bit_depth(images: np.ndarray, bits: int) -> np.ndarray:
-    """`[N, C, H, W]` in [0, 1] -> the nearest of the `2^bits` levels `i / (2^bits - 1)`."""
+def reduce_bit_depth(images: torch.Tensor, bits: int) -> torch.Tensor:
+    """`[N, C, H, W]` in [0, 1] -> the nearest of the `2^bits` levels `i / (2^bits - 1)`
+    (ties to even, as `np.rint`)."""
     levels = 2**bits - 1
-    return (np.rint(images * levels) / levels).astype(images.dtype)
+    return torch.round(images * levels) / levels
 
 
-def median_smooth(images: np.ndarray, size: int) -> np.ndarray:
-    """`[N, C, H, W]` -> the `size` x `size` median filter of every channel (see above)."""
-    return ndimage.median_filter(images, size=(1, 1, size, size), mode="reflect")
+def median_smooth(images: torch.Tensor, size: int) -> torch.Tensor:
+    """`[N, C, H, W]` -> the `size` x `size` median filter of every channel (see above).
+
+    SciPy's filter runs on the whole batch at once: faster on the CPU than a torch sort of the
+    unfolded windows (1.9 against 40 ms for 256 digits, 73 against 189 ms for 8 ImageNet
+    images)."""
+    x = images.detach().cpu().numpy()
+    out = ndimage.median_filter(x, size=(1, 1, size, size), mode="reflect")
+    return torch.from_numpy(out).to(images.device)
 
 
-def nl_means_denoise(images: np.ndarray, params: NLMeans) -> np.ndarray:
-    """`[N, C, H, W]` in [0, 1] -> non-local means of every image (colour images jointly)."""
+def nl_means_denoise(images: torch.Tensor, params: NLMeans) -> torch.Tensor:
+    """`[N, C, H, W]` in [0, 1] -> non-local means of every image (colour images jointly).
+
+    The images are denoised in parallel, one thread per torch thread (scikit-image releases
+    the GIL in its loops)."""
     kwargs = {"patch_size": params.block, "patch_distance": params.search // 2,
               "h": params.strength / 255.0, "fast_mode": True}
-    if images.shape[1] == 1:
-        out = [denoise_nl_means(x[0], **kwargs)[None] for x in images]
+    x = images.detach().cpu().numpy()
+
+    def denoise(image: np.ndarray) -> np.ndarray:
+        if image.shape[0] == 1:
+            return denoise_nl_means(image[0], **kwargs)[None]
+        return denoise_nl_means(image, channel_axis=0, **kwargs)
+
+    workers = min(len(x), torch.get_num_threads())
+    if workers > 1:
+        with ThreadPoolExecutor(workers) as pool:
+            out = list(pool.map(denoise, x))
     else:
-        out = [denoise_nl_means(x, channel_axis=0, **kwargs) for x in images]
-    return np.stack(out).astype(images.dtype)
+        out = [denoise(image) for image in x]
+    return torch.from_numpy(np.stack(out).astype(x.dtype)).to(images.device)
 
 
 @dataclass(frozen=True)
@@ -109,44 +129,34 @@ class FeatureSqueezer(Detector):
     model: str = ""
     threshold: Threshold | None = None
 
+    @property
+    def squeezers(self) -> dict[str, Squeeze]:
+        """Squeezer key (its settings: "bits5", "median2", "nl_means13-3-2.0") -> squeezer."""
+        c, out = self.config, {}
+        if c.bits is not None:
+            out[f"bits{c.bits}"] = partial(reduce_bit_depth, bits=c.bits)
+        if c.median is not None:
+            out[f"median{c.median}"] = partial(median_smooth, size=c.median)
+        if c.nl_means is not None:
+            n = c.nl_means
+            out[f"nl_means{n.search}-{n.block}-{n.strength}"] = partial(nl_means_denoise,
+                                                                         params=n)
+        return out
+
+    @property
+    def needs(self) -> Needs:
+        return Needs(squeezers=self.squeezers)
+
     def squeeze(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
-        """`[N, C, H, W]` images in [0, 1] -> squeezer name -> squeezed images (same dtype)."""
-        x = images.detach().cpu().numpy()
-        out = {}
-        if self.config.bits is not None:
-            out[f"bits{self.config.bits}"] = reduce_bit_depth(x, self.config.bits)
-        if self.config.median is not None:
-            out[f"median{self.config.median}"] = median_smooth(x, self.config.median)
-        if self.config.nl_means is not None:
-            out["nl_means"] = nl_means_denoise(x, self.config.nl_means)
-        return {k: torch.from_numpy(v) for k, v in out.items()}
+        """`[N, C, H, W]` images in [0, 1] -> squeezer key -> squeezed images (same dtype)."""
+        return {k: f(images) for k, f in self.squeezers.items()}
 
-    def score(
-        self,
-        model: nn.Module,
-        images: torch.Tensor,
-        features: Features | None = None,
-        *,
-        batch_size: int = 128,
-    ) -> np.ndarray:
-        """`[N]` float64, the largest L1 distance between the softmax of `images` and of a
-        squeezed version (higher = more adversarial).
-
-        Args:
-            model: The classifier, taking `[N, C, H, W]` images in [0, 1].
-            images: The images to screen.
-            features: The shared forward pass over `images`, where there is one (its logits
-                give the images' softmax); otherwise the model runs once more.
-            batch_size: Images per forward pass.
-        """
-        if features is None:
-            features = collect_features(model, images, (), batch_size=batch_size)
-        p = features.probabilities
-        return np.max([
-            np.abs(p - collect_features(model, s, (), batch_size=batch_size).probabilities)
-            .sum(1)
-            for s in self.squeeze(images).values()
-        ], axis=0)
+    def score(self, p: ScreenPass) -> np.ndarray:
+        """`[N]` float64, the largest L1 distance between the softmax of the images and of a
+        squeezed version (higher = more adversarial)."""
+        probabilities = p.features.probabilities
+        return np.max([np.abs(probabilities - p.squeezed[k]).sum(1) for k in self.squeezers],
+                      axis=0)
 
     def _settings(self) -> dict:
         return {"config": asdict(self.config)}

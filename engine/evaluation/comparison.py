@@ -9,9 +9,11 @@
    train the score combination, "validation" images only choose the distance-evolution
    networks' epoch, and the other correctly classified train images are the "fit" images the
    detectors learn from (kNN index, class references, the networks' training examples).
-3. One forward pass per image set gives the layer features and logits shared by kNN,
-   Mahalanobis, LID, distance evolution and feature squeezing; the entropy detector runs its
-   own response engine (and Mahalanobis its pre-processing step, when asked for).
+3. One forward pass per image set gives the layer features and logits the detectors are fit
+   on; the sets they score (combiner, calibration, test) then get the screen's own pass
+   (`PassRunner`: the entropy detector's reverse walk gives the features, squeezed copies in
+   one batched call), and every detector scores it through `Detector.score`, as a screener
+   does.
 4. Every detector scores clean calibration, clean test and adversarial test images, higher =
    more adversarial; thresholds come from the calibration split and metrics from the test
    split (`evaluate_attack`), images no detector was trained on.
@@ -61,10 +63,10 @@ from frmap.engine.detectors import (
     MahalanobisConfig,
     MahalanobisDetector,
     SqueezeConfig,
-    collect_features,
     default_layers,
 )
 from frmap.engine.detectors.distance_evolution import CLEAN, Examples
+from frmap.engine.detectors.screen_pass import Needs, PassRunner, ScreenPass
 from frmap.engine.detectors.squeeze import IMAGENET_SQUEEZERS
 from frmap.engine.evaluation.adaptive import (
     ENTROPY_SURROGATE,
@@ -89,7 +91,6 @@ from frmap.engine.evaluation.metrics import (
 )
 from frmap.engine.evaluation.subject import Subject
 from frmap.engine.models import torch_settings
-from frmap.engine.responses import ResponseEngine
 from frmap.engine.screening import Combiner, Screener
 
 DETECTORS = ("entropy", "knn", "mahalanobis", "lid", "distance-lstm", "distance-mlp", "squeeze")
@@ -203,22 +204,29 @@ class Part:
 
     Attributes:
         attack: "clean" or the attack's name.
-        images: `[N, C, H, W]` the versions.
-        features: their layer features and logits (one forward pass).
+        screen: the pass over the versions: their images, layer features and logits, and, once
+            `ComparisonData.screened`, everything the detectors score.
         image: `[N]` the index of each version's source image in its split.
     """
 
     attack: str
-    images: torch.Tensor
-    features: Features
+    screen: ScreenPass
     image: np.ndarray
 
+    @property
+    def images(self) -> torch.Tensor:
+        """`[N, C, H, W]` the versions."""
+        return self.screen.images
+
+    @property
+    def features(self) -> Features:
+        return self.screen.features
+
     def take(self, mask: np.ndarray) -> Part:
-        return Part(self.attack, self.images[torch.from_numpy(mask)], self.features.take(mask),
-                    self.image[mask])
+        return Part(self.attack, self.screen.take(mask), self.image[mask])
 
 
-Scorer = Callable[[Part], np.ndarray]
+Scorer = Callable[[ScreenPass], np.ndarray]
 
 
 @dataclass(frozen=True)
@@ -250,8 +258,16 @@ class ComparisonData:
         return [k for k in self.evaluated if k not in ("calibration", "clean")]
 
     def scores(self, scorer: Scorer) -> dict[str, np.ndarray]:
-        """The scorer on every evaluated set."""
-        return {key: scorer(p) for key, p in self.evaluated.items()}
+        """The scorer on every evaluated set's pass."""
+        return {key: scorer(p.screen) for key, p in self.evaluated.items()}
+
+    def screened(self, runner: PassRunner) -> ComparisonData:
+        """The data with the evaluated and combiner parts' passes made by `runner` (what the
+        detectors score; the fit and validation parts keep their features)."""
+        def run(p: Part) -> Part:
+            return replace(p, screen=runner.run(p.images))
+        return replace(self, combiner=[run(p) for p in self.combiner],
+                       evaluated={k: run(p) for k, p in self.evaluated.items()})
 
 
 def _select(parts: Sequence[Part], ids: np.ndarray) -> list[Part]:
@@ -283,12 +299,11 @@ class _Featurizer:
     """Image sets with their layer features, from one forward pass each."""
 
     def __init__(self, subject: Subject, layers: tuple[str, ...], batch_size: int) -> None:
-        self.subject, self.layers, self.batch_size = subject, layers, batch_size
+        self.runner = PassRunner(subject.model, subject.classifier, Needs(layers=layers),
+                                 preprocess=subject.preprocess, batch_size=batch_size)
 
     def part(self, attack: str, images: torch.Tensor, image: np.ndarray) -> Part:
-        features = collect_features(self.subject.classifier, images, self.layers,
-                                    batch_size=self.batch_size)
-        return Part(attack, images, features, image)
+        return Part(attack, self.runner.run(images), image)
 
     def clean(self, split: tuple[torch.Tensor, torch.Tensor]) -> Part:
         """The correctly classified images of a split."""
@@ -365,37 +380,13 @@ def _detector(name: str, subject: Subject, data: ComparisonData, config: Compari
                                            model=subject.identity)
         if config.mahalanobis.noise == 0:
             return detector
-        features = _features_of(detector, subject, config)
         return detector.with_combination(_examples(
-            [replace(p, features=features(p)) for p in data.fit]))
+            [replace(p, screen=replace(p.screen, features=detector.scored_features(p.screen)))
+             for p in data.fit]))
     detector = train_network(data, replace(evolution, network=_NETWORKS[name]),
                              subject.identity, progress)
     training[name] = detector.report
     return detector
-
-
-def _scorer(detector: Detector, subject: Subject, config: ComparisonConfig) -> Scorer:
-    """How `detector` scores a part (from its images or its features)."""
-    if isinstance(detector, EntropyDetector):
-        engine = ResponseEngine(subject.model, rule=detector.rule, target=detector.target,
-                                batch_size=config.batch_size, preprocess=config.preprocess,
-                                precision=detector.precision)
-        footprint = parse_footprint(detector.footprint)
-        return lambda p: engine.scores(p.images, footprint).cpu().numpy()
-    if isinstance(detector, FeatureSqueezer):
-        return lambda p: detector.score(subject.classifier, p.images, p.features,
-                                        batch_size=config.batch_size)
-    features = _features_of(detector, subject, config)
-    return lambda p: detector.score(features(p))
-
-
-def _features_of(detector: Detector, subject: Subject, config: ComparisonConfig
-                 ) -> Callable[[Part], Features]:
-    """The features `detector` scores: a part's own, or after Mahalanobis's pre-processing."""
-    if isinstance(detector, MahalanobisDetector) and detector.config.noise > 0:
-        return lambda p: detector.preprocessed_features(subject.classifier, p.images,
-                                                        batch_size=config.batch_size)
-    return lambda p: p.features
 
 
 def _surrogates(detectors: dict[str, Detector], subject: Subject) -> dict[str, Surrogate]:
@@ -472,12 +463,15 @@ def compare_detectors(
     training: dict[str, EvolutionTrainReport] = {}
     detectors = {name: _detector(name, subject, data, config, knn, evolution, training, progress)
                  for name in config.detectors}
-    scorers = {name: _scorer(d, subject, config) for name, d in detectors.items()}
     if config.adaptive is not None:
         data = _with_adaptive(data, subject, test[1], _surrogates(detectors, subject), config,
                               collected)
-    scores = {name: data.scores(s) for name, s in scorers.items()}
-    combiner = combine_scores(scorers, data.combiner)
+    data = data.screened(PassRunner(
+        subject.model, subject.classifier,
+        Needs.union([Needs(layers=collected), *(d.needs for d in detectors.values())]),
+        preprocess=config.preprocess, batch_size=config.batch_size))
+    scores = {name: data.scores(d.score) for name, d in detectors.items()}
+    combiner = combine_scores(detectors, data.combiner)
     scores[COMBINED] = {key: combiner({n: scores[n][key] for n in detectors})
                         for key in data.evaluated}
     weights = combiner.weight_of()
@@ -535,13 +529,11 @@ def _per_layer_rows(data: ComparisonData, layers: Sequence[str], knn: KNNConfig,
         for layer in layers:
             detector = KNNDetector.fit(data.fit[0].features, data.labels,
                                        replace(knn, layer=layer), model=subject.identity)
-            rows += attack_rows(f"knn:{layer}",
-                                data.scores(lambda p, d=detector: d.score(p.features)),
-                                data.attacks, config.operating_fpr)
+            rows += attack_rows(f"knn:{layer}", data.scores(detector.score), data.attacks,
+                                config.operating_fpr)
     for name, detector in detectors.items():
         if isinstance(detector, MahalanobisDetector | LIDDetector):
-            features = _features_of(detector, subject, config)
-            scores = data.scores(lambda p, d=detector, f=features: d.layer_scores(f(p)))
+            scores = data.scores(lambda p, d=detector: d.layer_scores(d.scored_features(p)))
             for i, layer in enumerate(detector.layers):
                 rows += attack_rows(f"{name}:{layer}", {k: v[:, i] for k, v in scores.items()},
                                     data.attacks, config.operating_fpr)
@@ -572,8 +564,8 @@ def _unseen_rows(data: ComparisonData, evolution: EvolutionConfig, identity: str
             detector = train_network(data, replace(evolution, network=_NETWORKS[name]),
                                      identity, progress, without=attack)
             training[f"{name} unseen:{attack}"] = detector.report
-            scores = data.scores(lambda p, d=detector: d.score(p.features))
-            rows += attack_rows(f"{name} unseen", scores, [attack], config.operating_fpr)
+            rows += attack_rows(f"{name} unseen", data.scores(detector.score), [attack],
+                                config.operating_fpr)
     return rows
 
 
@@ -595,14 +587,14 @@ def _write(out: Path, results: list[AttackEvaluation], per_layer: list[AttackEva
     return files
 
 
-def combine_scores(scorers: dict[str, Scorer], combiner: Sequence[Part]) -> Combiner:
+def combine_scores(detectors: dict[str, Detector], combiner: Sequence[Part]) -> Combiner:
     """Fit the combination on the combiner images' scores (clean versus adversarial).
 
     Raises:
         ValueError: the combiner images lack clean or adversarial versions.
     """
-    scores = {name: np.concatenate([score(p) for p in combiner])
-              for name, score in scorers.items()}
+    scores = {name: np.concatenate([d.score(p.screen) for p in combiner])
+              for name, d in detectors.items()}
     adversarial = np.concatenate([np.full(len(p.image), p.attack != CLEAN) for p in combiner])
     return Combiner.fit(scores, adversarial)
 

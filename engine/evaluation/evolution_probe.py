@@ -103,16 +103,14 @@ def probe_evolution(model: nn.Module, *, train: tuple[torch.Tensor, torch.Tensor
     collected = tuple(dict.fromkeys((*layers, *base.layers, knn_config.layer)))
     data = prepare(subject, train, calibration, test, out, config, collected, progress=progress)
     knn = KNNDetector.fit(data.fit[0].features, data.labels, knn_config, model=subject.identity)
-    rows = [ProbeRow("knn", "", _mean_auc("knn", data, lambda p: knn.score(p.features), config),
-                     0.0, None, None)]
+    rows = [ProbeRow("knn", "", _mean_auc("knn", data, knn.score, config), 0.0, None, None)]
     for name, variant in evolution_variants(base).items():
         for network in networks:
             runs = []
             for seed in seeds:
                 detector = train_network(data, replace(variant, network=network, seed=seed),
                                          subject.identity, progress)
-                runs.append((_mean_auc(name, data, lambda p, d=detector: d.score(p.features),
-                                       config),
+                runs.append((_mean_auc(name, data, detector.score, config),
                              np.mean(list(detector.report.validation_auc.values())),
                              detector.report.best_epoch))
             auc, validation, epoch = np.array(runs).T

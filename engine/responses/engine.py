@@ -25,9 +25,10 @@ and 0.03 from float32 on VGG19 at 224 (guided).
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -40,9 +41,14 @@ from frmap.engine.responses.reverse_walk import ReverseWalk, sequential_layers
 from frmap.engine.responses.targets import Target, check_target, target_classes
 from frmap.kernels import RULES, check_footprint, response_score
 
+T = TypeVar("T")
+
 PATHS = ("auto", "reverse_walk", "autograd")
 PREPROCESS = ("imagenet", None)
-PRECISIONS = {"float32": None, "bf16": torch.bfloat16}
+# precision -> the dtypes of the walk's convolutions and linear layers, forward and back (None:
+# the model's own)
+PRECISIONS = {"float32": (None, None), "bf16": (torch.bfloat16, torch.bfloat16),
+              "bf16-backward": (None, torch.bfloat16)}
 
 
 @dataclass(frozen=True)
@@ -69,9 +75,24 @@ class EngineConfig:
         if self.precision not in PRECISIONS:
             raise ValueError(f"unknown precision {self.precision!r}; choose one of "
                              f"{', '.join(PRECISIONS)}")
-        if self.precision == "bf16" and self.path == "autograd":
-            raise ValueError("precision='bf16' runs on the reverse walk only: the autograd path "
-                             "computes in float32 (use path='reverse_walk' or 'auto')")
+        if self.precision != "float32" and self.path == "autograd":
+            raise ValueError(f"precision={self.precision!r} runs on the reverse walk only: the "
+                             "autograd path computes in float32 (use path='reverse_walk' or "
+                             "'auto')")
+
+
+@dataclass(frozen=True)
+class Observation:
+    """What `ResponseEngine.observe` gives for N images.
+
+    Attributes:
+        scores: footprint name -> [N] float64 entropy scores.
+        logits: [N, K] float32 on the CPU; layers: name -> [N, D] float32 pooled outputs.
+    """
+
+    scores: dict[str, torch.Tensor]
+    logits: torch.Tensor
+    layers: dict[str, torch.Tensor]
 
 
 class ResponseEngine:
@@ -113,12 +134,14 @@ class ResponseEngine:
         self._net = Normalized(model).to(self.device) if preprocess == "imagenet" else model
         self.channels = self._input_channels()
         layers = sequential_layers(self._net)
-        if layers is None and (path == "reverse_walk" or precision == "bf16"):
-            needs = "precision='bf16' needs the reverse walk, but " if path == "auto" else ""
+        if layers is None and (path == "reverse_walk" or precision != "float32"):
+            needs = f"precision={precision!r} needs the reverse walk, but " \
+                if path == "auto" else ""
             raise ValueError(f"{needs}{type(model).__name__} is not a chain of layers the "
                              "reverse walk supports; use path='autograd' or 'auto' in float32")
-        self._walk = ReverseWalk(layers, rule, PRECISIONS[precision]) \
+        self._walk = ReverseWalk(layers, rule, *PRECISIONS[precision]) \
             if layers is not None and path != "autograd" else None
+        self._modules = dict(self._net.named_modules())
 
     @property
     def path(self) -> str:
@@ -177,6 +200,52 @@ class ResponseEngine:
         return {name: np.concatenate(parts) if parts else np.zeros(0)
                 for name, parts in out.items()}
 
+    def tap_indices(self, layers: Sequence[str]) -> list[int] | None:
+        """The walk's layer indices of `layers` (names in the model's `named_modules`, behind
+        the normalisation as `Normalized` names them when preprocess is "imagenet"), or None
+        where `observe` cannot take them from its own forward pass: the autograd path, a
+        forward pass in bfloat16 (precision "bf16"), or a layer whose output the walk does not
+        hold (`ReverseWalk.tappable`)."""
+        if self._walk is None or PRECISIONS[self.config.precision][0] is not None:
+            return None
+        index = {id(m): i for i, m in enumerate(self._walk.layers)}
+        found = [index.get(id(self._modules.get(name))) for name in layers]
+        if any(i is None or not self._walk.tappable(i) for i in found):
+            return None
+        return found
+
+    def observe(self, images: torch.Tensor, footprints: dict[str, np.ndarray],
+                layers: Sequence[str]) -> Observation:
+        """One pass over `images` for a screen: each footprint's `scores` and, from the walk's
+        own forward pass, the logits and the pooled outputs of `layers`.
+
+        Raises:
+            ValueError: bad images, or layers the walk's forward pass does not hold (check
+                `tap_indices` first).
+        """
+        taps = self.tap_indices(layers)
+        if taps is None:
+            raise ValueError(f"the {self.path} path in {self.config.precision} cannot give the "
+                             f"outputs of {list(layers)} from its own forward pass")
+        x, classes = self._prepare(images, self.config.target)
+        for fp in footprints.values():
+            check_footprint(fp)
+
+        def batch(b: torch.Tensor, c: torch.Tensor | None) -> Observation:
+            with _eval_mode(self.model), _ieee_float32():
+                out = self._walk.run(b.to(self.device, self.dtype),
+                                     None if c is None else c.to(self.device), taps)
+            return Observation({k: response_score(out.responses, fp)
+                                for k, fp in footprints.items()},
+                               out.logits.float().cpu(),
+                               {name: out.taps[i].float().cpu()
+                                for name, i in zip(layers, taps, strict=True)})
+
+        parts = list(self._map_batches(batch, x, classes))
+        return Observation({k: torch.cat([p.scores[k] for p in parts]) for k in footprints},
+                           torch.cat([p.logits for p in parts]),
+                           {k: torch.cat([p.layers[k] for p in parts]) for k in layers})
+
     def _input_channels(self) -> int | None:
         if isinstance(self._net, Normalized):
             return self._net.channels
@@ -216,8 +285,8 @@ class ResponseEngine:
             raise ValueError(f"images must lie in [0, 1], got values in [{low:.4g}, {high:.4g}]")
         return images, target_classes(self.config.target if target is None else target, n)
 
-    def _map_batches(self, fn: Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor],
-                     images: torch.Tensor, classes: torch.Tensor | None) -> Iterator[torch.Tensor]:
+    def _map_batches(self, fn: Callable[[torch.Tensor, torch.Tensor | None], T],
+                     images: torch.Tensor, classes: torch.Tensor | None) -> Iterator[T]:
         """fn over fixed-size batches in order; a batch that runs out of memory is split."""
         size, start = self.config.batch_size, 0
         while start < len(images):

@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -125,6 +126,13 @@ _WALKED = (nn.Conv2d, nn.MaxPool2d, nn.BatchNorm2d, nn.ReLU, ReLURule, nn.Linear
 class _Step:
     """One layer of the walk: `forward` returns the output and what `backward` needs."""
 
+    end: int | None = None
+
+    def at(self, end: int | None) -> _Step:
+        """The step, recording `end` (see `_steps`)."""
+        self.end = end
+        return self
+
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, object]:
         raise NotImplementedError
 
@@ -172,7 +180,7 @@ class _Conv(_Step):
 
     def __init__(self, layer: nn.Conv2d, weights: _Weights) -> None:
         self.layer = layer
-        self.weights = weights
+        self.weights = self.back_weights = weights
 
     def forward(self, x):
         c, w = self.layer, self.weights(self.layer.weight)
@@ -181,7 +189,7 @@ class _Conv(_Step):
         return y.to(x.dtype), x.shape[-2:]
 
     def backward(self, r, in_size):
-        c, w = self.layer, self.weights(self.layer.weight)
+        c, w = self.layer, self.back_weights(self.layer.weight)
         # conv_transpose2d's output size is ambiguous for strides > 1: output_padding fixes it.
         extra = [size - ((out - 1) * s - 2 * p + d * (k - 1) + 1) for size, out, s, p, d, k in
                  zip(in_size, r.shape[-2:], c.stride, c.padding, c.dilation, c.kernel_size,
@@ -213,14 +221,14 @@ class _BatchNorm(_Step):
 class _Linear(_Step):
     def __init__(self, layer: nn.Linear, weights: _Weights) -> None:
         self.layer = layer
-        self.weights = weights
+        self.weights = self.back_weights = weights
 
     def forward(self, x):
         w = self.weights(self.layer.weight)
         return F.linear(x.to(w.dtype), w, self.weights(self.layer.bias)).to(x.dtype), None
 
     def backward(self, r, saved):
-        w = self.weights(self.layer.weight)
+        w = self.back_weights(self.layer.weight)
         return (r.to(w.dtype) @ w).to(r.dtype)
 
     def out_shape(self, shape):
@@ -287,37 +295,61 @@ class _MaxPool(_Step):
         return (shape[0], shape[1] // self.kernel[0], shape[2] // self.kernel[1])
 
 
-def _steps(layers: Sequence[nn.Module], rule: str,
-           weights: _Weights | None = None) -> list[_Step]:
+def _steps(layers: Sequence[nn.Module], rule: str, weights: _Weights | None = None,
+           start: int = 0) -> list[_Step]:
+    """The walk's steps of `layers`; each step's `end` is `start` + the index in `layers` of the
+    layer whose output it returns (None for the max-pool of a fused ReLU and max-pool: its
+    output, before the ReLU, is no layer's)."""
     weights = _Weights(None) if weights is None else weights
     steps: list[_Step] = []
-    layers = [m for m in layers if not isinstance(m, _IDENTITIES)]
     i = 0
     while i < len(layers):
         layer = layers[i]
-        following = layers[i + 1] if i + 1 < len(layers) else None
+        if isinstance(layer, _IDENTITIES):
+            i += 1
+            continue
+        following = next((m for m in layers[i + 1:] if not isinstance(m, _IDENTITIES)), None)
         if isinstance(layer, (nn.ReLU, ReLURule)) and isinstance(following, nn.MaxPool2d):
             # deconvnet passes signal through windows without a positive value: route it as
             # max_pool2d would after the ReLU; the other rules stop it at the pooled ReLU.
-            steps += [_MaxPool(following, dead_first=rule == "deconvnet"), _ReLU(rule)]
-            i += 2
+            pool = layers.index(following, i + 1)
+            steps += [_MaxPool(following, dead_first=rule == "deconvnet").at(None),
+                      _ReLU(rule).at(start + pool)]
+            i = pool + 1
             continue
         if isinstance(layer, (nn.ReLU, ReLURule)):
-            steps.append(_ReLU(rule))
+            step = _ReLU(rule)
         elif isinstance(layer, nn.MaxPool2d):
-            steps.append(_MaxPool(layer, dead_first=False))
+            step = _MaxPool(layer, dead_first=False)
         elif isinstance(layer, Normalized):
-            steps.append(_Normalize(layer))
+            step = _Normalize(layer)
         elif isinstance(layer, nn.Conv2d):
-            steps.append(_Conv(layer, weights))
+            step = _Conv(layer, weights)
         elif isinstance(layer, nn.BatchNorm2d):
-            steps.append(_BatchNorm(layer))
+            step = _BatchNorm(layer)
         elif isinstance(layer, nn.Linear):
-            steps.append(_Linear(layer, weights))
+            step = _Linear(layer, weights)
         else:
-            steps.append(_LinearMap(layer))
+            step = _LinearMap(layer)
+        steps.append(step.at(start + i))
         i += 1
     return steps
+
+
+@dataclass(frozen=True)
+class WalkOutput:
+    """What one walk gives.
+
+    Attributes:
+        responses: [N, C, H, W] the responses of the images.
+        logits: [N, K] the chain's output (None unless taps were asked for).
+        taps: layer index -> [N, C] its output averaged over the spatial positions ([N, D]
+            outputs as they are), from the walk's own forward pass.
+    """
+
+    responses: torch.Tensor
+    logits: torch.Tensor | None = None
+    taps: dict[int, torch.Tensor] = field(default_factory=dict)
 
 
 class ReverseWalk:
@@ -328,19 +360,38 @@ class ReverseWalk:
         rule: "gradient", "deconvnet" or "guided".
         compute_dtype: the dtype of the convolutions and linear layers (torch.bfloat16), or
             None for the weights' own (see the module text).
+        backward_dtype: the same for the walk back alone (default: `compute_dtype`); with
+            `compute_dtype` None and bfloat16 here, the forward pass (the logits, the masks, the
+            taps) is exact and only the transposed layers run in bfloat16.
     """
 
     def __init__(self, layers: Sequence[nn.Module], rule: str,
-                 compute_dtype: torch.dtype | None = None) -> None:
+                 compute_dtype: torch.dtype | None = None,
+                 backward_dtype: torch.dtype | None = None) -> None:
         self.layers = list(layers)
         self.rule = rule
         self.weights = _Weights(compute_dtype)
+        self.back_weights = self.weights if backward_dtype in (None, compute_dtype) \
+            else _Weights(backward_dtype)
+        ends = {step.end for step in _steps(self.layers, rule)}
+        # layer index -> the layer whose step's output is its output
+        self._tap_source: dict[int, int] = {}
+        for i, layer in enumerate(self.layers):
+            if i in ends:
+                self._tap_source[i] = i
+            elif isinstance(layer, _IDENTITIES) and i - 1 in self._tap_source:
+                self._tap_source[i] = self._tap_source[i - 1]
+
+    def tappable(self, index: int) -> bool:
+        """Whether the walk's forward pass holds the output of layer `index` (every layer's but
+        that of a ReLU walked after its max-pool, and of identities after one)."""
+        return index in self._tap_source
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """The chain's output (what the model returns), through the walk's own forward."""
         with torch.no_grad():
             x = x.clone(memory_format=torch.channels_last)  # steps work in place
-            return self._forward(_steps(self.layers, self.rule, self.weights), x)[0]
+            return self._forward(self._make_steps(self.layers), x)[0]
 
     def responses(self, x: torch.Tensor, classes: torch.Tensor | None) -> torch.Tensor:
         """[N, C, H, W] responses of the images `x` (as the chain takes them).
@@ -351,8 +402,19 @@ class ReverseWalk:
                 'conv_max' (the sum over positions of the channel-wise maximum of the last ReLU
                 after a convolution).
         """
+        return self.run(x, classes).responses
+
+    def run(self, x: torch.Tensor, classes: torch.Tensor | None,
+            taps: Sequence[int] | None = None) -> WalkOutput:
+        """`responses`, and with `taps` (layer indices, each `tappable`) the logits and the
+        pooled outputs of those layers from the same forward pass: the forward pass then runs
+        to the end of the chain, past the target where it lies before."""
         end = conv_max_index(self.layers) + 1 if classes is None else len(self.layers)
-        steps = _steps(self.layers[:end], self.rule, self.weights)
+        steps = self._make_steps(self.layers[:end])
+        wanted: dict[int, list[int]] = {}
+        for i in taps or ():
+            wanted.setdefault(self._tap_source[i], []).append(i)
+        pooled: dict[int, list[torch.Tensor]] = {i: [] for i in taps or ()}
         head, chunk = _head(steps, x)
         for before, step in zip(steps[:head], steps[1:head], strict=False):
             if isinstance(step, _MaxPool):
@@ -361,25 +423,46 @@ class ReverseWalk:
             x = x.clone(memory_format=torch.channels_last)  # steps work in place
             parts, head_saved = [], []
             for part in x.split(chunk):
-                out, saved = self._forward(steps[:head], part)
+                out, saved = self._forward(steps[:head], part, wanted, pooled)
                 parts.append(out)
                 head_saved.append(saved)
-            out, saved = self._forward(steps[head:], _cat(parts))
+            out, saved = self._forward(steps[head:], _cat(parts), wanted, pooled)
             del parts
             # the derivative of the target (a sum of entries of `out`): 1 at those entries
             r = torch.zeros_like(out).scatter_(1, target_indices(out, classes), 1.0)
+            logits = None
+            if taps is not None:
+                tail = _steps(self.layers[end:], self.rule, self.weights, end)
+                logits = self._forward(tail, out, wanted, pooled)[0] if tail else out
             del out
             r = self._backward(steps[head:], r, saved)
-            return _cat([self._backward(steps[:head], part, saved)
-                         for part, saved in zip(r.split(chunk), head_saved, strict=True)
-                         ]).contiguous()
+            responses = _cat([self._backward(steps[:head], part, saved)
+                              for part, saved in zip(r.split(chunk), head_saved, strict=True)
+                              ]).contiguous()
+        return WalkOutput(responses, logits, {i: _cat(v) for i, v in pooled.items()})
+
+    def _make_steps(self, layers: Sequence[nn.Module]) -> list[_Step]:
+        steps = _steps(layers, self.rule, self.weights)
+        if self.back_weights is not self.weights:
+            for step in steps:
+                if isinstance(step, (_Conv, _Linear)):
+                    step.back_weights = self.back_weights
+        return steps
 
     @staticmethod
-    def _forward(steps: list[_Step], x: torch.Tensor) -> tuple[torch.Tensor, list[object]]:
+    def _forward(steps: list[_Step], x: torch.Tensor, wanted: dict[int, list[int]] | None = None,
+                 pooled: dict[int, list[torch.Tensor]] | None = None
+                 ) -> tuple[torch.Tensor, list[object]]:
+        """The steps forward; the output of a step whose `end` is in `wanted` is pooled (the
+        mean over spatial positions) into `pooled` for each layer index listed there."""
         saved = []
         for step in steps:
             x, keep = step.forward(x)
             saved.append(keep)
+            if wanted and step.end in wanted:
+                mean = x.flatten(2).mean(2) if x.ndim > 2 else x.clone()
+                for i in wanted[step.end]:
+                    pooled[i].append(mean)
         return x, saved
 
     @staticmethod

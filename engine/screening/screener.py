@@ -10,8 +10,9 @@ and a decision:
   images at its share of the FPR, fpr / k for k detectors (`frmap calibrate --detectors`: no
   adversarial images are needed).
 
-`screen(images)` runs one forward pass for every detector that reads features or logits; the
-response engine runs only when the entropy detector is in the set.
+`screen(images)` makes one `ScreenPass` per batch (`PassRunner`): the classifier runs once,
+through the entropy detector's reverse walk where there is one, and every detector scores
+that pass.
 
 File format `frmap.screener/1`: an `.npz` archive (read with `allow_pickle=False`) whose key
 `meta` holds one JSON document,
@@ -36,16 +37,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from frmap.engine.data.footprints import parse_footprint
-from frmap.engine.detectors import (
-    Detector,
-    EntropyDetector,
-    Features,
-    FeatureSqueezer,
-    Threshold,
-    collect_features,
-    load_detector,
-)
+from frmap.engine.detectors import Detector, Features, Threshold, load_detector
 from frmap.engine.detectors.base import (
     FileFields,
     from_parts,
@@ -53,8 +45,8 @@ from frmap.engine.detectors.base import (
     versions,
     write_archive,
 )
+from frmap.engine.detectors.screen_pass import Needs, PassRunner
 from frmap.engine.models import Normalized, model_identity
-from frmap.engine.responses import ResponseEngine
 from frmap.engine.screening.combiner import Combiner
 
 FORMAT = "frmap.screener/1"
@@ -140,13 +132,9 @@ class Screener:
         self.combiner, self.threshold, self.fpr = combiner, threshold, fpr
         self.batch_size = batch_size
         self.classifier = Normalized(model) if preprocess == "imagenet" else model
-        self._layers = tuple(dict.fromkeys(
-            layer for d in detectors.values() for layer in d.layers))
-        self._responses = {
-            name: (ResponseEngine(model, rule=d.rule, target=d.target, batch_size=batch_size,
-                                  preprocess=preprocess, precision=d.precision),
-                   parse_footprint(d.footprint))
-            for name, d in detectors.items() if isinstance(d, EntropyDetector)}
+        self.runner = PassRunner(model, self.classifier,
+                                 Needs.union([d.needs for d in detectors.values()]),
+                                 preprocess=preprocess, batch_size=batch_size)
 
     @property
     def decision(self) -> str:
@@ -161,11 +149,8 @@ class Screener:
 
     def scores(self, images: torch.Tensor | np.ndarray) -> tuple[Features, dict[str, np.ndarray]]:
         """The forward pass's logits and every detector's `[N]` scores of `images`."""
-        x = self._images(images)
-        parts = [self._batch_scores(x[i:i + self.batch_size])
-                 for i in range(0, len(x), self.batch_size)]
-        features = Features.concat([f for f, _ in parts])
-        return features, {k: np.concatenate([s[k] for _, s in parts]) for k in self.detectors}
+        p = self.runner.run(self._images(images))
+        return p.features, {name: d.score(p) for name, d in self.detectors.items()}
 
     def screen(self, images: torch.Tensor | np.ndarray) -> ScreenResult:
         """Classify and screen `images` ([N, C, H, W] floats in [0, 1]), in input order.
@@ -316,20 +301,6 @@ class Screener:
             raise ValueError(f"images must be a non-empty [N, C, H, W] float batch in [0, 1], "
                              f"got {x.dtype} of shape {tuple(x.shape)}")
         return x
-
-    def _batch_scores(self, x: torch.Tensor) -> tuple[Features, dict[str, np.ndarray]]:
-        features = collect_features(self.classifier, x, self._layers, batch_size=len(x))
-        scores = {}
-        for name, detector in self.detectors.items():
-            if name in self._responses:
-                engine, footprint = self._responses[name]
-                scores[name] = engine.scores(x, footprint).cpu().numpy()
-            elif isinstance(detector, FeatureSqueezer):
-                scores[name] = detector.score(self.classifier, x, features,
-                                              batch_size=len(x))
-            else:
-                scores[name] = detector.score(features)
-        return features, scores
 
 
 def _check_model(identity: object, model: nn.Module, path: Path) -> None:

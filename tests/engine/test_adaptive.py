@@ -16,6 +16,7 @@ from frmap.engine.detectors import (
     MahalanobisDetector,
     collect_features,
 )
+from frmap.engine.detectors.screen_pass import ScreenPass
 from frmap.engine.detectors.squeeze import DIGITS_SQUEEZERS
 from frmap.engine.evaluation.adaptive import (
     AdaptiveConfig,
@@ -27,6 +28,8 @@ from frmap.engine.evaluation.adaptive import (
     standardised,
 )
 from frmap.engine.models.digits import load_digits_split
+
+from helpers import screen_pass
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +53,7 @@ def fitted(digits_examples):
                                                  ("lid", lid_surrogate)])
 def test_exact_surrogates_equal_the_scores(fitted, name, surrogate):
     model, layers, detectors, x, _ = fitted
-    expected = detectors[name].score(collect_features(model, x, layers))
+    expected = detectors[name].score(ScreenPass(collect_features(model, x, layers)))
     with torch.no_grad():
         got = surrogate(model, detectors[name])(x).numpy()
     np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
@@ -62,7 +65,8 @@ def test_squeeze_surrogate_equals_the_score_and_has_gradients(fitted):
     surrogate = squeeze_surrogate(model, squeezer)
     x = x.clone().requires_grad_()
     score = surrogate(x)
-    np.testing.assert_allclose(score.detach().numpy(), squeezer.score(model, x.detach()),
+    np.testing.assert_allclose(score.detach().numpy(),
+                               squeezer.score(screen_pass(model, x.detach(), squeezer)),
                                rtol=1e-5, atol=1e-6)
     score.sum().backward()
     assert x.grad.abs().sum() > 0
@@ -73,7 +77,7 @@ def test_knn_surrogate_ranks_like_the_score(fitted):
     adversarial, _ = adaptive_pgd(model, None, x, y, AdaptiveConfig(epsilon=0.2, steps=10,
                                                                     step=0.03))
     both = torch.cat([x, adversarial])
-    expected = detectors["knn"].score(collect_features(model, both, layers))
+    expected = detectors["knn"].score(ScreenPass(collect_features(model, both, layers)))
     with torch.no_grad():
         got = knn_surrogate(model, detectors["knn"])(both).numpy()
     assert np.corrcoef(got, expected)[0, 1] > 0.8

@@ -18,7 +18,7 @@ from frmap.engine.detectors.distance_evolution import DistanceEvolutionDetector,
 from frmap.engine.detectors.features import default_layers
 from frmap.engine.detectors.knn import KNNConfig, KNNDetector
 from frmap.engine.detectors.lid import LIDConfig, LIDDetector
-from frmap.engine.detectors.mahalanobis import MahalanobisDetector
+from frmap.engine.detectors.mahalanobis import MahalanobisConfig, MahalanobisDetector
 from frmap.engine.detectors.squeeze import DIGITS_SQUEEZERS
 from frmap.engine.evaluation.adaptive import AdaptiveConfig
 from frmap.engine.evaluation.comparison import (
@@ -32,6 +32,7 @@ from frmap.engine.evaluation.comparison import (
 from frmap.engine.evaluation.metrics import MIN_ADVERSARIALS, TOO_FEW, AttackEvaluation
 from frmap.engine.evaluation.metrics import table as metrics_table
 from frmap.engine.models.digits import load_digits_model, load_digits_split
+from frmap.engine.screening import Screener
 
 ATTACKS = ("fgsm", "deepfool")
 ADAPTIVE = ("pgd-fixed", *(f"adaptive-{d}" for d in ("entropy", "knn", "mahalanobis", "lid",
@@ -55,13 +56,16 @@ def run(tmp_path_factory):
         evolution=EvolutionConfig(layers, epochs=2), squeeze=DIGITS_SQUEEZERS, attack_limit=40,
         train_limit=60, lid=LIDConfig(layers, k=10, reference=100),
         adaptive=AdaptiveConfig(epsilon=0.15, steps=3, step=0.05),
+        mahalanobis=MahalanobisConfig(layers, noise=0.002),
     )
-    calls: dict[str, list] = {"knn": [], "network": [], "combiner": [], "layered": []}
+    calls: dict[str, list] = {"knn": [], "network": [], "combiner": [], "layered": [],
+                              "best": []}
     knn_fit = KNNDetector.fit.__func__
     network_fit = DistanceEvolutionDetector.fit.__func__
     mahalanobis_fit = MahalanobisDetector.fit.__func__
     lid_fit = LIDDetector.fit.__func__
     combine = comparison.combine_scores
+    best = comparison._best_screener
 
     def record_mahalanobis(cls, clean, labels, examples, *args, **kwargs):
         calls["layered"].append((len(clean), examples))
@@ -83,6 +87,10 @@ def run(tmp_path_factory):
         calls["combiner"].extend(parts)
         return combine(scorers, parts)
 
+    def record_best(subject, detectors, combiner, scores, *args):
+        calls["best"].append((detectors, combiner, scores))
+        return best(subject, detectors, combiner, scores, *args)
+
     out = tmp_path_factory.mktemp("comparison")
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -93,9 +101,11 @@ def run(tmp_path_factory):
             mp.setattr(MahalanobisDetector, "fit", classmethod(record_mahalanobis))
             mp.setattr(LIDDetector, "fit", classmethod(record_lid))
             mp.setattr(comparison, "combine_scores", record_combiner)
+            mp.setattr(comparison, "_best_screener", record_best)
             report = compare_detectors(
                 model, train=_split("train"), calibration=_split("calibration"),
                 test=_split("test"), out_dir=out, config=config, progress=False,
+                screener_path=out / "screener.frmap",
             )
     finally:
         torch.set_num_threads(threads)
@@ -149,6 +159,25 @@ def test_no_image_on_both_sides(run):
     for name in ("calibration", "test"):
         images = _split(name)[0]
         assert not used & {images[i].numpy().tobytes() for i in report.images[name]}
+
+
+def test_a_saved_screener_scores_as_the_comparison(run, tmp_path):
+    """Every detector kind (Mahalanobis with its input pre-processing among them) in one
+    screener, saved and reloaded: its scores of the clean test images are the comparison's."""
+    report, out, calls, _ = run
+    detectors, combiner, scores = calls["best"][0]
+    assert set(detectors) == set(DETECTORS) and detectors["mahalanobis"].config.noise > 0
+    model = load_digits_model()
+    screener = Screener(model, detectors, combiner=combiner)
+    loaded = Screener.load(screener.save(tmp_path / "all.frmap"), model)
+    test = _split("test")[0][report.images["test"]]
+    _, got = loaded.scores(test)
+    for name in DETECTORS:
+        np.testing.assert_allclose(got[name], scores[name]["clean"], rtol=1e-5, atol=1e-5,
+                                   err_msg=name)
+    np.testing.assert_allclose(loaded.combiner(got), scores[COMBINED]["clean"], rtol=1e-5,
+                               atol=1e-5)
+    assert Screener.load(out / "screener.frmap", model).detectors.keys() <= set(DETECTORS)
 
 
 def test_files_written(run):

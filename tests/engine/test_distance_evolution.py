@@ -18,6 +18,7 @@ from frmap.engine.detectors.distance_evolution import (
     split_by_image,
 )
 from frmap.engine.detectors.features import Features
+from frmap.engine.detectors.screen_pass import ScreenPass
 from frmap.engine.evaluation.metrics import evaluate_attack
 
 CLASSES, LAYERS, DIM = 3, ("l0", "l1", "l2"), 6
@@ -135,7 +136,7 @@ def test_detects_known_adversarial_trajectories(problem, network, reference, emb
     history = det.report.history
     assert len(history) == 8 and det.report.best_epoch == int(np.argmax(history)) + 1
     assert np.mean(list(det.report.validation_auc.values())) == max(history)
-    scores = det.score(test.features)
+    scores = det.score(ScreenPass(test.features))
     clean = scores[test.attack == CLEAN]
     for attack in ("switch", "far"):
         result = evaluate_attack(clean, clean, scores[test.attack == attack],
@@ -146,7 +147,7 @@ def test_detects_known_adversarial_trajectories(problem, network, reference, emb
     loaded = DistanceEvolutionDetector.load(det.save(tmp_path / "det.npz"))
     assert loaded.config == det.config and loaded.report == det.report
     assert loaded.threshold == det.threshold and loaded.model == "Net:abc"
-    np.testing.assert_array_equal(loaded.score(test.features), scores)
+    np.testing.assert_array_equal(loaded.score(ScreenPass(test.features)), scores)
 
 
 @pytest.mark.parametrize(("standardise", "predicted_first"), [(True, False), (False, False),
@@ -193,7 +194,8 @@ def test_training_is_deterministic(problem):
         np.testing.assert_array_equal(value, b.state[key])
     other = DistanceEvolutionDetector.fit(reference, labels, train, validation,
                                           EvolutionConfig(LAYERS, epochs=2, seed=1))
-    assert not np.array_equal(other.score(test.features), a.score(test.features))
+    test_pass = ScreenPass(test.features)
+    assert not np.array_equal(other.score(test_pass), a.score(test_pass))
 
 
 def test_bad_config_and_files(problem, tmp_path):

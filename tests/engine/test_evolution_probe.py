@@ -54,7 +54,7 @@ def test_probe_trains_every_variant_and_seed_and_reports_their_aucs(tmp_path, mo
     def record(data, variant, *args, **kwargs):
         trained.append(variant)
         detector = train_network(data, variant, *args, **kwargs)
-        trained_scores.append(data.scores(lambda p: detector.score(p.features)))
+        trained_scores.append(data.scores(detector.score))
         return detector
 
     trained_scores: list[dict[str, np.ndarray]] = []
@@ -86,7 +86,7 @@ def test_probe_trains_every_variant_and_seed_and_reports_their_aucs(tmp_path, mo
                    splits["test"], tmp_path, config, layers, progress=False)
     detector = KNNDetector.fit(data.fit[0].features, data.labels, knn)
     assert rows[0].auc == pytest.approx(mean_auc(data.scores(
-        lambda p: detector.score(p.features))), abs=1e-12)
+        detector.score)), abs=1e-12)
 
 
 def test_probe_needs_a_seed(tmp_path):

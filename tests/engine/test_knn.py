@@ -9,6 +9,7 @@ from sklearn.neighbors import NearestNeighbors
 
 from frmap.engine.detectors.features import Features
 from frmap.engine.detectors.knn import WEIGHTS, KNNConfig, KNNDetector
+from frmap.engine.detectors.screen_pass import ScreenPass
 
 
 def _features(x: np.ndarray, predicted: np.ndarray, classes: int = 2) -> Features:
@@ -30,9 +31,9 @@ def test_two_gaussians_known_answer(weights, whiten):
     det = KNNDetector.fit(_features(x, y), y, KNNConfig("f", 4, whiten, k=20, weights=weights))
     q, qy = _gaussians(rng, 100)
     # Predicted as their own class: every neighbour agrees.
-    np.testing.assert_array_equal(det.score(_features(q, qy)), np.zeros(100))
+    np.testing.assert_array_equal(det.score(ScreenPass(_features(q, qy))), np.zeros(100))
     # Predicted as the other class (what a successful attack does): every neighbour disagrees.
-    np.testing.assert_array_equal(det.score(_features(q, 1 - qy)), np.ones(100))
+    np.testing.assert_array_equal(det.score(ScreenPass(_features(q, 1 - qy))), np.ones(100))
 
 
 def test_mixed_neighbourhood_scores_in_between():
@@ -40,7 +41,7 @@ def test_mixed_neighbourhood_scores_in_between():
     x, y = _gaussians(rng, 400)
     det = KNNDetector.fit(_features(x, y), y, KNNConfig("f", 8, k=50, weights="uniform"))
     midway = np.full((1, 8), 5.0)  # as far from one class as from the other
-    assert 0.2 < det.score(_features(midway, np.array([0])))[0] < 0.8
+    assert 0.2 < det.score(ScreenPass(_features(midway, np.array([0]))))[0] < 0.8
 
 
 @pytest.mark.parametrize("weights", WEIGHTS)
@@ -75,7 +76,7 @@ def test_against_sklearn_pca_and_numpy_brute_force(weights, whiten):
          "distance": 1.0 / dist**2}[weights]
     share = (w * (labels[idx] == predicted[:, None])).sum(1) / w.sum(1)
     np.testing.assert_allclose(det.share(qf), share, atol=1e-9)
-    np.testing.assert_allclose(det.score(qf), 1 - share, atol=1e-9)
+    np.testing.assert_allclose(det.score(ScreenPass(qf)), 1 - share, atol=1e-9)
 
 
 def test_components_are_capped_by_the_layer_width():
@@ -106,13 +107,13 @@ def test_save_load_round_trip(tmp_path):
     det = KNNDetector.fit(_features(x, y), y, KNNConfig("f", 6, True, 25, "distance"),
                           model="Net:abc")
     mixed = _features(q, np.where(rng.random(50) < 0.5, qy, 1 - qy))
-    det = det.calibrate(det.score(_features(q, qy)), 0.05)
+    det = det.calibrate(det.score(ScreenPass(_features(q, qy))), 0.05)
     loaded = KNNDetector.load(det.save(tmp_path / "knn.npz"))
     assert loaded.config == det.config and loaded.threshold == det.threshold
     assert loaded.model == "Net:abc"
-    np.testing.assert_array_equal(loaded.score(mixed), det.score(mixed))
-    np.testing.assert_array_equal(loaded.flag(loaded.score(mixed)),
-                                  det.flag(det.score(mixed)))
+    np.testing.assert_array_equal(loaded.score(ScreenPass(mixed)), det.score(ScreenPass(mixed)))
+    np.testing.assert_array_equal(loaded.flag(loaded.score(ScreenPass(mixed))),
+                                  det.flag(det.score(ScreenPass(mixed))))
     np.savez(tmp_path / "bad.npz",
              meta=np.array('{"format": "frmap.detector/2", "kind": "knn", "model": "x"}'))
     with pytest.raises(ValueError, match="malformed knn detector"):

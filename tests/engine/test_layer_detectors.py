@@ -20,6 +20,7 @@ from frmap.engine.detectors.mahalanobis import (
     min_distance,
     min_distance_torch,
 )
+from frmap.engine.detectors.screen_pass import ScreenPass
 from frmap.engine.models.digits import load_digits_model, load_digits_split
 from frmap.engine.models.runtime import model_identity
 from frmap.engine.screening import Screener
@@ -73,11 +74,12 @@ def test_gaussians_are_class_means_and_sklearn_shared_covariance(covariance, est
 
 
 def _round_trip(detector, tmp_path, features):
-    detector = detector.calibrate(detector.score(features), 0.05)
+    detector = detector.calibrate(detector.score(ScreenPass(features)), 0.05)
     loaded = load_detector(detector.save(tmp_path / "d.npz"))
     assert type(loaded) is type(detector) and loaded.config == detector.config
     assert loaded.threshold == detector.threshold
-    np.testing.assert_array_equal(loaded.score(features), detector.score(features))
+    p = ScreenPass(features)
+    np.testing.assert_array_equal(loaded.score(p), detector.score(p))
 
 
 def test_mahalanobis_separates_and_round_trips(tmp_path):
@@ -85,7 +87,7 @@ def test_mahalanobis_separates_and_round_trips(tmp_path):
     clean, labels, examples = _problem(rng, 300)
     det = MahalanobisDetector.fit(clean, labels, examples, MahalanobisConfig(LAYERS))
     _, _, test = _problem(rng, 200)
-    scores = det.score(test.features)
+    scores = det.score(ScreenPass(test.features))
     assert scores[test.adversarial].min() > np.median(scores[~test.adversarial])
     assert det.layer_scores(test.features).shape == (400, 2)
     _round_trip(det, tmp_path, test.features)
@@ -117,7 +119,7 @@ def test_lid_reference_and_combination_use_disjoint_images(tmp_path):
     assert all(len(c) == 1 and not examples.adversarial[c[0]] for c in chosen)
     assert len(reference) == 60
     _, _, test = _problem(rng, 100)
-    scores = det.score(test.features)
+    scores = det.score(ScreenPass(test.features))
     assert np.mean(scores[test.adversarial] > np.median(scores[~test.adversarial])) > 0.9
     _round_trip(det, tmp_path, test.features)
     with pytest.raises(ValueError, match="too few"):
@@ -157,7 +159,8 @@ def test_screener_scores_and_saves_the_new_detectors(tmp_path, digits_examples):
                                      model=identity),
     }
     test = load_digits_split("test").images[:30]
-    expected = {k: d.score(collect_features(model, test, layers)) for k, d in detectors.items()}
+    own = ScreenPass(collect_features(model, test, layers))
+    expected = {k: d.score(own) for k, d in detectors.items()}
     screener = Screener(model, detectors)
     loaded = Screener.load(screener.save(tmp_path / "s.npz"), model)
     for s in (screener, loaded):

@@ -549,3 +549,87 @@ def test_cuda_scores_are_the_fused_score_of_the_responses(vgg11, device):
             torch.testing.assert_close(scores.cpu(), expected, rtol=0, atol=1e-9)
     finally:
         vgg11.cpu()
+
+
+def _hooked_features(net: nn.Module, x: torch.Tensor, names) -> tuple[torch.Tensor, dict]:
+    """The logits and the spatial means of the named modules' outputs, by forward hooks."""
+    modules, seen = dict(net.named_modules()), {}
+    handles = [modules[n].register_forward_hook(
+        lambda m, a, out, n=n: seen.__setitem__(n, out.flatten(2).mean(2) if out.ndim > 2
+                                                else out.clone())) for n in names]
+    try:
+        with torch.no_grad():
+            logits = net(x)
+    finally:
+        for h in handles:
+            h.remove()
+    return logits, seen
+
+
+@pytest.mark.parametrize("target", ["conv_max", "logit"])
+@pytest.mark.parametrize("rule", RULES)
+@pytest.mark.parametrize("name", ["vgg11", "small"])
+def test_observe_gives_the_classifiers_own_pass(vgg11, monkeypatch, name, rule, target):
+    """One walk gives the responses, the logits and the layers' pooled outputs, equal in float64
+    to the classifier's own forward pass (hooks) and to the responses alone; the head runs on
+    chunks of one image."""
+    model, net, _, preprocess, x, _ = cases(vgg11)[name]
+    model64 = copy.deepcopy(model).double()
+    engine = ResponseEngine(model64, rule=rule, target=target, preprocess=preprocess)
+    pooled = [n for n, m in engine._net.named_modules() if isinstance(m, nn.MaxPool2d)]
+    hidden = [n for n, m in engine._net.named_modules()
+              if isinstance(m, nn.ReLU) and n not in _fused_relus(engine._net)]
+    layers = [*pooled, *hidden]
+    monkeypatch.setattr(reverse_walk, "HEAD_BYTES", 1)
+    seen = engine.observe(x.double(), {"square3": np.ones((3, 3))}, layers)
+    logits, expected = _hooked_features(engine._net, x.double(), layers)
+    torch.testing.assert_close(seen.logits, logits.float(), rtol=1e-6, atol=1e-6)
+    for n in layers:
+        torch.testing.assert_close(seen.layers[n], expected[n].float(), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(seen.scores["square3"],
+                               engine.scores(x.double(), np.ones((3, 3))), rtol=0, atol=0)
+    walk = engine._walk.run(x.double(), None if target == "conv_max" else
+                            torch.full((len(x),), -1), engine.tap_indices(layers))
+    assert_rel_close(walk.responses, engine.responses(x.double()), "responses", rtol=1e-10)
+    assert_rel_close(walk.logits, logits, "logits", rtol=1e-10)
+
+
+def _fused_relus(net: nn.Module) -> set[str]:
+    """The ReLUs directly followed by a max-pool (the walk applies them after the pool)."""
+    names = [(n, m) for n, m in net.named_modules() if not list(m.children())]
+    return {n for (n, m), (_, after) in zip(names, names[1:], strict=False)
+            if isinstance(m, nn.ReLU) and isinstance(after, nn.MaxPool2d)}
+
+
+def test_taps_the_walk_cannot_give_are_refused():
+    """A ReLU walked after its max-pool has no output of its own in the walk; the autograd path
+    and a bfloat16 forward pass give none either."""
+    net = small_cnn()
+    engine = ResponseEngine(net, preprocess=None)
+    assert engine.tap_indices(["5", "11"]) == [5, 11]  # the pool, and dropout after a ReLU
+    assert engine.tap_indices(["4"]) is None
+    with pytest.raises(ValueError, match="cannot give"):
+        engine.observe(images((1, 1, 16, 16)), {}, ["4"])
+    assert ResponseEngine(net, preprocess=None, path="autograd").tap_indices(["5"]) is None
+    assert ResponseEngine(net, preprocess=None, precision="bf16").tap_indices(["5"]) is None
+    assert ResponseEngine(net, preprocess=None,
+                          precision="bf16-backward").tap_indices(["5"]) == [5]
+
+
+@pytest.mark.parametrize("rule", RULES)
+def test_bf16_backward_keeps_the_forward_pass_exact(vgg11, rule):
+    """bf16 in the walk back only: the logits and features are float32's exactly, the responses
+    near float64 Captum within the bf16 bounds, and not float32's."""
+    model, net, layer, preprocess, x, _ = cases(vgg11)["vgg11"]
+    float32 = ResponseEngine(model, rule=rule, preprocess=preprocess)
+    mixed = ResponseEngine(model, rule=rule, preprocess=preprocess, precision="bf16-backward")
+    layers = ["model.features.2", "model.classifier.1"]
+    a = float32.observe(x, {}, layers)
+    b = mixed.observe(x, {}, layers)
+    torch.testing.assert_close(b.logits, a.logits, rtol=0, atol=0)
+    for n in layers:
+        torch.testing.assert_close(b.layers[n], a.layers[n], rtol=0, atol=0)
+    got = mixed.responses(x)
+    expected = captum_float64(net, layer, rule, x, "conv_max")
+    assert rel_l2(got, expected) <= BF16_L2[rule]
+    assert rel_l2(got, float32.responses(x)) > 1e-4

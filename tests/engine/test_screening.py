@@ -15,11 +15,14 @@ from sklearn.preprocessing import StandardScaler
 from frmap.engine.data import load_digits_split, parse_footprint
 from frmap.engine.detectors import EntropyDetector, collect_features
 from frmap.engine.detectors.base import calibrate_threshold
+from frmap.engine.detectors.screen_pass import ScreenPass
 from frmap.engine.detectors.squeeze import DIGITS_SQUEEZERS
 from frmap.engine.models import DigitsCNN, load_digits_model, model_identity
 from frmap.engine.responses import ResponseEngine
 from frmap.engine.screening import Combiner, Screener
 from frmap.engine.screening.build import clean_detectors
+
+from helpers import direct_squeeze_scores
 
 FPR = 0.1
 
@@ -42,11 +45,14 @@ def test_scores_are_each_detectors_own(digits):
     d = screener.detectors
     entropy = ResponseEngine(model, preprocess=None).scores(images, parse_footprint("square3"))
     np.testing.assert_allclose(scores["entropy"], entropy.numpy(), rtol=0, atol=1e-12)
-    own = collect_features(model, images, d["knn"].layers)
-    np.testing.assert_allclose(scores["knn"], d["knn"].score(own), rtol=0, atol=1e-12)
-    # float32 softmax over batches of another size: equal to rounding
-    np.testing.assert_allclose(scores["squeeze"], d["squeeze"].score(model, images),
-                               rtol=0, atol=1e-6)
+    # the features come from the reverse walk's forward pass (channels-last convolutions):
+    # equal to the classifier's own to float32 rounding
+    own = ScreenPass(collect_features(model, images, d["knn"].layers))
+    np.testing.assert_allclose(scores["knn"], d["knn"].score(own), rtol=0, atol=1e-5)
+    np.testing.assert_allclose(scores["squeeze"],
+                               direct_squeeze_scores(model, images, d["squeeze"]),
+                               rtol=0, atol=1e-5)
+    assert screener.runner.one_pass
     with torch.no_grad():
         logits = model(images)
     np.testing.assert_allclose(features.logits, logits.numpy(), rtol=1e-5, atol=1e-5)
