@@ -8,14 +8,24 @@ configs following the `Attack` protocol:
   smallest successful epsilon on a grid (`single_step`).
 - `OnePixel`, `ThreePixel`, `FivePixel`: differential evolution over the positions and values
   of 1, 3 or 5 pixels (`one_pixel`).
-- `DeepFool`, `Boundary`, `PGD`, `BIM` and `CarliniWagner`: foolbox 3's attacks
-  (`foolbox_attacks`); PGD and BIM with each image's smallest successful epsilon on a grid.
+- `DeepFool`, `Boundary`, `PGD`, `BIM`, `MIFGSM` and `CarliniWagner`: foolbox 3's attacks
+  (`foolbox_attacks`); PGD, BIM and MI-FGSM with each image's smallest successful epsilon on a
+  grid.
+- `LBFGS`: Szegedy et al.'s box-constrained L-BFGS on SciPy's L-BFGS-B (`lbfgs`).
 
 Adversarial sets (`sets`) are generated resumably, in shards.
 """
 
 from frmap.engine.attacks.base import Attack, AttackResult, check_inputs, run_attack
-from frmap.engine.attacks.foolbox_attacks import BIM, PGD, Boundary, CarliniWagner, DeepFool
+from frmap.engine.attacks.foolbox_attacks import (
+    BIM,
+    MIFGSM,
+    PGD,
+    Boundary,
+    CarliniWagner,
+    DeepFool,
+)
+from frmap.engine.attacks.lbfgs import LBFGS
 from frmap.engine.attacks.one_pixel import FivePixel, OnePixel, ThreePixel
 from frmap.engine.attacks.registry import ATTACKS, PAPER_ATTACKS, make_attack
 from frmap.engine.attacks.sets import (
@@ -31,6 +41,8 @@ __all__ = [
     "ATTACKS",
     "BIM",
     "FGSM",
+    "LBFGS",
+    "MIFGSM",
     "PGD",
     "L2_EPSILONS",
     "LINF_EPSILONS",

@@ -1,8 +1,8 @@
 """foolbox's attacks: DeepFool (`L2DeepFoolAttack`), the decision-based `BoundaryAttack` (started
-from `LinearSearchBlendedUniformNoiseAttack`), the iterative Linf attacks PGD (`LinfPGD`) and BIM
-(`LinfBasicIterativeAttack`) with each image's smallest successful epsilon on a grid, and
-Carlini-Wagner L2 (`L2CarliniWagnerAttack`, whose binary search over its constant already looks
-for the smallest perturbation)."""
+from `LinearSearchBlendedUniformNoiseAttack`), the iterative Linf attacks PGD (`LinfPGD`), BIM
+(`LinfBasicIterativeAttack`) and MI-FGSM (`LinfMomentumIterativeFastGradientMethod`) with each
+image's smallest successful epsilon on a grid, and Carlini-Wagner L2 (`L2CarliniWagnerAttack`,
+whose binary search over its constant already looks for the smallest perturbation)."""
 
 from __future__ import annotations
 
@@ -166,6 +166,31 @@ class BIM(_LinfIterative):
     def _attack(self) -> foolbox.attacks.base.Attack:
         return foolbox.attacks.LinfBasicIterativeAttack(rel_stepsize=self.rel_stepsize,
                                                         steps=self.steps)
+
+
+@dataclass(frozen=True)
+class MIFGSM(_LinfIterative):
+    """foolbox's `LinfMomentumIterativeFastGradientMethod` (Dong et al. 2018; no random start,
+    step 0.2 of epsilon, 10 steps, momentum 1).
+
+    Each step moves by the step size times the sign of the accumulated gradient `g <- momentum *
+    g + sign(grad)`: foolbox accumulates the gradient's sign where Dong et al. accumulate the
+    gradient divided by its L1 norm.
+    """
+
+    name: ClassVar[str] = "mifgsm"
+    steps: int = 10
+    rel_stepsize: float = 0.2
+    momentum: float = 1.0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.momentum < 0:
+            raise ValueError(f"{self.name} needs momentum >= 0, got {self.momentum}")
+
+    def _attack(self) -> foolbox.attacks.base.Attack:
+        return foolbox.attacks.LinfMomentumIterativeFastGradientMethod(
+            momentum=self.momentum, rel_stepsize=self.rel_stepsize, steps=self.steps)
 
 
 @dataclass(frozen=True)

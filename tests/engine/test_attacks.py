@@ -17,6 +17,8 @@ from frmap.engine.attacks import (
     ATTACKS,
     BIM,
     FGSM,
+    LBFGS,
+    MIFGSM,
     PGD,
     Boundary,
     CarliniWagner,
@@ -45,6 +47,8 @@ SMALL = {
     "pgd": PGD(steps=10),
     "bim": BIM(),
     "cw": CarliniWagner(binary_search_steps=3, steps=50),
+    "mifgsm": MIFGSM(),
+    "lbfgs": LBFGS(search_steps=6, maxiter=30),
 }
 PIXELS = {"one_pixel": 1, "three_pixel": 3, "five_pixel": 5}
 
@@ -145,7 +149,7 @@ def test_attack_succeeds_within_its_constraint(name, channels):
     assert (predict(model, adv[ok])[0] != y[ok]).all()
     delta = (adv - x)[ok].flatten(1).double()
     eps = result.epsilon[ok]
-    if name in ("fgsm", "pgd", "bim"):
+    if name in ("fgsm", "pgd", "bim", "mifgsm"):
         assert (delta.abs().amax(1) <= eps + 1e-6).all()
         grid = torch.tensor(attack.epsilons, dtype=torch.float32)  # FGSM's grid is float32
         assert torch.isin(eps.float(), grid).all()
@@ -162,11 +166,14 @@ def test_attack_succeeds_within_its_constraint(name, channels):
 def _foolbox_linf(attack, name: str) -> foolbox.attacks.base.Attack:
     if name == "pgd":
         return foolbox.attacks.LinfPGD(rel_stepsize=attack.rel_stepsize, steps=attack.steps)
+    if name == "mifgsm":
+        return foolbox.attacks.MIFGSM(momentum=attack.momentum, rel_stepsize=attack.rel_stepsize,
+                                      steps=attack.steps)
     return foolbox.attacks.LinfBasicIterativeAttack(rel_stepsize=attack.rel_stepsize,
                                                     steps=attack.steps)
 
 
-@pytest.mark.parametrize("name", ["pgd", "bim"])
+@pytest.mark.parametrize("name", ["pgd", "bim", "mifgsm"])
 def test_iterative_minimal_epsilon_is_foolbox_sweep(name):
     """Each image's adversarial is foolbox's own at the smallest epsilon of its sweep that
     succeeds (same seed: PGD's random start draws from torch's generator)."""
@@ -336,6 +343,12 @@ def test_bad_configs_raise():
         PGD(steps=0)
     with pytest.raises(ValueError, match="increasing"):
         BIM(epsilons=(0.1, 0.1))
+    with pytest.raises(ValueError, match="momentum >= 0"):
+        MIFGSM(momentum=-0.5)
+    with pytest.raises(ValueError, match="search_steps >= 1"):
+        LBFGS(search_steps=0)
+    with pytest.raises(ValueError, match="initial_const"):
+        LBFGS(initial_const=0.0)
     with pytest.raises(ValueError, match="increasing"):
         FGSM(epsilons=(0.2, 0.1))
     with pytest.raises(ValueError, match="positive"):
