@@ -1,4 +1,4 @@
-"""Conversions between the caller's arrays (numpy or torch) and what a backend computes on.
+"""Conversions between the caller's arrays (numpy, torch or DLPack) and what a backend computes on.
 
 torch is never imported here for numpy data: a tensor can only exist once its caller imported
 torch, so `is_tensor` looks it up in `sys.modules`.
@@ -7,6 +7,7 @@ torch, so `is_tensor` looks it up in `sys.modules`.
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -23,10 +24,43 @@ def is_tensor(x: object) -> bool:
     return torch is not None and isinstance(x, torch.Tensor)
 
 
+# DLPack device types (dlpack.h): memory the host can read.
+_DLPACK_HOST = (1, 3)  # kDLCPU, kDLCUDAHost
+
+
+def from_dlpack(x: object, name: str) -> tuple[Array | object, Callable[[Array], object]]:
+    """(x as numpy or torch, a function that turns a result back into x's kind).
+
+    numpy arrays and torch tensors pass through as they are. Any other array with `__dlpack__`
+    (CuPy, JAX, a cuCIM user's data) is imported without a copy: host memory as a numpy
+    array, device memory as a torch tensor on the same device (`torch.from_dlpack`); results
+    go back through the `from_dlpack` of the array's namespace (`__array_namespace__`, else
+    its top-level module, as `cupy.from_dlpack`), again without a copy. Other objects pass
+    through, for `check_array` to name.
+    """
+    if isinstance(x, np.ndarray) or is_tensor(x) or not hasattr(x, "__dlpack__"):
+        return x, _same
+    space = x.__array_namespace__() if hasattr(x, "__array_namespace__") else sys.modules[
+        type(x).__module__.partition(".")[0]]
+    if not hasattr(space, "from_dlpack"):
+        raise TypeError(f"{name} is a DLPack array, but its namespace {space.__name__} has no "
+                        "from_dlpack to return the result as the same kind of array")
+    if x.__dlpack_device__()[0] in _DLPACK_HOST:
+        return np.from_dlpack(x), space.from_dlpack
+    import torch
+
+    return torch.from_dlpack(x), space.from_dlpack
+
+
+def _same(x: Array) -> Array:
+    return x
+
+
 def check_array(x: object, name: str) -> None:
     """Raise TypeError unless `x` is a numpy array or a torch tensor."""
     if not (isinstance(x, np.ndarray) or is_tensor(x)):
-        raise TypeError(f"{name} must be a numpy array or a torch tensor, got {type(x).__name__}")
+        raise TypeError(f"{name} must be a numpy array, a torch tensor or a DLPack array, got "
+                        f"{type(x).__name__}")
 
 
 def dtype_name(x: Array) -> str:

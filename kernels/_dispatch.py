@@ -71,26 +71,25 @@ def _import(family: str, backend: str) -> ModuleType:
     return importlib.import_module(f"frmap.kernels.{_TABLE[family][backend]}")
 
 
-def _refusal(family: str, backend: str, data: object) -> str | None:
-    """Why `backend` does not take `data` (wrong device or dtype), or None when it does."""
-    device = data.device if is_tensor(data) else None
+def _refusal(family: str, backend: str, device: str | None, dtype: str) -> str | None:
+    """Why `backend` does not take data of `dtype` on `device` (None: a host array), or None
+    when it does."""
     if backend == "cpu" and family in ("relu", "pooling"):
-        if device.type != "cpu" or str(data.dtype) not in ("torch.float32", "torch.float64"):
-            return (f"the cpu backend takes float32/float64 CPU tensors, got {data.dtype} on "
-                    f"{device}")
-    elif backend == "cpu" and device is not None and device.type != "cpu":
+        if device != "cpu" or dtype not in ("torch.float32", "torch.float64"):
+            return f"the cpu backend takes float32/float64 CPU tensors, got {dtype} on {device}"
+    elif backend == "cpu" and device not in (None, "cpu"):
         return f"the cpu backend takes CPU data, got a tensor on {device}"
-    elif backend == "triton" and not _on_cuda(data) and not interpreting():
+    elif backend == "triton" and not _on_cuda(device) and not interpreting():
         return "the triton backend takes CUDA tensors (or CPU tensors with TRITON_INTERPRET=1)"
     return None
 
 
-def _on_cuda(data: object) -> bool:
-    return is_tensor(data) and data.is_cuda
+def _on_cuda(device: str | None) -> bool:
+    return device is not None and device.startswith("cuda")
 
 
-def _runs(family: str, backend: str, data: object) -> bool:
-    return (_refusal(family, backend, data) is None
+def _runs(family: str, backend: str, device: str | None, dtype: str) -> bool:
+    return (_refusal(family, backend, device, dtype) is None
             and unavailable_reason(backend, family) is None)
 
 
@@ -113,14 +112,22 @@ def resolve_backend(backend: str, data: object, *, family: str = "entropy") -> s
         ValueError: unknown backend, or a named backend that does not take `data`.
         RuntimeError: a named backend that is not installed or built here.
     """
+    device = str(data.device) if is_tensor(data) else None
+    return resolve_for(backend, family, device, str(data.dtype))
+
+
+def resolve_for(backend: str, family: str, device: str | None, dtype: str) -> str:
+    """`resolve_backend` for data of `dtype` (as str() spells it) on `device` (str() of a
+    tensor's device; None for a host array)."""
     check_backend(backend, family)
     if backend == "auto":
-        if _on_cuda(data) and "triton" in _TABLE[family] and _runs(family, "triton", data):
+        if (_on_cuda(device) and "triton" in _TABLE[family]
+                and _runs(family, "triton", device, dtype)):
             return "triton"
-        if _runs(family, "cpu", data):
+        if _runs(family, "cpu", device, dtype):
             return "cpu"
         backend = next(iter(_TABLE[family]))
-    if reason := _refusal(family, backend, data):
+    if reason := _refusal(family, backend, device, dtype):
         raise ValueError(reason)
     if reason := unavailable_reason(backend, family):
         raise RuntimeError(f"the {backend} backend is unavailable: {reason}")

@@ -15,6 +15,8 @@ import warnings
 
 import numpy as np
 
+from ._arrays import footprint_array
+
 RANK_DTYPES = ("uint8", "uint16")
 
 
@@ -77,6 +79,11 @@ def img_as_ubyte(image: np.ndarray, name: str = "image") -> np.ndarray:
     else:
         scaled = image // image.dtype.type(2 ** (bits - 8))
     return np.maximum(scaled, 0).astype(np.uint8)
+
+
+def rank_footprint(footprint: object, shifts: tuple[int, int, int]) -> np.ndarray:
+    """The validated 2-D or 3-D footprint (uint8), padded for `shifts` (`shifted_footprint`)."""
+    return shifted_footprint(footprint_array(footprint, ndims=(2, 3)), shifts)
 
 
 def shifted_footprint(footprint: np.ndarray, shifts: tuple[int, int, int]) -> np.ndarray:

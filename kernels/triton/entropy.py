@@ -52,6 +52,11 @@ cuda`, which prints these estimates beside the measured rates) checks it.
 Levels: uint8 images are read as they are; uint16 as int32. The sliding kernel's histogram has
 max + 1 bins (256 for uint8; one device-to-host read of the maximum for uint16), its scratch is
 capped per launch (waves of lanes), and its counts are uint8, int16 or int32 by K.
+
+Launches go through `torch.library.wrap_triton`, so that torch.compile sees these kernels
+inside the registered operators (`frmap.kernels.torch_ops`); while it traces, the host tables
+become constants of the graph and uint16 images get 65536 bins (their maximum is data). No
+float product feeds a sum here, so contraction into FMAs cannot change a value.
 """
 
 from __future__ import annotations
@@ -65,6 +70,8 @@ import numpy as np
 import torch
 import triton
 import triton.language as tl
+from torch._subclasses.fake_tensor import is_fake
+from torch.library import wrap_triton
 
 from ._launch import block_size, grid
 
@@ -240,9 +247,9 @@ def _fixed_log2(p: int, shift: int) -> int:
 
 
 @lru_cache(maxsize=64)
-def _tables(k: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """(T, D, 2^s) for windows of up to k pixels, built once per (k, device): T[c] = c L[c]
-    for c <= k + 1 and D[c] = T[c + 1] - T[c] (int64), where L[c] ~ log2 c * 2^s is built
+def _tables(k: int) -> tuple[np.ndarray, np.ndarray, float]:
+    """(T, D, 2^s) for windows of up to k pixels, built once per k: T[c] = c L[c] for
+    c <= k + 1 and D[c] = T[c + 1] - T[c] (int64), where L[c] ~ log2 c * 2^s is built
     additively from c's prime factors (L[2] = 2^s exactly, each odd prime rounded once)."""
     shift = 61 - math.ceil(math.log2((k + 2) * math.log2(k + 2)))  # T[k + 1] < 2^61
     smallest = list(range(k + 2))  # smallest prime factor of each c
@@ -255,8 +262,21 @@ def _tables(k: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, f
         p = smallest[c]
         logs[c] = logs[c // p] + _fixed_log2(p, shift)
     t = np.array([c * logs[c] for c in range(k + 2)], dtype=np.int64)
-    return (torch.from_numpy(t).to(device), torch.from_numpy(np.diff(t)).to(device),
-            2.0**shift)
+    return t, np.diff(t), 2.0**shift
+
+
+@lru_cache(maxsize=128)
+def _cached_on_device(table: bytes, dtype: str, shape: tuple[int, ...],
+                      device: torch.device) -> torch.Tensor:
+    return torch.from_numpy(np.frombuffer(table, dtype=dtype).reshape(shape).copy()).to(device)
+
+
+def _on_device(table: np.ndarray, like: torch.Tensor) -> torch.Tensor:
+    """A host table on `like`'s device: cached for real tensors; made afresh while torch.compile
+    or torch.export traces (fake tensors), where it becomes a constant of the graph."""
+    if is_fake(like):
+        return torch.from_numpy(table).to(like.device)
+    return _cached_on_device(table.tobytes(), table.dtype.str, table.shape, like.device)
 
 
 def _offsets(footprint: np.ndarray) -> tuple[tuple[int, ...], tuple[int, ...]]:
@@ -267,14 +287,12 @@ def _offsets(footprint: np.ndarray) -> tuple[tuple[int, ...], tuple[int, ...]]:
 
 
 @lru_cache(maxsize=64)
-def _walk_tables(fp_bytes: bytes, shape: tuple[int, int],
-                 device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Device tables of the sliding kernel, built once per (footprint, device): [K, 2] window
-    offsets and [R, 3] (dy, dx entering, dx leaving) per run of set pixels in a footprint row."""
-    fp = np.frombuffer(fp_bytes, dtype=np.uint8).reshape(shape)
-    dy, dx = _offsets(fp)
-    offs = torch.tensor(list(zip(dy, dx, strict=True)), dtype=torch.int32, device=device)
-    return offs, torch.tensor(_runs(fp), dtype=torch.int32, device=device)
+def _walk_tables(fp_bytes: bytes, shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """Host tables of the sliding kernel, built once per footprint: [K, 2] window offsets and
+    [R, 3] (dy, dx entering, dx leaving) per run of set pixels in a footprint row, int32."""
+    footprint = np.frombuffer(fp_bytes, dtype=np.uint8).reshape(shape)
+    offs = np.array(list(zip(*_offsets(footprint), strict=True)), dtype=np.int32)
+    return offs, np.array(_runs(footprint), dtype=np.int32).reshape(-1, 3)
 
 
 def _runs(footprint: np.ndarray) -> list[tuple[int, int, int]]:
@@ -306,14 +324,15 @@ def _pairwise(images: torch.Tensor, mask: torch.Tensor | None, footprint: np.nda
               out_dtype: torch.dtype | None) -> torch.Tensor:
     n, h, w = images.shape
     dy, dx = _offsets(footprint)
-    t, d, scale = _tables(len(dy), images.device)
+    t, d, scale = _tables(len(dy))
+    t, d = _on_device(t, images), _on_device(d, images)
     block, n_blocks = grid(h * w, images.device, _PAIRWISE_GPU_BLOCK)
     mean = out_dtype is None
     shape = (n, n_blocks) if mean else (n, h, w)
     out = torch.empty(shape, dtype=torch.float64 if mean else out_dtype, device=images.device)
-    _pairwise_kernel[(n * n_blocks,)](
+    wrap_triton(_pairwise_kernel)[(n * n_blocks,)](
         images, mask, t, d, out, h, w, n_blocks, DY=dy, DX=dx, K=len(dy), SCALE=scale,
-        MEAN=mean, BLOCK=block, num_warps=4, enable_fp_fusion=False,
+        MEAN=mean, BLOCK=block, num_warps=4,
     )
     return out.sum(dim=1) / (h * w) if mean else out
 
@@ -322,12 +341,15 @@ def _sliding(images: torch.Tensor, mask: torch.Tensor | None, footprint: np.ndar
              out_dtype: torch.dtype | None) -> torch.Tensor:
     n, h, w = images.shape
     device = images.device
-    offs, runs = _walk_tables(footprint.tobytes(), footprint.shape, device)
+    offs, runs = _walk_tables(footprint.tobytes(), footprint.shape)
     k = len(offs)
-    t, d, scale = _tables(k, device)
+    t, d, scale = _tables(k)
+    offs, runs, t, d = (_on_device(table, images) for table in (offs, runs, t, d))
     seg, segments = _segments(n, h, w)
     total = n * h * segments
-    bins = 256 if images.dtype == torch.uint8 else int(images.max()) + 1
+    # uint16: max + 1 bins, read from the images, except while tracing (no data): all 65536
+    bins = 256 if images.dtype == torch.uint8 else 65536 if is_fake(images) else int(
+        images.max()) + 1
     count_dtype = _count_dtype(k)
     per_wave = _SCRATCH_BYTES // (bins * count_dtype.itemsize) // _SLIDING_BLOCK * _SLIDING_BLOCK
     per_wave = min(max(_SLIDING_BLOCK, per_wave), total)
@@ -337,10 +359,10 @@ def _sliding(images: torch.Tensor, mask: torch.Tensor | None, footprint: np.ndar
                       device=device)
     for lane0 in range(0, total, per_wave):
         hist = torch.zeros(bins * per_wave, dtype=count_dtype, device=device)
-        _sliding_kernel[(triton.cdiv(per_wave, block),)](
+        wrap_triton(_sliding_kernel)[(triton.cdiv(per_wave, block),)](
             images, mask, hist, offs, runs, t, d, out, h, w, k, len(runs), seg, segments,
             lane0, per_wave, total, SCALE=scale, MEAN=mean, BLOCK=block,
-            num_warps=_SLIDING_WARPS, num_stages=1, enable_fp_fusion=False,
+            num_warps=_SLIDING_WARPS, num_stages=1,
         )
     return out.view(n, h * segments).sum(dim=1) / (h * w) if mean else out
 

@@ -372,7 +372,7 @@ def test_property_shifts_match_skimage(case):
         ({"shift_y": -2}, ValueError, "shift_y=-2"),
         ({"shift_z": 1}, ValueError, "shift_z needs a 3-D footprint"),
         ({"image": np.zeros((0, 4), np.uint8)}, ValueError, "empty spatial shape"),
-        ({"image": [[1, 2], [3, 4]]}, TypeError, "numpy array or a torch tensor"),
+        ({"image": [[1, 2], [3, 4]]}, TypeError, "numpy array, a torch tensor or a DLPack array"),
         ({"footprint": np.zeros((3, 3))}, ValueError, "selects no pixel"),
         ({"footprint": np.full((3, 3), 2)}, ValueError, "binary"),
         ({"footprint": np.ones((3, 3, 1, 1))}, ValueError, "2-D or 3-D"),

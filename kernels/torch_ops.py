@@ -1,0 +1,134 @@
+"""The entropy ops as torch operators, so that torch.compile and torch.export take them whole.
+
+Two operators per backend, `frmap::local_entropy_<backend>` and
+`frmap::mean_local_entropy_<backend>`:
+
+| backend | registered with | runs |
+|---|---|---|
+| cpu | `torch.library.custom_op` (opaque) | the C++ kernels on CPU tensors |
+| reference | `custom_op` (opaque) | scikit-image on host copies, any device |
+| triton | `torch.library.triton_op` | the Triton kernels through `wrap_triton`, seen by compile |
+
+Each takes validated [N, H, W] (or [N, D, H, W], not triton) uint8/uint16 contiguous images,
+the footprint as its flattened 0/1 values and its shape (constants of a compiled graph, as the
+Triton kernels need them), an optional uint8 mask of the images' shape, and (local_entropy)
+the output dtype. `frmap.kernels.local_entropy` and `mean_local_entropy` call them for tensors,
+in eager mode too, so compiled and eager results are the same numbers.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch.library import custom_op, triton_op
+
+from ._dispatch import resolve_for
+from ._rank_input import rank_footprint
+
+
+@torch.compiler.assume_constant_result
+def backend_constant(backend: str, device: str, dtype: str) -> str:
+    """The entropy backend for a tensor of `dtype` on `device` (`resolve_for`), decided once
+    while a graph is traced (the decision imports modules, which torch.compile cannot trace)."""
+    return resolve_for(backend, "entropy", device, dtype)
+
+
+@torch.compiler.assume_constant_result
+def footprint_constant(footprint: object,
+                       shifts: tuple[int, int, int]) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """(flattened 0/1 values, shape) of the validated, shifted footprint (`rank_footprint`).
+
+    Under torch.compile a numpy footprint would be a graph input whose values no kernel may
+    depend on when it is traced (the Triton kernels unroll over them); this function runs once
+    while the graph is traced, and its result is a constant of the graph.
+    """
+    fp = rank_footprint(footprint, shifts)
+    return tuple(fp.ravel().tolist()), fp.shape
+
+
+def _footprint(values: list[int], shape: list[int]) -> np.ndarray:
+    return np.asarray(values, dtype=np.uint8).reshape(shape)
+
+
+def _numpy_dtype(dtype: torch.dtype) -> np.dtype:
+    return np.dtype(str(dtype).removeprefix("torch."))
+
+
+def _on_host(module, op: str, images: torch.Tensor, footprint: list[int], shape: list[int],
+             mask: torch.Tensor | None, *out_dtype: torch.dtype) -> torch.Tensor:
+    """`module.<op>` (a numpy backend) on the tensors' host copies (views on the CPU), the
+    result on the images' device."""
+    host_mask = None if mask is None else mask.cpu().numpy()
+    out = getattr(module, op)(images.cpu().numpy(), _footprint(footprint, shape), host_mask,
+                              *map(_numpy_dtype, out_dtype))
+    return torch.from_numpy(out).to(images.device)
+
+
+def _local_entropy_fake(images: torch.Tensor, footprint: list[int], shape: list[int],
+                        mask: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
+    return images.new_empty(images.shape, dtype=out_dtype)
+
+
+def _mean_fake(images: torch.Tensor, footprint: list[int], shape: list[int],
+               mask: torch.Tensor | None) -> torch.Tensor:
+    return images.new_empty(images.shape[:1], dtype=torch.float64)
+
+
+@custom_op("frmap::local_entropy_cpu", mutates_args=(), device_types="cpu")
+def local_entropy_cpu(images: torch.Tensor, footprint: list[int], shape: list[int],
+                      mask: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
+    from . import cpu
+
+    return _on_host(cpu, "local_entropy", images, footprint, shape, mask, out_dtype)
+
+
+@custom_op("frmap::mean_local_entropy_cpu", mutates_args=(), device_types="cpu")
+def mean_local_entropy_cpu(images: torch.Tensor, footprint: list[int], shape: list[int],
+                           mask: torch.Tensor | None) -> torch.Tensor:
+    from . import cpu
+
+    return _on_host(cpu, "mean_local_entropy", images, footprint, shape, mask)
+
+
+@custom_op("frmap::local_entropy_reference", mutates_args=())
+def local_entropy_reference(images: torch.Tensor, footprint: list[int], shape: list[int],
+                            mask: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
+    from . import reference
+
+    return _on_host(reference, "local_entropy", images, footprint, shape, mask, out_dtype)
+
+
+@custom_op("frmap::mean_local_entropy_reference", mutates_args=())
+def mean_local_entropy_reference(images: torch.Tensor, footprint: list[int], shape: list[int],
+                                 mask: torch.Tensor | None) -> torch.Tensor:
+    from . import reference
+
+    return _on_host(reference, "mean_local_entropy", images, footprint, shape, mask)
+
+
+@triton_op("frmap::local_entropy_triton", mutates_args=())
+def local_entropy_triton(images: torch.Tensor, footprint: list[int], shape: list[int],
+                         mask: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
+    from .triton import entropy
+
+    return entropy.local_entropy(images, _footprint(footprint, shape), mask,
+                                 _numpy_dtype(out_dtype))
+
+
+@triton_op("frmap::mean_local_entropy_triton", mutates_args=())
+def mean_local_entropy_triton(images: torch.Tensor, footprint: list[int], shape: list[int],
+                              mask: torch.Tensor | None) -> torch.Tensor:
+    from .triton import entropy
+
+    return entropy.mean_local_entropy(images, _footprint(footprint, shape), mask)
+
+
+for _backend in ("cpu", "reference", "triton"):
+    torch.library.register_fake(f"frmap::local_entropy_{_backend}", _local_entropy_fake)
+    torch.library.register_fake(f"frmap::mean_local_entropy_{_backend}", _mean_fake)
+
+
+def operator(op: str, backend: str) -> torch._ops.OpOverloadPacket:
+    """The registered operator of `op` ("local_entropy" or "mean_local_entropy") on
+    `backend` ("cpu", "reference" or "triton")."""
+    return getattr(torch.ops.frmap, f"{op}_{backend}")
