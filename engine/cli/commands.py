@@ -66,8 +66,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
         screener_path=out / "screener.frmap", progress=True)
     print(f"\nThe screener's candidates (AUC / detection rate at FPR 5%; combined: logistic "
           f"regression on {len(report.images['combiner'])} train images):")
-    print(comparison_table(report.results))
-    _print_screener(report.screener, str(out / "screener.frmap"))
+    print(comparison_table(report.results, report.costs))
+    _print_screener(report.screener, str(out / "screener.frmap"), report.screener_cost)
     return 0
 
 
@@ -114,8 +114,12 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         attack_limit=args.limit,
         train_limit=args.limit, batch_size=args.batch_size, seed=args.seed,
         adaptive=None if args.adaptive is None else AdaptiveConfig(epsilon=args.adaptive),
+        max_cost=args.max_cost,
     )
     calibration, test = _evaluation_splits(args, model)
+    if args.max_cost is not None and not args.save_screener:
+        raise ValueError("--max-cost chooses the saved screener's detectors: give "
+                         "--save-screener FILE too")
     if comparison.detectors == ("entropy",) and not args.save_screener:
         return _study(args, model, calibration, test, config)
     train = _train_split(args, model)
@@ -125,13 +129,13 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                                screener_path=args.save_screener, progress=True)
     print(f"\nDetector comparison (AUC / detection rate at FPR 5%; {comparison.footprint} entropy;"
           f" combined: logistic regression on {len(report.images['combiner'])} train images):")
-    print(comparison_table([*report.results, *report.per_layer, *report.unseen]))
+    print(comparison_table([*report.results, *report.per_layer, *report.unseen], report.costs))
     if report.best_layer:
         print("\nbest single layer (mean AUC over the measured attacks): " + ", ".join(
             f"{name} {layer}" for name, layer in report.best_layer.items()))
     print(f"\nwrote {args.out}/: " + ", ".join(Path(f).name for f in report.files.values()))
     if args.save_screener:
-        _print_screener(report.screener, args.save_screener)
+        _print_screener(report.screener, args.save_screener, report.screener_cost)
     return 0
 
 
@@ -147,8 +151,9 @@ def _study(args: argparse.Namespace, model: NamedModel, calibration, test, confi
                              scorer=scorer)
 
 
-def _print_screener(detectors: tuple[str, ...], path: str) -> None:
-    print(f"\nscreener: {' '.join(detectors)} -> {path}; use it with\n"
+def _print_screener(detectors: tuple[str, ...], path: str, cost: float | None) -> None:
+    print(f"\nscreener: {' '.join(detectors)} ({cost:.2f} forward passes a screen) -> {path}; "
+          "use it with\n"
           f"  frmap score --screener {path} IMAGES...\n"
           f"  frmap serve --screener {path}")
 

@@ -68,6 +68,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--save-screener", metavar="FILE",
                    help="save the best detector set found (the combination or one detector), "
                         "calibrated, as a screener file for frmap score / frmap serve")
+    p.add_argument("--max-cost", type=float, metavar="X",
+                   help="with --save-screener: the best set among those whose screen costs at "
+                        "most X forward passes of the classifier (measured; the table's cost "
+                        "column)")
     p.add_argument("--out", default=str(DEFAULT_OUT), help="output folder (default frmap-out)")
     add_ray_args(p, "score the study's clean and adversarial images")
     p.set_defaults(run=commands.cmd_evaluate)

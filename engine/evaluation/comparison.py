@@ -38,7 +38,7 @@ Everything it writes lands in `out_dir`, each file atomically.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -80,6 +80,13 @@ from frmap.engine.evaluation.adaptive import (
     squeeze_surrogate,
     standardised,
     summed,
+)
+from frmap.engine.evaluation.costs import (
+    cheapest_within,
+    detector_costs,
+    detector_sets,
+    mean_of,
+    set_cost,
 )
 from frmap.engine.evaluation.figures import roc_figure
 from frmap.engine.evaluation.metrics import (
@@ -125,6 +132,8 @@ class ComparisonConfig:
             the combination and for the networks' epoch choice.
         batch_size: images per pass through the model.
         seed: seeds the attacks and the division of the train images.
+        max_cost: the saved screener's budget: the best set among those whose screen costs at
+            most this many forward passes of the classifier (None: any cost).
     """
 
     detectors: tuple[str, ...] = DETECTORS
@@ -148,6 +157,7 @@ class ComparisonConfig:
     validation_fraction: float = 0.2
     batch_size: int = 64
     seed: int = 0
+    max_cost: float | None = None
 
     def __post_init__(self) -> None:
         unknown = [d for d in self.detectors if d not in DETECTORS]
@@ -160,6 +170,9 @@ class ComparisonConfig:
         if not (0 < self.combiner_fraction and 0 < self.validation_fraction
                 and self.combiner_fraction + self.validation_fraction < 1):
             raise ValueError("the combiner and validation fractions must be > 0, sum below 1")
+        if self.max_cost is not None and not self.max_cost >= 1:
+            raise ValueError(f"max_cost is in forward passes and at least 1 (the classifier's "
+                             f"own), got {self.max_cost}")
 
 
 @dataclass(frozen=True)
@@ -182,6 +195,9 @@ class ComparisonReport:
         files: what was written, by kind.
         screener: the detectors of the saved screener ("combined" first where it combines
             them), empty where none was saved.
+        costs: each detector's screen, and "combined" (all of them), in forward passes of the
+            classifier on `batch_size` calibration images (`frmap.engine.evaluation.costs`).
+        screener_cost: the saved screener's cost in forward passes (None: none saved).
     """
 
     model: str
@@ -196,6 +212,8 @@ class ComparisonReport:
     images: dict[str, list[int]]
     files: dict[str, str]
     screener: tuple[str, ...] = ()
+    costs: dict[str, float] = field(default_factory=dict)
+    screener_cost: float | None = None
 
 
 @dataclass(frozen=True)
@@ -480,35 +498,56 @@ def compare_detectors(
     per_layer = _per_layer_rows(data, layers, knn, subject, config, detectors)
     unseen = _unseen_rows(data, evolution, subject.identity, config, training, progress)
     files = _write(out, results, per_layer, unseen, scores, data.attacks)
+    extra = detector_costs(subject, detectors,
+                           data.evaluated["calibration"].images[:config.batch_size],
+                           layers=collected)
+    costs = {name: set_cost(extra, [name]) for name in detectors}
+    costs[COMBINED] = set_cost(extra, list(detectors))
     chosen: tuple[str, ...] = ()
+    screener_cost = None
     if screener_path is not None:
-        screener = _best_screener(subject, detectors, combiner, scores, results, config)
+        screener = _best_screener(subject, detectors, combiner, scores, data, extra, config)
         files["screener"] = str(screener.save(screener_path))
         chosen = (*(["combined"] if screener.combiner else []), *screener.detectors)
+        screener_cost = set_cost(extra, list(screener.detectors))
     images = {role: i.tolist() for role, i in data.ids.items()}
     images |= {"calibration": data.evaluated["calibration"].image.tolist(),
                "test": data.evaluated["clean"].image.tolist()}
     report = ComparisonReport(subject.identity, data.attack_stats, data.train_attack_stats,
                               results, per_layer, best_layers(per_layer), unseen, weights,
-                              training, images, files, chosen)
+                              training, images, files, chosen, costs, screener_cost)
     write_json(out / "comparison-report.json", asdict(report))
     return report
 
 
 def _best_screener(subject: Subject, detectors: dict[str, Detector], combiner: Combiner,
-                   scores: dict[str, dict[str, np.ndarray]], results: list[AttackEvaluation],
-                   config: ComparisonConfig) -> Screener:
-    """The combination or the single detector with the best mean AUC over the measured attacks
-    (all attacks where none is), as a calibrated screener."""
-    measured = {r.attack for r in results if r.measured} or {r.attack for r in results}
-    auc = {name: np.mean([r.auc for r in results if r.detector == name and r.attack in measured])
-           for name in (*detectors, COMBINED)}
-    best = max(auc, key=auc.__getitem__)
-    chosen = detectors if best == COMBINED else {best: detectors[best]}
-    screener = Screener(subject.model, chosen, preprocess=config.preprocess,
-                        combiner=combiner if best == COMBINED else None,
+                   scores: dict[str, dict[str, np.ndarray]], data: ComparisonData,
+                   costs: dict[str, float], config: ComparisonConfig) -> Screener:
+    """The detector set with the best mean AUC over the measured attacks (all attacks where
+    none is) among those costing at most `config.max_cost` forward passes, as a calibrated
+    screener: one detector alone, or a logistic regression over several (fitted on the
+    combiner images, as `combiner` is over all of them)."""
+    fpr = config.operating_fpr
+    rows = [r for n in detectors for r in attack_rows(n, scores[n], data.attacks, fpr)]
+    measured = {r.attack for r in rows if r.measured} or set(data.attacks)
+    combiners: dict[tuple[str, ...], Combiner | None] = {(name,): None for name in detectors}
+    fitted_on, adversarial = _combiner_inputs(detectors, data.combiner)
+    candidates = {}
+    for names in detector_sets(list(detectors)):
+        if len(names) == 1:
+            own = scores[names[0]]
+        else:
+            combiners[names] = combiner if len(names) == len(detectors) else \
+                Combiner.fit({n: fitted_on[n] for n in names}, adversarial)
+            own = {key: combiners[names]({n: scores[n][key] for n in names})
+                   for key in data.evaluated}
+        candidates[names] = mean_of([r.auc for r in attack_rows("", own, data.attacks, fpr)
+                                     if r.attack in measured])
+    best = cheapest_within(candidates, costs, config.max_cost)
+    screener = Screener(subject.model, {n: detectors[n] for n in best},
+                        preprocess=config.preprocess, combiner=combiners[best],
                         batch_size=config.batch_size)
-    return screener.calibrate_scores({n: scores[n]["calibration"] for n in chosen},
+    return screener.calibrate_scores({n: scores[n]["calibration"] for n in best},
                                      config.operating_fpr)
 
 
@@ -593,22 +632,32 @@ def combine_scores(detectors: dict[str, Detector], combiner: Sequence[Part]) -> 
     Raises:
         ValueError: the combiner images lack clean or adversarial versions.
     """
+    return Combiner.fit(*_combiner_inputs(detectors, combiner))
+
+
+def _combiner_inputs(detectors: dict[str, Detector], combiner: Sequence[Part]
+                     ) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """The detectors' scores of the combiner images, and which images are adversarial."""
     scores = {name: np.concatenate([d.score(p.screen) for p in combiner])
               for name, d in detectors.items()}
     adversarial = np.concatenate([np.full(len(p.image), p.attack != CLEAN) for p in combiner])
-    return Combiner.fit(scores, adversarial)
+    return scores, adversarial
 
 
-def comparison_table(results: Sequence[AttackEvaluation]) -> str:
+def comparison_table(results: Sequence[AttackEvaluation],
+                     costs: dict[str, float] | None = None) -> str:
     """A terminal table: rows detectors, columns attacks and their mean, cells "AUC / DR@5%"
     (the detection rate at the threshold calibrated to a 5% false-positive rate); an unmeasured
-    cell reads "too few to measure" and the mean is over the measured cells."""
+    cell reads "too few to measure" and the mean is over the measured cells. With `costs`, a
+    last column gives each row's screen cost in forward passes ("-" where none is known)."""
     attacks = list(dict.fromkeys(r.attack for r in results))
     detectors = list(dict.fromkeys(r.detector for r in results))
     cells = {(r.detector, r.attack): r for r in results}
     width = max(len("detector"), *map(len, detectors))
     cell = len(TOO_FEW)
     head = f"{'detector':{width}} " + " ".join(f"{a:>{cell}}" for a in [*attacks, "mean"])
+    if costs is not None:
+        head += f" {'cost':>5}"
     lines = [head, "-" * len(head)]
     for name in detectors:
         rows = [cells.get((name, a)) for a in attacks]
@@ -618,5 +667,8 @@ def comparison_table(results: Sequence[AttackEvaluation]) -> str:
         line.append(f"{np.mean([r.auc for r in measured]):.3f} / "
                     f"{np.mean([r.detection_rate[_DR_KEY] for r in measured]):.3f}"
                     if measured else TOO_FEW)
-        lines.append(f"{name:{width}} " + " ".join(f"{c:>{cell}}" for c in line))
+        text = f"{name:{width}} " + " ".join(f"{c:>{cell}}" for c in line)
+        if costs is not None:
+            text += f" {f'{costs[name]:.2f}x' if name in costs else '-':>5}"
+        lines.append(text)
     return "\n".join(lines)

@@ -29,6 +29,7 @@ from frmap.engine.evaluation.comparison import (
     compare_detectors,
     comparison_table,
 )
+from frmap.engine.evaluation.costs import cheapest_within, detector_sets, set_cost
 from frmap.engine.evaluation.metrics import MIN_ADVERSARIALS, TOO_FEW, AttackEvaluation
 from frmap.engine.evaluation.metrics import table as metrics_table
 from frmap.engine.models.digits import load_digits_model, load_digits_split
@@ -241,9 +242,11 @@ def test_cli_evaluate_compares_detectors(tmp_path):
                     "--limit", "20", "--out", str(tmp_path))
     assert result.returncode == 0, result.stderr
     table = result.stdout.split("Detector comparison")[1].splitlines()
-    assert table[1].split() == ["detector", "fgsm", "mean"]
+    assert table[1].split() == ["detector", "fgsm", "mean", "cost"]
     assert [line.split()[0] for line in table[3:9]] == ["entropy", "knn", "squeeze", COMBINED,
                                                         "knn:features.4", "knn:features.9"]
+    assert all(line.split()[-1].endswith("x") for line in table[3:7])
+    assert table[7].split()[-1] == "-"  # a single layer's row is not a screen
     assert (tmp_path / "results.json").is_file() and (tmp_path / "comparison.csv").is_file()
     rows = json.loads((tmp_path / "comparison.json").read_text())
     assert np.isfinite([r["auc"] for r in rows]).all()
@@ -254,3 +257,46 @@ def test_cli_rejects_unknown_detector(tmp_path):
     assert result.returncode == 1
     assert "unknown detectors ['nope']" in result.stderr
     assert not any(tmp_path.iterdir())
+
+
+def test_costs_in_forward_passes(run):
+    """Each detector's screen and the combination's, in forward passes: at least the forward
+    pass itself, the combination at least any of its detectors, the screener's its set's."""
+    report, *_ = run
+    assert set(report.costs) == {*DETECTORS, COMBINED}
+    assert all(np.isfinite(c) and c >= 1.0 for c in report.costs.values())
+    assert report.costs[COMBINED] >= max(report.costs[d] for d in DETECTORS)
+    assert report.screener_cost >= 1.0
+    chosen = [d for d in report.screener if d != COMBINED]
+    assert report.screener_cost == pytest.approx(
+        1 + sum(report.costs[d] - 1 for d in chosen))
+
+
+def test_cheapest_within_a_budget():
+    costs = {"entropy": 1.5, "knn": 0.1, "squeeze": 3.0}
+    auc = {("entropy",): 0.9, ("knn",): 0.8, ("squeeze",): 0.85, ("entropy", "knn"): 0.95,
+           ("entropy", "knn", "squeeze"): 0.97}
+    assert cheapest_within(auc, costs, None) == ("entropy", "knn", "squeeze")
+    assert cheapest_within(auc, costs, 3.0) == ("entropy", "knn")  # costs 2.6
+    assert cheapest_within(auc, costs, 2.0) == ("knn",)
+    with pytest.raises(ValueError, match=r"the cheapest, knn, costs 1.10"):
+        cheapest_within(auc, costs, 1.05)
+    assert set_cost(costs, ("entropy", "knn")) == pytest.approx(2.6)
+    assert detector_sets(["a", "b", "c"]) == [("a",), ("b",), ("c",), ("a", "b"), ("a", "c"),
+                                              ("b", "c"), ("a", "b", "c")]
+    with pytest.raises(ValueError, match="max_cost"):
+        ComparisonConfig(max_cost=0.5)
+
+
+def test_table_cost_column():
+    lines = comparison_table([_row("knn", "fgsm", 0.9, 0.5), _row("lid", "fgsm", 0.8, 0.4)],
+                             {"knn": 1.25}).splitlines()
+    assert lines[0].split()[-1] == "cost"
+    assert lines[2].split()[-1] == "1.25x" and lines[3].split()[-1] == "-"
+
+
+def test_cli_max_cost_needs_a_screener(tmp_path):
+    result = _frmap("evaluate", "--detectors", "entropy,knn", "--max-cost", "2",
+                    "--out", str(tmp_path))
+    assert result.returncode == 1
+    assert "--max-cost chooses the saved screener's detectors" in result.stderr
