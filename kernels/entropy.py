@@ -89,6 +89,9 @@ def _entropy(op: str, images: Array, footprint: Array, mask: Array | None,
     """`op` ("local_entropy" or "mean_local_entropy") on [..., spatial] images: flattened to
     [N, spatial], run by the backend (its torch operator for tensors), unflattened."""
     check_array(images, name)
+    if backend == "triton" and not is_tensor(images):  # Triton computes on tensors
+        return for_caller(_entropy(op, for_backend(images, "triton"), footprint, mask, shifts,
+                                   backend, name, *out_dtype), images)
     if is_tensor(images):
         from . import torch_ops
 
