@@ -137,4 +137,9 @@ def resolve_for(backend: str, family: str, device: str | None, dtype: str) -> st
 def implementation(family: str, backend: str, data: object) -> tuple[str, ModuleType]:
     """The backend that runs `family`'s op on `data` (see `resolve_backend`), and its module."""
     name = resolve_backend(backend, data, family=family)
-    return name, _import(family, name)
+    return name, backend_module(family, name)
+
+
+def backend_module(family: str, backend: str) -> ModuleType:
+    """The module that implements `family` on `backend` (imported now)."""
+    return _import(family, backend)

@@ -105,7 +105,8 @@ def _entropy(op: str, images: Array, footprint: Array, mask: Array | None,
     spatial = images.shape[-ndim:]
     kept = images.shape if op == "local_entropy" else images.shape[:-ndim]
     if is_tensor(images):
-        backend = torch_ops.backend_constant(backend, str(images.device), str(images.dtype))
+        backend = torch_ops.backend_constant(backend, "entropy", str(images.device),
+                                             str(images.dtype))
     else:
         backend, module = implementation("entropy", backend, images)
     if ndim == 3 and backend == "triton":

@@ -21,8 +21,8 @@ from collections.abc import Sequence
 
 import torch
 
+from . import torch_ops
 from ._arrays import is_channels_last
-from ._dispatch import implementation
 
 
 def _pair(value: int | Sequence[int]) -> tuple[int, int]:
@@ -60,14 +60,14 @@ def max_pool_offsets(x: torch.Tensor, kernel_size: int | Sequence[int], *,
     kernel = _pair(kernel_size)
     x = _planes(x, "x")
     channels_last = is_channels_last(x)
-    _, impl = implementation("pooling", backend, x)
+    run = torch_ops.kernel("pooling", "max_pool", backend, x)
     n, c, h, w = x.shape
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     y = torch.empty(n, c, h // kernel[0], w // kernel[1], dtype=x.dtype, device=x.device,
                     memory_format=fmt)
     offsets = torch.empty(y.shape, dtype=torch.uint8, device=x.device, memory_format=fmt)
     if y.numel():
-        impl.max_pool(x, y, offsets, kernel, channels_last, dead_first)
+        run(x, y, offsets, kernel, channels_last, dead_first)
     return y, offsets
 
 
@@ -105,7 +105,7 @@ def max_unpool_offsets(r: torch.Tensor, offsets: torch.Tensor, kernel_size: int 
         offsets = offsets.contiguous()
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     r = r.contiguous(memory_format=fmt)
-    _, impl = implementation("pooling", backend, r)
+    run = torch_ops.kernel("pooling", "max_unpool", backend, r)
     shape = (*r.shape[:2], h, w)
     if out is None:
         out = torch.empty(shape, dtype=r.dtype, device=r.device, memory_format=fmt)
@@ -114,5 +114,5 @@ def max_unpool_offsets(r: torch.Tensor, offsets: torch.Tensor, kernel_size: int 
         raise ValueError(f"out must be a {fmt} {r.dtype} tensor of shape {shape} on {r.device}, "
                          f"got {out.dtype} of shape {tuple(out.shape)} on {out.device}")
     if out.numel():
-        impl.max_unpool(r, offsets, out, kernel, channels_last)
+        run(r, offsets, out, kernel, channels_last)
     return out

@@ -27,9 +27,10 @@ import torch
 from torch import nn
 from torch.autograd.function import once_differentiable
 
+from . import torch_ops
 from ._arrays import is_channels_last
 from ._constants import RULES
-from ._dispatch import check_backend, implementation
+from ._dispatch import check_backend
 
 
 @dataclass(frozen=True)
@@ -83,12 +84,12 @@ def relu_forward(x: torch.Tensor, rule: str, *, inplace: bool = False,
         if inplace:
             raise ValueError("inplace=True needs a contiguous or channels-last tensor")
         x = x.contiguous()
-    _, impl = implementation("relu", backend, x)
+    run = torch_ops.kernel("relu", "relu_forward", backend, x)
     y = x if inplace else torch.empty_like(x, memory_format=torch.preserve_format)
     bits = None
     if rule != "deconvnet":
         bits = torch.empty((x.numel() + 7) // 8, dtype=torch.uint8, device=x.device)
-    impl.relu_forward(_flat(x, channels_last), _flat(y, channels_last), bits)
+    run(_flat(x, channels_last), _flat(y, channels_last), bits)
     return y, None if bits is None else ReLUMask(bits, x.shape, channels_last)
 
 
@@ -119,10 +120,10 @@ def relu_backward(grad: torch.Tensor, mask: ReLUMask | None, rule: str, *, inpla
         channels_last = mask.channels_last
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     dense = grad.contiguous(memory_format=fmt)
-    _, impl = implementation("relu", backend, dense)
+    run = torch_ops.kernel("relu", "relu_backward", backend, dense)
     out = dense if inplace or dense is not grad else torch.empty_like(dense)
-    impl.relu_backward(_flat(dense, channels_last), None if mask is None else mask.bits,
-                       _flat(out, channels_last), rule)
+    run(_flat(dense, channels_last), None if mask is None else mask.bits,
+        _flat(out, channels_last), rule)
     return out
 
 

@@ -1,4 +1,4 @@
-"""The entropy ops as torch operators, so that torch.compile and torch.export take them whole.
+"""frmap's ops as torch operators, so that torch.compile and torch.export take them whole.
 
 Two operators per backend, `frmap::local_entropy_<backend>` and
 `frmap::mean_local_entropy_<backend>`:
@@ -14,23 +14,32 @@ the footprint as its flattened 0/1 values and its shape (constants of a compiled
 Triton kernels need them), an optional uint8 mask of the images' shape, and (local_entropy)
 the output dtype. `frmap.kernels.local_entropy` and `mean_local_entropy` call them for tensors,
 in eager mode too, so compiled and eager results are the same numbers.
+
+The ReLU rules' and pooling's kernels are operators too, one per backend, that write into
+outputs their caller allocated: `frmap::relu_forward_<backend>`, `relu_backward_<backend>`
+(cpu, torch, triton) and `max_pool_<backend>`, `max_unpool_<backend>` (cpu, torch). Their
+callers (`frmap.kernels.relu_rules`, `.pooling`) call them while torch.compile or torch.export
+traces (`kernel`), and the backend's function directly in eager mode: the reverse walk calls
+them dozens of times per image, and a registered call costs microseconds more.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import numpy as np
 import torch
 from torch.library import custom_op, triton_op
 
-from ._dispatch import resolve_for
+from ._dispatch import backend_module, implementation, resolve_for
 from ._rank_input import rank_footprint
 
 
 @torch.compiler.assume_constant_result
-def backend_constant(backend: str, device: str, dtype: str) -> str:
-    """The entropy backend for a tensor of `dtype` on `device` (`resolve_for`), decided once
+def backend_constant(backend: str, family: str, device: str, dtype: str) -> str:
+    """`family`'s backend for a tensor of `dtype` on `device` (`resolve_for`), decided once
     while a graph is traced (the decision imports modules, which torch.compile cannot trace)."""
-    return resolve_for(backend, "entropy", device, dtype)
+    return resolve_for(backend, family, device, dtype)
 
 
 @torch.compiler.assume_constant_result
@@ -132,3 +141,45 @@ def operator(op: str, backend: str) -> torch._ops.OpOverloadPacket:
     """The registered operator of `op` ("local_entropy" or "mean_local_entropy") on
     `backend` ("cpu", "reference" or "triton")."""
     return getattr(torch.ops.frmap, f"{op}_{backend}")
+
+
+# The walk's kernels: (family, schema, mutated arguments, backends).
+_WALK_OPS = {
+    "relu_forward": ("relu", "(Tensor x, Tensor(a!) y, Tensor(b!)? bits) -> ()", ("y", "bits"),
+                     ("cpu", "torch", "triton")),
+    "relu_backward": ("relu", "(Tensor g, Tensor? bits, Tensor(a!) out, str rule) -> ()",
+                      ("out",), ("cpu", "torch", "triton")),
+    "max_pool": ("pooling", "(Tensor x, Tensor(a!) y, Tensor(b!) offsets, int[] kernel, "
+                 "bool channels_last, bool dead_first) -> ()", ("y", "offsets"), ("cpu", "torch")),
+    "max_unpool": ("pooling", "(Tensor r, Tensor offsets, Tensor(a!) out, int[] kernel, "
+                   "bool channels_last) -> ()", ("out",), ("cpu", "torch")),
+}
+
+
+def _walk_op(family: str, op: str, backend: str) -> Callable[..., None]:
+    def run(*args: object) -> None:
+        getattr(backend_module(family, backend), op)(*args)
+
+    return run
+
+
+def _no_output(*args: object) -> None:
+    return None
+
+
+for _op, (_family, _schema, _mutated, _backends) in _WALK_OPS.items():
+    for _backend in _backends:
+        _register = triton_op if _backend == "triton" else custom_op
+        _registered = _register(f"frmap::{_op}_{_backend}", _walk_op(_family, _op, _backend),
+                                mutates_args=_mutated, schema=_schema)
+        _registered.register_fake(_no_output)
+
+
+def kernel(family: str, op: str, backend: str, data: torch.Tensor) -> Callable[..., None]:
+    """The kernel that runs `op` of `family` ("relu" or "pooling") on `data` for `backend`:
+    its registered operator while torch.compile or torch.export traces, else the backend's
+    function itself (the same computation, without the operator's microseconds per call)."""
+    if torch.compiler.is_compiling():
+        name = backend_constant(backend, family, str(data.device), str(data.dtype))
+        return getattr(torch.ops.frmap, f"{op}_{name}")
+    return getattr(implementation(family, backend, data)[1], op)

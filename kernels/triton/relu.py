@@ -16,6 +16,8 @@ backward reads the signal R and the mask bytes once, expands the bits in registe
     guided     R_in = bit and R > 0 ? R : 0
 
 in place when `out` aliases R. Offsets are int64, so tensors may exceed 2**31 elements.
+Launches go through `torch.library.wrap_triton`, so that torch.compile sees the kernels inside
+the registered operators (`frmap.kernels.torch_ops`).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from torch.library import wrap_triton
 
 from .._constants import RULE_CODES
 from ._launch import grid
@@ -80,7 +83,7 @@ def relu_forward(x: torch.Tensor, y: torch.Tensor, bits: torch.Tensor | None) ->
     if n == 0:
         return
     block, programs = grid(n, x.device, _BLOCK_GPU, least=8)
-    _relu_mask_fwd_kernel[(programs,)](
+    wrap_triton(_relu_mask_fwd_kernel)[(programs,)](
         x, y, x if bits is None else bits, n, triton.cdiv(n, 8),
         WRITE_MASK=bits is not None, BLOCK=block,
     )
@@ -93,7 +96,7 @@ def relu_backward(g: torch.Tensor, bits: torch.Tensor | None, out: torch.Tensor,
     if n == 0:
         return
     block, programs = grid(n, g.device, _BLOCK_GPU, least=8)
-    _relu_rule_bwd_kernel[(programs,)](
+    wrap_triton(_relu_rule_bwd_kernel)[(programs,)](
         g, g if bits is None else bits, out, n, triton.cdiv(n, 8),
         RULE=RULE_CODES[rule], BLOCK=block,
     )

@@ -1,6 +1,6 @@
-"""The entropy ops as registered torch operators: `torch.library.opcheck` on every operator, and
+"""frmap's ops as registered torch operators: `torch.library.opcheck` on every operator, and
 torch.compile(fullgraph=True) / torch.export of functions calling `local_entropy` and
-`mean_local_entropy` equal to eager mode exactly.
+`mean_local_entropy`, the ReLU rules and the offset pooling equal to eager mode exactly.
 
 Triton: CPU tensors through the interpreter run the operators eagerly and check their fake
 (meta) functions; the interpreter cannot be traced into, so a subprocess without it checks that
@@ -31,8 +31,11 @@ SLIDING = np.ones((3, 11), np.uint8)
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 CPU = pytest.param("cpu", marks=pytest.mark.needs_extension)
 OPS = ("local_entropy", "mean_local_entropy")
-# opcheck's tests that do not trace into the operator (the Triton interpreter cannot be traced)
-NOT_TRACING = ("test_schema", "test_autograd_registration", "test_faketensor")
+# opcheck's tests: all, and those that do not trace into the operator (the Triton interpreter
+# cannot be traced)
+ALL_UTILS = ("test_schema", "test_autograd_registration", "test_faketensor",
+             "test_aot_dispatch_dynamic")
+NOT_TRACING = ALL_UTILS[:3]
 
 
 def op_args(op: str, images: torch.Tensor, footprint: np.ndarray, masked: bool) -> tuple:
@@ -66,7 +69,7 @@ def test_opcheck_triton_operators(op, footprint, triton_device):
     for masked in (False, True):
         args = op_args(op, sample((2, 7, 9), device=triton_device), footprint, masked)
         torch.library.opcheck(torch_ops.operator(op, "triton"), args,
-                              test_utils=None if tracing else NOT_TRACING)
+                              test_utils=ALL_UTILS if tracing else NOT_TRACING)
 
 
 def _scores(images: torch.Tensor, mask: torch.Tensor, footprint: np.ndarray, backend: str):
@@ -165,3 +168,71 @@ def test_compile_sees_the_triton_kernels():
     for code in graphs:
         assert "triton_kernel_wrapper_functional" in code, code
         assert "frmap." not in code, code  # decomposed, not called as an opaque operator
+
+
+def walk_args(op: str, device: str) -> list[tuple]:
+    """Argument tuples of a walk operator on [2, 3, 8, 8] data (outputs allocated)."""
+    x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(2)).to(device)
+    flat, bits = x.view(-1), torch.empty(x.numel() // 8, dtype=torch.uint8, device=device)
+    pooled = torch.empty(2, 3, 4, 4, device=device)
+    offsets = torch.randint(0, 4, pooled.shape, dtype=torch.uint8, device=device)
+    return {
+        "relu_forward": [(flat, torch.empty_like(flat), b) for b in (bits, None)],
+        "relu_backward": [(flat, bits.random_(0, 256), torch.empty_like(flat), rule)
+                          for rule in ("gradient", "guided")],
+        "max_pool": [(x, pooled, offsets.clone(), [2, 2], False, dead) for dead in (False, True)],
+        "max_unpool": [(pooled.normal_(), offsets, torch.empty_like(x), [2, 2], False)],
+    }[op]
+
+
+@pytest.mark.parametrize(("op", "backend"), [
+    pytest.param(op, b, marks=pytest.mark.needs_extension if b == "cpu" else ())
+    for op in ("relu_forward", "relu_backward", "max_pool", "max_unpool")
+    for b in ("cpu", "torch")
+])
+def test_opcheck_walk_operators(op, backend):
+    for args in walk_args(op, "cpu"):
+        torch.library.opcheck(getattr(torch.ops.frmap, f"{op}_{backend}"), args)
+
+
+@pytest.mark.parametrize("op", ["relu_forward", "relu_backward"])
+def test_opcheck_triton_walk_operators(op, triton_device):
+    utils = ALL_UTILS if triton_device == "cuda" else NOT_TRACING
+    for args in walk_args(op, triton_device):
+        torch.library.opcheck(getattr(torch.ops.frmap, f"{op}_triton"), args, test_utils=utils)
+
+
+def _guided_walk(x: torch.Tensor) -> torch.Tensor:
+    """relu_rule, then a pool by offsets and its unpooling: the walk's ops, with autograd."""
+    y = K.relu_rule(x, "guided")
+    pooled, offsets = K.max_pool_offsets(y, 2, dead_first=True)
+    return K.max_unpool_offsets(pooled, offsets, 2, x.shape[-2:]) + y
+
+
+@pytest.mark.parametrize("device", [pytest.param("cpu", marks=pytest.mark.needs_extension),
+                                    pytest.param("cuda", marks=cuda)])
+def test_compile_relu_rule_and_pooling_equal_eager(device):
+    """The forward and the rule's backward of a compiled function equal eager mode's exactly."""
+    x = torch.randn(2, 4, 10, 10, generator=torch.Generator().manual_seed(3)).to(device)
+    grad = torch.randn(x.shape, generator=torch.Generator().manual_seed(4)).to(device)
+    grads = []
+    for fn in (_guided_walk, torch.compile(_guided_walk, fullgraph=True)):
+        leaf = x.clone().requires_grad_()
+        out = fn(leaf)
+        out.backward(grad)
+        grads.append((out.detach(), leaf.grad))
+    assert_same(grads[1], grads[0])
+
+
+def test_export_relu_and_pooling():
+    class Forward(torch.nn.Module):
+        def forward(self, x):
+            y, mask = K.relu_forward(x, "guided", backend="torch")
+            pooled, offsets = K.max_pool_offsets(y, 2, backend="torch")
+            return pooled, offsets, mask.bits
+
+    x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(5))
+    program = torch.export.export(Forward(), (x,))
+    called = {str(node.target) for node in program.graph.nodes if node.op == "call_function"}
+    assert {"frmap.relu_forward_torch.default", "frmap.max_pool_torch.default"} <= called
+    assert_same(program.module()(x), Forward()(x))
