@@ -22,6 +22,7 @@ import frmap.bench.machine as machine
 from frmap.bench.entropy import best_time
 from frmap.engine.data import load_digits_split, parse_footprint
 from frmap.engine.detectors import (
+    Detector,
     FeatureSqueezer,
     KNNConfig,
     KNNDetector,
@@ -41,7 +42,7 @@ from frmap.engine.detectors.distance_evolution import (
 )
 from frmap.engine.detectors.screen_pass import PassRunner, ScreenPass
 from frmap.engine.detectors.squeeze import DIGITS_SQUEEZERS
-from frmap.engine.models import load_digits_model
+from frmap.engine.models import load_digits_model, model_identity
 from frmap.engine.responses import ResponseEngine
 
 
@@ -67,25 +68,36 @@ def _evolution(model: torch.nn.Module, layers: tuple[str, ...]) -> dict[str, Exa
     return {"fit": fit, "validation": validation}
 
 
+def fitted_detectors(model: torch.nn.Module) -> dict[str, Detector]:
+    """Mahalanobis, LID and the distance-evolution networks fitted for the digits `model` on
+    the train split, with noisy copies as stand-in adversarials (`_evolution`)."""
+    layers = default_layers(model)
+    train = load_digits_split("train")
+    reference = collect_features(model, train.images, layers)
+    labels, identity = train.labels.numpy(), model_identity(model)
+    split = _evolution(model, layers)
+    return {
+        "mahalanobis": MahalanobisDetector.fit(reference, labels, split["fit"],
+                                               MahalanobisConfig(layers), model=identity),
+        "lid": LIDDetector.fit(split["fit"], LIDConfig(layers), model=identity),
+        **{f"distance-{net}": DistanceEvolutionDetector.fit(
+            reference, labels, split["fit"], split["validation"],
+            EvolutionConfig(layers, network=net, epochs=1), model=identity)
+           for net in ("lstm", "mlp")},
+    }
+
+
 def run(quick: bool = False) -> dict:
     """Fit every detector on the digits, time scoring the test split; return rows and machine."""
     model = load_digits_model()
     layers = default_layers(model)
     train, images = load_digits_split("train"), load_digits_split("test").images
     reference = collect_features(model, train.images, layers)
-    labels = train.labels.numpy()
-    split = _evolution(model, layers)
-    knn = KNNDetector.fit(reference, labels, KNNConfig(layers[-1], components=64, k=50))
-    mahalanobis = MahalanobisDetector.fit(reference, labels, split["fit"],
-                                          MahalanobisConfig(layers))
-    lid = LIDDetector.fit(split["fit"], LIDConfig(layers))
-    networks = {
-        f"distance-{net}": DistanceEvolutionDetector.fit(
-            reference, labels, split["fit"], split["validation"],
-            EvolutionConfig(layers, network=net, epochs=1),
-        )
-        for net in ("lstm", "mlp")
-    }
+    knn = KNNDetector.fit(reference, train.labels.numpy(),
+                          KNNConfig(layers[-1], components=64, k=50))
+    fitted = fitted_detectors(model)
+    mahalanobis, lid = fitted["mahalanobis"], fitted["lid"]
+    networks = {k: v for k, v in fitted.items() if k.startswith("distance-")}
     squeeze = FeatureSqueezer(DIGITS_SQUEEZERS)
     entropy = ResponseEngine(model, preprocess=None, batch_size=128)
     square3 = parse_footprint("square3")

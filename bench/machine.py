@@ -8,11 +8,29 @@ import platform
 import numpy as np
 import torch
 
+from frmap.engine.models.runtime import cpu_flags
+
+# the CPU flags that decide the speed of float32 and bfloat16 arithmetic
+_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
+
+
+def _cpu_model() -> str:
+    """`lscpu`'s model name (from /proc/cpuinfo), or what `platform` knows elsewhere."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            line = next((x for x in f if x.startswith("model name")), "")
+    except OSError:
+        line = ""
+    return line.partition(":")[2].strip() or platform.processor() or platform.machine()
+
 
 def describe() -> dict:
-    """CPU, cores, torch threads, load average now, CUDA device (or None), library versions."""
+    """CPU model and flags, cores, torch threads, load average now, CUDA device (or None),
+    library versions."""
+    flags = cpu_flags()
     return {
-        "cpu": platform.processor() or platform.machine(),
+        "cpu": _cpu_model(),
+        "cpu_flags": [f for f in _FLAGS if f in flags],
         "cores": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "load_average_1min": os.getloadavg()[0],
@@ -25,6 +43,7 @@ def describe() -> dict:
 def summary(machine: dict) -> str:
     """One line of `describe()`'s record."""
     cuda = f", CUDA {machine['cuda']}" if machine["cuda"] else ""
+    flags = ", ".join(machine.get("cpu_flags", [])) or "none of " + ", ".join(_FLAGS)
     return (f"{machine['cores']} cores ({machine['torch_threads']} torch threads), "
-            f"{machine['cpu']}{cuda}, load average {machine['load_average_1min']:.1f}, "
-            f"torch {machine['torch']}")
+            f"{machine['cpu']} ({flags}){cuda}, load average "
+            f"{machine['load_average_1min']:.1f}, torch {machine['torch']}")

@@ -27,7 +27,7 @@ from frmap.engine.models.named import NamedModel
 
 DEFAULT_OUT = Path("frmap-out")
 DEMO_ATTACKED = 200  # test digits attacked by `frmap demo`: keeps the whole study under 10 min
-BENCHMARKS = ("entropy", "responses", "attacks", "detectors", "serve", "scale")
+BENCHMARKS = ("entropy", "responses", "attacks", "detectors", "screen", "serve", "scale")
 # the detectors `frmap demo` builds its screener from: those fit in seconds on the digits
 DEMO_DETECTORS = ("entropy", "knn", "squeeze")
 
@@ -229,7 +229,7 @@ def _screener(model: NamedModel, args: argparse.Namespace):
                                  batch_size=args.batch_size)
         own = {d.precision for d in screener.detectors.values()
                if isinstance(d, EntropyDetector)}
-        if args.precision is not None and own - {args.precision}:
+        if args.precision not in (None, "auto") and own - {args.precision}:
             raise ValueError(f"{args.screener}: its entropy detector was calibrated in "
                              f"{own.pop()}; --precision {args.precision} would void its "
                              "threshold (leave --precision out)")

@@ -19,13 +19,19 @@ _LABEL_IN_NAME = re.compile(r"_(\d+)$")
 def load_model(args: argparse.Namespace) -> NamedModel:
     """The classifier named by --model, --weights, --seed on --device, reading image files of
     at most --max-pixels; anything printed while loading (torch hub's download messages) goes
-    to standard error, so standard output carries results only."""
+    to standard error, so standard output carries results only. `--precision auto` is resolved
+    for the device here (`resolve_precision`), once per command; with --screener it keeps the
+    file's own."""
     from dataclasses import replace
 
     from frmap.engine.models.named import load_model as load_named
 
     with contextlib.redirect_stdout(sys.stderr):
         named = load_named(args.model, args.weights, seed=args.seed, device=device(args.device))
+    if getattr(args, "precision", None) == "auto" and not getattr(args, "screener", None):
+        from frmap.engine.responses import resolve_precision
+
+        args.precision = resolve_precision("auto", device(args.device))
     return replace(named, spec=replace(named.spec, max_pixels=args.max_pixels))
 
 

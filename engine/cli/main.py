@@ -27,10 +27,12 @@ def _rule_args(p: argparse.ArgumentParser) -> None:
 
     p.add_argument("--rule", default="guided", choices=RULES)
     p.add_argument("--target", default="conv_max", choices=TARGETS)
-    p.add_argument("--precision", default="float32", choices=tuple(PRECISIONS),
-                   help="bf16: the reverse walk's convolutions in bfloat16 (default float32; "
-                        "frmap score --screener: the precision its entropy detector was "
-                        "calibrated in)")
+    p.add_argument("--precision", default="float32", choices=(*PRECISIONS, "auto"),
+                   help="the reverse walk's convolutions: bf16 (in bfloat16), bf16-backward "
+                        "(bfloat16 in the walk back only: the forward pass stays exact), auto "
+                        "(bf16-backward where the device runs bfloat16 natively, else float32; "
+                        "default float32; frmap score --screener: the precision its entropy "
+                        "detector was calibrated in)")
 
 
 def build_parser() -> argparse.ArgumentParser:

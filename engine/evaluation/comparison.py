@@ -198,6 +198,8 @@ class ComparisonReport:
         costs: each detector's screen, and "combined" (all of them), in forward passes of the
             classifier on `batch_size` calibration images (`frmap.engine.evaluation.costs`).
         screener_cost: the saved screener's cost in forward passes (None: none saved).
+        sets: every detector set ("entropy+knn", ...: one detector alone, or a logistic
+            regression over several) -> its mean AUC over the measured attacks.
     """
 
     model: str
@@ -214,6 +216,7 @@ class ComparisonReport:
     screener: tuple[str, ...] = ()
     costs: dict[str, float] = field(default_factory=dict)
     screener_cost: float | None = None
+    sets: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -245,6 +248,7 @@ class Part:
 
 
 Scorer = Callable[[ScreenPass], np.ndarray]
+DetectorSet = tuple[str, ...]
 
 
 @dataclass(frozen=True)
@@ -503,10 +507,11 @@ def compare_detectors(
                            layers=collected)
     costs = {name: set_cost(extra, [name]) for name in detectors}
     costs[COMBINED] = set_cost(extra, list(detectors))
+    aucs, combiners = _candidate_sets(detectors, combiner, scores, data, config)
     chosen: tuple[str, ...] = ()
     screener_cost = None
     if screener_path is not None:
-        screener = _best_screener(subject, detectors, combiner, scores, data, extra, config)
+        screener = _best_screener(subject, detectors, combiners, aucs, scores, extra, config)
         files["screener"] = str(screener.save(screener_path))
         chosen = (*(["combined"] if screener.combiner else []), *screener.detectors)
         screener_cost = set_cost(extra, list(screener.detectors))
@@ -515,24 +520,25 @@ def compare_detectors(
                "test": data.evaluated["clean"].image.tolist()}
     report = ComparisonReport(subject.identity, data.attack_stats, data.train_attack_stats,
                               results, per_layer, best_layers(per_layer), unseen, weights,
-                              training, images, files, chosen, costs, screener_cost)
+                              training, images, files, chosen, costs, screener_cost,
+                              {"+".join(k): v for k, v in aucs.items()})
     write_json(out / "comparison-report.json", asdict(report))
     return report
 
 
-def _best_screener(subject: Subject, detectors: dict[str, Detector], combiner: Combiner,
-                   scores: dict[str, dict[str, np.ndarray]], data: ComparisonData,
-                   costs: dict[str, float], config: ComparisonConfig) -> Screener:
-    """The detector set with the best mean AUC over the measured attacks (all attacks where
-    none is) among those costing at most `config.max_cost` forward passes, as a calibrated
-    screener: one detector alone, or a logistic regression over several (fitted on the
-    combiner images, as `combiner` is over all of them)."""
+def _candidate_sets(detectors: dict[str, Detector], combiner: Combiner,
+                    scores: dict[str, dict[str, np.ndarray]], data: ComparisonData,
+                    config: ComparisonConfig
+                    ) -> tuple[dict[DetectorSet, float], dict[DetectorSet, Combiner | None]]:
+    """Every detector set's mean AUC over the measured attacks (all attacks where none is), and
+    its combination: none for one detector alone, else a logistic regression fitted on the
+    combiner images (`combiner` for all of them)."""
     fpr = config.operating_fpr
     rows = [r for n in detectors for r in attack_rows(n, scores[n], data.attacks, fpr)]
     measured = {r.attack for r in rows if r.measured} or set(data.attacks)
-    combiners: dict[tuple[str, ...], Combiner | None] = {(name,): None for name in detectors}
+    combiners: dict[DetectorSet, Combiner | None] = {(name,): None for name in detectors}
     fitted_on, adversarial = _combiner_inputs(detectors, data.combiner)
-    candidates = {}
+    aucs = {}
     for names in detector_sets(list(detectors)):
         if len(names) == 1:
             own = scores[names[0]]
@@ -541,9 +547,18 @@ def _best_screener(subject: Subject, detectors: dict[str, Detector], combiner: C
                 Combiner.fit({n: fitted_on[n] for n in names}, adversarial)
             own = {key: combiners[names]({n: scores[n][key] for n in names})
                    for key in data.evaluated}
-        candidates[names] = mean_of([r.auc for r in attack_rows("", own, data.attacks, fpr)
-                                     if r.attack in measured])
-    best = cheapest_within(candidates, costs, config.max_cost)
+        aucs[names] = mean_of([r.auc for r in attack_rows("", own, data.attacks, fpr)
+                               if r.attack in measured])
+    return aucs, combiners
+
+
+def _best_screener(subject: Subject, detectors: dict[str, Detector],
+                   combiners: dict[DetectorSet, Combiner | None], aucs: dict[DetectorSet, float],
+                   scores: dict[str, dict[str, np.ndarray]],
+                   costs: dict[str, float], config: ComparisonConfig) -> Screener:
+    """The set with the best mean AUC among those costing at most `config.max_cost` forward
+    passes (`_candidate_sets`), as a calibrated screener."""
+    best = cheapest_within(aucs, costs, config.max_cost)
     screener = Screener(subject.model, {n: detectors[n] for n in best},
                         preprocess=config.preprocess, combiner=combiners[best],
                         batch_size=config.batch_size)

@@ -16,6 +16,24 @@ def model_device(model: nn.Module) -> torch.device:
     return parameter.device if parameter is not None else torch.device("cpu")
 
 
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags as Linux lists them (`/proc/cpuinfo`); empty elsewhere."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            line = next((x for x in f if x.startswith("flags")), "")
+    except OSError:
+        return frozenset()
+    return frozenset(line.partition(":")[2].split())
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Whether `device` runs bfloat16 matrix arithmetic natively: AVX512-BF16 or AMX on the
+    CPU, bf16 tensor cores (compute capability 8 or later) on CUDA."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_capability(device)[0] >= 8
+    return device.type == "cpu" and bool({"avx512_bf16", "amx_bf16"} & cpu_flags())
+
+
 def model_identity(model: nn.Module) -> str:
     """`ClassName:sha256-prefix` of the model's parameters and buffers, in state-dict order."""
     return f"{type(model).__name__}:{tensors_digest(model.state_dict().items())[:16]}"

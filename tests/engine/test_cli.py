@@ -186,6 +186,24 @@ def test_a_bf16_screener_scores_in_bf16(tmp_path, digit_files):
     result = frmap("score", "--screener", str(screener), "--precision", "float32", str(files[0]))
     assert result.returncode == 1 and f"{screener}: its entropy detector was calibrated in bf16" \
         in result.stderr and "Traceback" not in result.stderr and not result.stdout
+    # auto keeps the file's precision with a screener
+    result = frmap("score", "--screener", str(screener), "--precision", "auto", str(files[0]))
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout.splitlines()[0])["scores"]["entropy"] == scores[0]
+
+
+def test_precision_auto_records_what_the_cpu_runs(tmp_path):
+    """`calibrate --precision auto` writes the precision it resolved to, never "auto"."""
+    from frmap.engine.models import load_digits_model
+    from frmap.engine.models.runtime import native_bf16
+    from frmap.engine.screening import Screener
+
+    out = tmp_path / "auto.frmap"
+    result = frmap("calibrate", "--detectors", "entropy", "--precision", "auto", "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    detector = Screener.load(out, load_digits_model()).detectors["entropy"]
+    expected = "bf16-backward" if native_bf16(torch.device("cpu")) else "float32"
+    assert detector.precision == expected
 
 
 @pytest.mark.cuda
@@ -300,3 +318,21 @@ def test_demo_quick_end_to_end(tmp_path):
                  "roc.png", "histogram.png", "trace.png"):
         assert (out / name).is_file(), name
     assert not list(out.rglob(".*.tmp")), "temporary file left behind"
+
+
+def test_bench_screen_quick(tmp_path):
+    """The smoke run: every set in every offered precision, as multiples of the forward pass."""
+    from frmap.engine.responses import PRECISIONS
+
+    out = tmp_path / "screen.json"
+    result = frmap("bench", "screen", "--quick", "--json", str(out))
+    assert result.returncode == 0, result.stderr
+    data = json.loads(out.read_text())
+    rows = {(r["detectors"], r["batch"], r["precision"]): r for r in data["rows"]}
+    for batch in (1, 16):
+        assert rows[("forward", batch, "float32")]["forward_passes"] == 1.0
+        for precision in PRECISIONS:
+            assert ("entropy+knn+squeeze", batch, precision) in rows
+        assert ("knn", batch, "float32") in rows and ("knn", batch, "bf16") not in rows
+    assert all(r["seconds"] > 0 and r["forward_passes"] > 0 for r in data["rows"])
+    assert "x forward" in result.stdout and data["machine"]["cpu"]

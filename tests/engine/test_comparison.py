@@ -88,9 +88,9 @@ def run(tmp_path_factory):
         calls["combiner"].extend(parts)
         return combine(scorers, parts)
 
-    def record_best(subject, detectors, combiner, scores, *args):
-        calls["best"].append((detectors, combiner, scores))
-        return best(subject, detectors, combiner, scores, *args)
+    def record_best(subject, detectors, combiners, aucs, scores, *args):
+        calls["best"].append((detectors, combiners[tuple(detectors)], scores))
+        return best(subject, detectors, combiners, aucs, scores, *args)
 
     out = tmp_path_factory.mktemp("comparison")
     threads = torch.get_num_threads()
@@ -267,6 +267,11 @@ def test_costs_in_forward_passes(run):
     assert all(np.isfinite(c) and c >= 1.0 for c in report.costs.values())
     assert report.costs[COMBINED] >= max(report.costs[d] for d in DETECTORS)
     assert report.screener_cost >= 1.0
+    assert len(report.sets) == 2 ** len(DETECTORS) - 1
+    assert report.sets["+".join(DETECTORS)] == pytest.approx(np.mean(
+        [r.auc for r in report.results if r.detector == COMBINED and r.measured]))
+    chosen_auc = report.sets["+".join(d for d in DETECTORS if d in report.screener)]
+    assert chosen_auc == max(report.sets.values())
     chosen = [d for d in report.screener if d != COMBINED]
     assert report.screener_cost == pytest.approx(
         1 + sum(report.costs[d] - 1 for d in chosen))

@@ -118,3 +118,18 @@ def test_save_load_round_trip(tmp_path):
              meta=np.array('{"format": "frmap.detector/2", "kind": "knn", "model": "x"}'))
     with pytest.raises(ValueError, match="malformed knn detector"):
         KNNDetector.load(tmp_path / "bad.npz")
+
+
+def test_neighbours_in_chunks_and_of_no_image():
+    """Queries split into chunks find the same neighbours as scikit-learn's brute force."""
+    rng = np.random.default_rng(5)
+    x, labels = rng.normal(size=(200, 8)), rng.integers(0, 3, 200)
+    det = KNNDetector.fit(_features(x, labels, 3), labels, KNNConfig("f", 8, k=7))
+    qf = _features(rng.normal(size=(50, 8)), rng.integers(0, 3, 50), 3)
+    expected_d, expected_i = NearestNeighbors(n_neighbors=7, algorithm="brute").fit(
+        det.train).kneighbors(det.reduce(qf))
+    got_d, got_i = det.neighbours(qf, chunk=16)
+    np.testing.assert_array_equal(got_i, expected_i)
+    np.testing.assert_allclose(got_d, expected_d, atol=1e-9)
+    empty_d, empty_i = det.neighbours(qf.take(np.zeros(50, bool)))
+    assert empty_d.shape == empty_i.shape == (0, 7)

@@ -633,3 +633,17 @@ def test_bf16_backward_keeps_the_forward_pass_exact(vgg11, rule):
     expected = captum_float64(net, layer, rule, x, "conv_max")
     assert rel_l2(got, expected) <= BF16_L2[rule]
     assert rel_l2(got, float32.responses(x)) > 1e-4
+
+
+@pytest.mark.parametrize(("flags", "expected"), [
+    ({"avx512f", "avx512_bf16"}, "bf16-backward"), ({"amx_bf16"}, "bf16-backward"),
+    ({"avx512f", "avx2"}, "float32"), (set(), "float32")])
+def test_auto_precision_follows_the_cpus_flags(monkeypatch, flags, expected):
+    from frmap.engine.models import runtime
+    from frmap.engine.responses import resolve_precision
+
+    monkeypatch.setattr(runtime, "cpu_flags", lambda: frozenset(flags))
+    assert resolve_precision("auto", torch.device("cpu")) == expected
+    assert resolve_precision("bf16", torch.device("cpu")) == "bf16"
+    with pytest.raises(ValueError, match="unknown precision 'half'"):
+        resolve_precision("half", torch.device("cpu"))
