@@ -63,78 +63,49 @@ def _numpy_dtype(dtype: torch.dtype) -> np.dtype:
     return np.dtype(str(dtype).removeprefix("torch."))
 
 
-def _on_host(module, op: str, images: torch.Tensor, footprint: list[int], shape: list[int],
-             mask: torch.Tensor | None, *out_dtype: torch.dtype) -> torch.Tensor:
-    """`module.<op>` (a numpy backend) on the tensors' host copies (views on the CPU), the
-    result on the images' device."""
-    host_mask = None if mask is None else mask.cpu().numpy()
-    out = getattr(module, op)(images.cpu().numpy(), _footprint(footprint, shape), host_mask,
-                              *map(_numpy_dtype, out_dtype))
-    return torch.from_numpy(out).to(images.device)
+# The entropy operators' schemas: the footprint as its flattened 0/1 values and its shape.
+_ENTROPY_SCHEMAS = {
+    "local_entropy": "(Tensor images, int[] footprint, int[] shape, Tensor? mask, "
+                     "ScalarType out_dtype) -> Tensor",
+    "mean_local_entropy": "(Tensor images, int[] footprint, int[] shape, Tensor? mask) -> Tensor",
+}
 
 
-def _local_entropy_fake(images: torch.Tensor, footprint: list[int], shape: list[int],
-                        mask: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
-    return images.new_empty(images.shape, dtype=out_dtype)
+def _entropy_op(op: str, backend: str) -> Callable[..., torch.Tensor]:
+    """The operator of `op` on `backend`: the Triton kernels on the tensors themselves; a
+    numpy backend on their host copies (views on the CPU), the result on the images' device."""
+
+    def run(images: torch.Tensor, footprint: list[int], shape: list[int],
+            mask: torch.Tensor | None, *out_dtype: torch.dtype) -> torch.Tensor:
+        compute = getattr(backend_module("entropy", backend), op)
+        fp, dtypes = _footprint(footprint, shape), map(_numpy_dtype, out_dtype)
+        if backend == "triton":
+            return compute(images, fp, mask, *dtypes)
+        host_mask = None if mask is None else mask.cpu().numpy()
+        out = compute(images.cpu().numpy(), fp, host_mask, *dtypes)
+        return torch.from_numpy(out).to(images.device)
+
+    return run
 
 
-def _mean_fake(images: torch.Tensor, footprint: list[int], shape: list[int],
-               mask: torch.Tensor | None) -> torch.Tensor:
+def _entropy_fake(images: torch.Tensor, footprint: list[int], shape: list[int],
+                  mask: torch.Tensor | None, *out_dtype: torch.dtype) -> torch.Tensor:
+    if out_dtype:  # local_entropy: the map
+        return images.new_empty(images.shape, dtype=out_dtype[0])
     return images.new_empty(images.shape[:1], dtype=torch.float64)
 
 
-@custom_op("frmap::local_entropy_cpu", mutates_args=(), device_types="cpu")
-def local_entropy_cpu(images: torch.Tensor, footprint: list[int], shape: list[int],
-                      mask: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
-    from . import cpu
-
-    return _on_host(cpu, "local_entropy", images, footprint, shape, mask, out_dtype)
-
-
-@custom_op("frmap::mean_local_entropy_cpu", mutates_args=(), device_types="cpu")
-def mean_local_entropy_cpu(images: torch.Tensor, footprint: list[int], shape: list[int],
-                           mask: torch.Tensor | None) -> torch.Tensor:
-    from . import cpu
-
-    return _on_host(cpu, "mean_local_entropy", images, footprint, shape, mask)
-
-
-@custom_op("frmap::local_entropy_reference", mutates_args=())
-def local_entropy_reference(images: torch.Tensor, footprint: list[int], shape: list[int],
-                            mask: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
-    from . import reference
-
-    return _on_host(reference, "local_entropy", images, footprint, shape, mask, out_dtype)
-
-
-@custom_op("frmap::mean_local_entropy_reference", mutates_args=())
-def mean_local_entropy_reference(images: torch.Tensor, footprint: list[int], shape: list[int],
-                                 mask: torch.Tensor | None) -> torch.Tensor:
-    from . import reference
-
-    return _on_host(reference, "mean_local_entropy", images, footprint, shape, mask)
-
-
-@triton_op("frmap::local_entropy_triton", mutates_args=())
-def local_entropy_triton(images: torch.Tensor, footprint: list[int], shape: list[int],
-                         mask: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
-    from .triton import entropy
-
-    return entropy.local_entropy(images, _footprint(footprint, shape), mask,
-                                 _numpy_dtype(out_dtype))
-
-
-@triton_op("frmap::mean_local_entropy_triton", mutates_args=())
-def mean_local_entropy_triton(images: torch.Tensor, footprint: list[int], shape: list[int],
-                              mask: torch.Tensor | None) -> torch.Tensor:
-    from .triton import entropy
-
-    return entropy.mean_local_entropy(images, _footprint(footprint, shape), mask)
-
-
-for _backend in ("cpu", "reference", "triton"):
-    torch.library.register_fake(f"frmap::local_entropy_{_backend}", _local_entropy_fake)
-    torch.library.register_fake(f"frmap::mean_local_entropy_{_backend}", _mean_fake)
+for _op, _schema in _ENTROPY_SCHEMAS.items():
+    for _backend in ("cpu", "reference", "triton"):
+        _name = f"frmap::{_op}_{_backend}"
+        if _backend == "triton":
+            _registered = triton_op(_name, _entropy_op(_op, _backend), mutates_args=(),
+                                    schema=_schema)
+        else:
+            _registered = custom_op(_name, _entropy_op(_op, _backend), mutates_args=(),
+                                    device_types="cpu" if _backend == "cpu" else None,
+                                    schema=_schema)
+        _registered.register_fake(_entropy_fake)
 
 
 def operator(op: str, backend: str) -> torch._ops.OpOverloadPacket:

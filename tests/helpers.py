@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import types
+from collections.abc import Callable
+
 import numpy as np
 from hypothesis import strategies as st
 from scipy import ndimage
@@ -100,6 +103,10 @@ FOOTPRINTS = {  # odd and even, thin, hollow, irregular, single-pixel
     "ring": disk(3) - np.pad(disk(1), 2),
 }
 
+# More pixels than the Triton pairwise kernel takes (33 > 32) in few rows: its sliding kernel,
+# cheaply under the interpreter
+SLIDING = np.ones((3, 11), np.uint8)
+
 FOOTPRINTS_3D = {  # ball, cube, flat, even, irregular
     "ball1": ball(1),
     "ball2": ball(2),
@@ -170,3 +177,29 @@ def screen_pass(model, images, *detectors, batch_size: int = 64):
 
     needs = Needs.union([d.needs for d in detectors])
     return PassRunner(model, model, needs, preprocess=None, batch_size=batch_size).run(images)
+
+
+class DLPackArray:
+    """An array known only through DLPack, without a namespace to build a result with."""
+
+    def __init__(self, data) -> None:
+        self.data = data
+
+    def __dlpack__(self, **kwargs):
+        return self.data.__dlpack__(**kwargs)
+
+    def __dlpack_device__(self):
+        return self.data.__dlpack_device__()
+
+
+class NamespacedArray(DLPackArray):
+    """An array known only through DLPack and its namespace, as a CuPy or JAX array is: its
+    data is imported by `importer` (np.from_dlpack, torch.from_dlpack)."""
+
+    def __init__(self, data, importer: Callable) -> None:
+        super().__init__(data)
+        self.importer = importer
+
+    def __array_namespace__(self, api_version=None):
+        return types.SimpleNamespace(
+            from_dlpack=lambda x: NamespacedArray(self.importer(x), self.importer))

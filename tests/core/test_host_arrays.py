@@ -6,46 +6,19 @@ only through DLPack comes back as its own kind, through its namespace's `from_dl
 
 from __future__ import annotations
 
-import types
-
 import numpy as np
 import pytest
 from skimage.morphology import disk
 
 import frmap.kernels as K
 
-from helpers import random_image
+from helpers import DLPackArray, NamespacedArray, random_image
 
 BACKENDS = [pytest.param("cpu", marks=pytest.mark.needs_extension), "reference"]
 
 
-class HostArray:
-    """An array known only through DLPack and its namespace, as a JAX CPU array is."""
-
-    def __init__(self, data: np.ndarray) -> None:
-        self.data = data
-
-    def __dlpack__(self, **kwargs):
-        return self.data.__dlpack__(**kwargs)
-
-    def __dlpack_device__(self):
-        return self.data.__dlpack_device__()
-
-    def __array_namespace__(self, api_version=None):
-        return types.SimpleNamespace(from_dlpack=lambda x: HostArray(np.from_dlpack(x)))
-
-
-class Bare:
-    """DLPack without a namespace to build the result with."""
-
-    def __init__(self, data: np.ndarray) -> None:
-        self.data = data
-
-    def __dlpack__(self, **kwargs):
-        return self.data.__dlpack__(**kwargs)
-
-    def __dlpack_device__(self):
-        return self.data.__dlpack_device__()
+def host_array(data: np.ndarray) -> NamespacedArray:
+    return NamespacedArray(data, np.from_dlpack)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -80,13 +53,13 @@ def test_bad_out_dtype_raises(kwargs, match):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_dlpack_host_array_round_trips(backend):
     images = random_image(np.random.default_rng(6), (3, 15, 16), np.uint8, 11)
-    got = K.local_entropy(HostArray(images), disk(2), out_dtype="float32", backend=backend)
-    assert isinstance(got, HostArray)
+    got = K.local_entropy(host_array(images), disk(2), out_dtype="float32", backend=backend)
+    assert isinstance(got, NamespacedArray)
     np.testing.assert_array_equal(got.data, K.local_entropy(images, disk(2), out_dtype="float32",
                                                             backend=backend))
-    means = K.mean_local_entropy(HostArray(images), disk(2), mask=HostArray(images > 3),
+    means = K.mean_local_entropy(host_array(images), disk(2), mask=host_array(images > 3),
                                  backend=backend)
-    assert isinstance(means, HostArray)
+    assert isinstance(means, NamespacedArray)
     np.testing.assert_array_equal(means.data, K.mean_local_entropy(images, disk(2),
                                                                    mask=images > 3,
                                                                    backend=backend))
@@ -94,4 +67,4 @@ def test_dlpack_host_array_round_trips(backend):
 
 def test_dlpack_without_a_namespace_raises():
     with pytest.raises(TypeError, match="image is a DLPack array, but its namespace"):
-        K.local_entropy(Bare(np.zeros((4, 4), np.uint8)), disk(1))
+        K.local_entropy(DLPackArray(np.zeros((4, 4), np.uint8)), disk(1))

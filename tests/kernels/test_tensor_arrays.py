@@ -12,33 +12,7 @@ from skimage.morphology import disk
 
 import frmap.kernels as K
 
-from helpers import random_image
-
-# More pixels than the pairwise kernel takes (33 > 32) in few rows: the sliding kernel
-SLIDING = np.ones((3, 11), np.uint8)
-
-
-class TorchArray:
-    """An array known only through DLPack and its namespace, as a CuPy array is (here backed by
-    a torch tensor, on the CPU or a GPU)."""
-
-    def __init__(self, data: torch.Tensor) -> None:
-        self.data = data
-
-    def __dlpack__(self, **kwargs):
-        return self.data.__dlpack__(**kwargs)
-
-    def __dlpack_device__(self):
-        return self.data.__dlpack_device__()
-
-    def __array_namespace__(self, api_version=None):
-        return _Namespace
-
-
-class _Namespace:
-    @staticmethod
-    def from_dlpack(x) -> TorchArray:
-        return TorchArray(torch.from_dlpack(x))
+from helpers import SLIDING, NamespacedArray, random_image
 
 
 def sample(shape, device, seed=0) -> torch.Tensor:
@@ -75,11 +49,12 @@ def test_float32_is_float64_rounded_once_triton(footprint, triton_device):
 ])
 def test_dlpack_array_round_trips_on_its_device(device):
     images = sample((2, 15, 16), device)
-    got = K.local_entropy(TorchArray(images), disk(2), out_dtype=torch.float32)
-    assert isinstance(got, TorchArray) and got.data.device == images.device
+    array = NamespacedArray(images, torch.from_dlpack)
+    got = K.local_entropy(array, disk(2), out_dtype=torch.float32)
+    assert isinstance(got, NamespacedArray) and got.data.device == images.device
     assert torch.equal(got.data, K.local_entropy(images, disk(2), out_dtype=torch.float32))
-    means = K.mean_local_entropy(TorchArray(images), disk(2))
-    assert isinstance(means, TorchArray) and means.data.device == images.device
+    means = K.mean_local_entropy(array, disk(2))
+    assert isinstance(means, NamespacedArray) and means.data.device == images.device
     assert torch.equal(means.data, K.mean_local_entropy(images, disk(2)))
 
 

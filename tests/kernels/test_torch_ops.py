@@ -23,11 +23,8 @@ from skimage.morphology import disk
 import frmap.kernels as K
 from frmap.kernels import torch_ops
 
-from helpers import random_image
+from helpers import SLIDING, random_image
 
-# More pixels than the pairwise kernel takes (33 > 32) in few rows: the sliding kernel, cheaply
-# under the interpreter
-SLIDING = np.ones((3, 11), np.uint8)
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 CPU = pytest.param("cpu", marks=pytest.mark.needs_extension)
 OPS = ("local_entropy", "mean_local_entropy")
