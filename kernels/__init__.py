@@ -3,7 +3,9 @@
 Every op validates its input, picks a backend by the one policy of `frmap.kernels._dispatch`
 (`cpu`: the C++ kernels; `triton`: CUDA tensors; for the entropy ops `reference`:
 scikit-image/numpy/PIL; for the ReLU rules and pooling `torch`: eager torch ops) and returns the
-same kind of array it was given.
+same kind of array it was given (the entropy ops: numpy, torch, or any DLPack array such as
+CuPy's). On tensors the ops' kernels are registered torch operators (`frmap.kernels.torch_ops`),
+so that torch.compile and torch.export take them.
 
 `import frmap.kernels` needs numpy only: the entropy and response ops run on numpy arrays with
 the C++ backend where torch is not installed. The ReLU rules and pooling work on torch tensors;
