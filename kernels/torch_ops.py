@@ -95,17 +95,22 @@ def _entropy_fake(images: torch.Tensor, footprint: list[int], shape: list[int],
     return images.new_empty(images.shape[:1], dtype=torch.float64)
 
 
+def _register(op: str, backend: str, fn: Callable, schema: str, mutated: tuple[str, ...],
+              fake: Callable) -> None:
+    """`frmap::<op>_<backend>`: triton_op for Triton, else custom_op (the cpu backend's for
+    CPU tensors only), with its fake function."""
+    name = f"frmap::{op}_{backend}"
+    if backend == "triton":
+        registered = triton_op(name, fn, mutates_args=mutated, schema=schema)
+    else:
+        registered = custom_op(name, fn, mutates_args=mutated, schema=schema,
+                               device_types="cpu" if backend == "cpu" else None)
+    registered.register_fake(fake)
+
+
 for _op, _schema in _ENTROPY_SCHEMAS.items():
     for _backend in ("cpu", "reference", "triton"):
-        _name = f"frmap::{_op}_{_backend}"
-        if _backend == "triton":
-            _registered = triton_op(_name, _entropy_op(_op, _backend), mutates_args=(),
-                                    schema=_schema)
-        else:
-            _registered = custom_op(_name, _entropy_op(_op, _backend), mutates_args=(),
-                                    device_types="cpu" if _backend == "cpu" else None,
-                                    schema=_schema)
-        _registered.register_fake(_entropy_fake)
+        _register(_op, _backend, _entropy_op(_op, _backend), _schema, (), _entropy_fake)
 
 
 def operator(op: str, backend: str) -> torch._ops.OpOverloadPacket:
@@ -140,10 +145,8 @@ def _no_output(*args: object) -> None:
 
 for _op, (_family, _schema, _mutated, _backends) in _WALK_OPS.items():
     for _backend in _backends:
-        _register = triton_op if _backend == "triton" else custom_op
-        _registered = _register(f"frmap::{_op}_{_backend}", _walk_op(_family, _op, _backend),
-                                mutates_args=_mutated, schema=_schema)
-        _registered.register_fake(_no_output)
+        _register(_op, _backend, _walk_op(_family, _op, _backend), _schema, _mutated,
+                  _no_output)
 
 
 def kernel(family: str, op: str, backend: str, data: torch.Tensor) -> Callable[..., None]:
