@@ -21,6 +21,7 @@ from ._arrays import footprint_array as check_footprint
 from ._constants import RULES
 from ._dispatch import BACKENDS, POOL_BACKENDS, RULE_BACKENDS, resolve_backend
 from ._threads import get_num_threads, set_num_threads
+from .denoise import nl_means
 from .entropy import local_entropy, mean_local_entropy
 from .scoring import response_score, response_to_image
 
@@ -40,6 +41,7 @@ __all__ = [
     "get_num_threads",
     "local_entropy",
     "mean_local_entropy",
+    "nl_means",
     "resolve_backend",
     "response_score",
     "response_to_image",

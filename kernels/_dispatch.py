@@ -6,6 +6,7 @@
 | response | response_to_image, response_score | reference, cpu, triton |
 | relu | relu_forward, relu_backward (and relu_rule, ReLURule, swap_relus) | torch, cpu, triton |
 | pooling | max_pool_offsets, max_unpool_offsets | torch, cpu |
+| denoise | nl_means | reference, cpu |
 
 `auto`, the same policy for every family, takes the first of these that runs the data:
 
@@ -37,6 +38,7 @@ _TABLE = {
     "response": {"reference": "reference", "cpu": "cpu", "triton": "triton.response"},
     "relu": {"torch": "eager.relu", "cpu": "cpu", "triton": "triton.relu"},
     "pooling": {"torch": "eager.pooling", "cpu": "cpu"},
+    "denoise": {"reference": "reference", "cpu": "cpu"},
 }
 
 BACKENDS = ("auto", *_TABLE["entropy"])  # entropy and response

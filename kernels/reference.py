@@ -11,6 +11,7 @@ import warnings
 import numpy as np
 from PIL import Image
 from skimage.filters.rank import entropy as _skimage_entropy
+from skimage.restoration import denoise_nl_means
 
 
 def local_entropy(
@@ -35,6 +36,17 @@ def mean_local_entropy(
     """[N, H, W] or [N, D, H, W] -> [N] mean of each local-entropy map."""
     maps = local_entropy(images, footprint, mask, np.dtype(np.float64))
     return maps.mean(axis=tuple(range(1, maps.ndim)))
+
+
+def nl_means(images: np.ndarray, patch_size: int, patch_distance: int, h: float) -> np.ndarray:
+    """[N, C, H, W] -> scikit-image's `denoise_nl_means` (fast mode) of each image (one
+    channel: as a gray image, since scikit-image squeezes a single channel away)."""
+    def one(x: np.ndarray) -> np.ndarray:
+        if len(x) == 1:
+            return denoise_nl_means(x[0], patch_size, patch_distance, h, fast_mode=True)[None]
+        return denoise_nl_means(x, patch_size, patch_distance, h, fast_mode=True,
+                                channel_axis=0)
+    return np.stack([one(x) for x in images]).astype(images.dtype)
 
 
 def response_image(responses: np.ndarray) -> np.ndarray:

@@ -6,7 +6,8 @@ Each squeezer maps `[N, C, H, W]` images in [0, 1] to images in [0, 1]:
 - median filter s x s (scipy's `median_filter`, mode "reflect"): for s = 2 the window holds
   the pixel and its upper and left neighbours, and the median of 4 values is the upper one
   (3rd smallest), as in the authors' code;
-- non-local means (scikit-image's `denoise_nl_means`, fast mode): the paper's OpenCV
+- non-local means (scikit-image's `denoise_nl_means`, fast mode, as `frmap.kernels.nl_means`
+  computes it): the paper's OpenCV
   parameters "search window w, block b, strength h" on 0..255 images become
   `patch_distance = w // 2`, `patch_size = b`, `h = h / 255` on [0, 1] images.
 
@@ -16,18 +17,17 @@ image, `max_s || p(x) - p(s(x)) ||_1` in [0, 2]: higher = more adversarial.
 
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from functools import partial
 
 import numpy as np
 import torch
 from scipy import ndimage
-from skimage.restoration import denoise_nl_means
 
 from frmap.engine.data.footprints import MAX_FOOTPRINT_SIDE
 from frmap.engine.detectors.base import Detector, FileFields, Threshold
 from frmap.engine.detectors.screen_pass import Needs, ScreenPass, Squeeze
+from frmap.kernels import nl_means
 
 
 @dataclass(frozen=True)
@@ -93,26 +93,12 @@ def median_smooth(images: torch.Tensor, size: int) -> torch.Tensor:
 
 
 def nl_means_denoise(images: torch.Tensor, params: NLMeans) -> torch.Tensor:
-    """`[N, C, H, W]` in [0, 1] -> non-local means of every image (colour images jointly).
-
-    The images are denoised in parallel, one thread per torch thread (scikit-image releases
-    the GIL in its loops)."""
-    kwargs = {"patch_size": params.block, "patch_distance": params.search // 2,
-              "h": params.strength / 255.0, "fast_mode": True}
-    x = images.detach().cpu().numpy()
-
-    def denoise(image: np.ndarray) -> np.ndarray:
-        if image.shape[0] == 1:
-            return denoise_nl_means(image[0], **kwargs)[None]
-        return denoise_nl_means(image, channel_axis=0, **kwargs)
-
-    workers = min(len(x), torch.get_num_threads())
-    if workers > 1:
-        with ThreadPoolExecutor(workers) as pool:
-            out = list(pool.map(denoise, x))
-    else:
-        out = [denoise(image) for image in x]
-    return torch.from_numpy(np.stack(out).astype(x.dtype)).to(images.device)
+    """`[N, C, H, W]` in [0, 1] -> non-local means of every image (colour images jointly):
+    scikit-image's fast mode to the last bit, by `frmap.kernels.nl_means` (C++, one image per
+    thread)."""
+    out = nl_means(images.detach().cpu().numpy(), patch_size=params.block,
+                   patch_distance=params.search // 2, h=params.strength / 255.0)
+    return torch.from_numpy(out).to(images.device)
 
 
 @dataclass(frozen=True)

@@ -54,6 +54,19 @@ def response_score(responses: np.ndarray, footprint: np.ndarray) -> np.ndarray:
     return out
 
 
+def nl_means(images: np.ndarray, patch_size: int, patch_distance: int, h: float) -> np.ndarray:
+    """[N, C, H, W] -> scikit-image's fast non-local means of each image (see
+    `frmap.kernels.denoise`): padded here as scikit-image pads, denoised in C++."""
+    s = patch_size + 1 - patch_size % 2  # odd, as scikit-image makes it
+    pad = s // 2 + patch_distance + 1
+    x = np.moveaxis(images, 1, -1)
+    padded = np.ascontiguousarray(
+        np.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)), mode="reflect"), dtype=np.float64)
+    out = np.empty_like(padded)
+    _ext.nl_means(padded, out, s, patch_distance, h, get_num_threads())
+    return np.moveaxis(out[:, pad:-pad, pad:-pad], -1, 1).astype(images.dtype)
+
+
 def _view(t: torch.Tensor, channels_last: bool = False) -> np.ndarray:
     """The numpy view of `t`'s memory; a 4-D channels-last tensor in memory order [N, H, W, C]."""
     return (t.permute(0, 2, 3, 1) if channels_last else t).detach().numpy()

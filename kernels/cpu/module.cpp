@@ -5,9 +5,12 @@ namespace nb = nanobind;
 
 void register_entropy(nb::module_& m);
 void register_walk(nb::module_& m);
+void register_nl_means(nb::module_& m);
 
 NB_MODULE(_ext, m) {
-    m.doc() = "C++ CPU kernels of frmap: local entropy, response scores, ReLU rules, pooling.";
+    m.doc() = "C++ CPU kernels of frmap: local entropy, response scores, ReLU rules, pooling, "
+            "non-local means.";
     register_entropy(m);
     register_walk(m);
+    register_nl_means(m);
 }
