@@ -96,7 +96,7 @@ def footprint_array(footprint: object, ndims: tuple[int, ...] = (2,)) -> np.ndar
     if fp.ndim not in ndims:
         dims = " or ".join(f"{n}-D" for n in ndims)
         raise ValueError(f"footprint must be {dims}, got shape {fp.shape}")
-    if fp.dtype != np.bool_ and not np.isin(fp, (0, 1)).all():
+    if fp.dtype != np.bool_ and not ((fp == 0) | (fp == 1)).all():
         raise ValueError(
             f"footprint must be binary (bool, or only 0 and 1), got values {np.unique(fp)[:8]}"
         )

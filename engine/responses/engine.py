@@ -354,12 +354,14 @@ def _ieee_float32() -> Iterator[None]:
 
 @contextmanager
 def _eval_mode(model: nn.Module) -> Iterator[None]:
-    """Eval mode inside; every module's own training flag restored afterwards."""
-    flags = [(m, m.training) for m in model.modules()]
-    model.eval()
+    """Eval mode inside; every module's own training flag restored afterwards (a model already
+    in eval mode is left alone: no per-module writes on each call)."""
+    training = [m for m in model.modules() if m.training]
+    for m in training:
+        m.training = False
     try:
         yield
     finally:
-        for m, training in flags:
-            m.training = training
+        for m in training:
+            m.training = True
 
