@@ -30,7 +30,7 @@ import torch
 import frmap.bench.machine as machine
 from frmap.bench.detectors import fitted_detectors
 from frmap.engine.data import load_digits_split
-from frmap.engine.detectors import Detector
+from frmap.engine.detectors import Detector, FeatureSqueezer
 from frmap.engine.detectors.squeeze import DIGITS_SQUEEZERS, IMAGENET_SQUEEZERS
 from frmap.engine.models import Normalized, load_digits_model, load_vgg
 from frmap.engine.responses import PRECISIONS
@@ -144,7 +144,9 @@ def run(quick: bool = False) -> dict:
     if not quick:
         model, detectors, images, preprocess = _vgg19()
         rows += _rows("vgg19-224", model, detectors, images, preprocess, (1, 8), 3, aucs)
-    return {"rows": [asdict(r) for r in rows], "machine": machine.describe()}
+    return {"rows": [asdict(r) for r in rows], "machine": machine.describe(),
+            "squeezers": {"digits": list(FeatureSqueezer(DIGITS_SQUEEZERS).squeezers),
+                          "vgg19-224": list(FeatureSqueezer(IMAGENET_SQUEEZERS).squeezers)}}
 
 
 def table(result: dict) -> str:
@@ -155,5 +157,7 @@ def table(result: dict) -> str:
         auc = "-" if r["mean_auc"] is None else f"{r['mean_auc']:.3f}"
         lines.append(f"{r['model']:10} {r['batch']:5d} {r['detectors']:34} {r['precision']:13} "
                      f"{r['ms_per_image']:9.3f} {r['forward_passes']:9.2f} {auc:>8}")
-    lines.append("\n" + machine.summary(result["machine"]))
+    lines.append("\nsqueeze: one forward pass per squeezer, " + "; ".join(
+        f"{m}: {', '.join(names)}" for m, names in result["squeezers"].items()))
+    lines.append(machine.summary(result["machine"]))
     return "\n".join(lines)

@@ -25,23 +25,27 @@ from frmap.engine.detectors.screen_pass import Needs, PassRunner
 from frmap.engine.evaluation.subject import Subject
 
 
+def _seconds(fn: Callable[[], object]) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
 def _best_time(fn: Callable[[], object], repeats: int) -> float:
     fn()  # warm-up: caches, weight copies
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - start)
-    return best
+    return min(_seconds(fn) for _ in range(repeats))
 
 
 def detector_costs(subject: Subject, detectors: dict[str, Detector], images: torch.Tensor,
-                   *, layers: Sequence[str] = (), repeats: int = 3) -> dict[str, float]:
+                   *, layers: Sequence[str] = (), repeats: int = 3,
+                   slow: float = 1.0) -> dict[str, float]:
     """Each detector's extra cost beyond the forward pass, in forward passes of `images`.
 
     The forward pass is timed with the feature layers of every detector (hooks cost next to
     nothing); each detector's extra is the time of a pass holding what it needs, and of its
-    scores, less that forward pass's, never below 0. Each time is the best of `repeats`.
+    scores, less that forward pass's, never below 0. Each time is the best of `repeats` after
+    a warm-up, or of one where the forward pass takes longer than `slow` seconds (a large
+    model: a comparison should not spend minutes timing it).
     """
     layers = tuple(dict.fromkeys((*layers, *(x for d in detectors.values() for x in d.layers))))
     n = len(images)
@@ -50,7 +54,10 @@ def detector_costs(subject: Subject, detectors: dict[str, Detector], images: tor
         return PassRunner(subject.model, subject.classifier, needs,
                           preprocess=subject.preprocess, batch_size=n)
 
-    forward = _best_time(lambda: runner(Needs(layers=layers)).run(images), repeats)
+    plain = runner(Needs(layers=layers))
+    if _seconds(lambda: plain.run(images)) > slow:
+        repeats = 1
+    forward = _best_time(lambda: plain.run(images), repeats)
     costs = {}
     for name, d in detectors.items():
         screen = runner(Needs.union([Needs(layers=layers), d.needs]))
