@@ -8,26 +8,9 @@ import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from frmap.engine.cli.inputs import positive_int
 from frmap.engine.models import model_device
 from frmap.engine.models.named import NamedModel
 from frmap.engine.serving.jobs import WorkerPool, quiet_ray_data
-
-
-def add_ray_args(p: argparse.ArgumentParser, what: str) -> None:
-    """--ray and the options of a job on Ray Data; `what` the workers do."""
-    p.add_argument("--ray", action="store_true",
-                   help=f"{what} on Ray Data workers (a local Ray instance, or --address), "
-                        "with results equal to one process's")
-    p.add_argument("--workers", type=positive_int, default=1,
-                   help="with --ray: worker actors, each loading the model once (default 1)")
-    p.add_argument("--cpus-per-worker", type=positive_int, default=None,
-                   help="with --ray: CPUs (and torch threads) each worker takes (default: the "
-                        "local instance's CPUs shared among the workers; 1 on a cluster)")
-    p.add_argument("--address", help="with --ray: a running Ray cluster, e.g. auto or "
-                                     "HEAD:6379 (default: a local instance)")
-    p.add_argument("--num-cpus", type=positive_int, default=None,
-                   help="with --ray: CPUs of the local Ray instance (default: all)")
 
 
 @contextmanager

@@ -21,13 +21,11 @@ from frmap.engine.cli.inputs import (
     response_engine,
     score_paths,
 )
+from frmap.engine.cli.options import DEMO_ATTACKED
 from frmap.engine.data.files import write_json
 from frmap.engine.models import model_device
 from frmap.engine.models.named import NamedModel
 
-DEFAULT_OUT = Path("frmap-out")
-DEMO_ATTACKED = 200  # test digits attacked by `frmap demo`: keeps the whole study under 10 min
-BENCHMARKS = ("entropy", "responses", "attacks", "detectors", "screen", "serve", "scale")
 # the detectors `frmap demo` builds its screener from: those fit in seconds on the digits
 DEMO_DETECTORS = ("entropy", "knn", "squeeze")
 

@@ -35,39 +35,6 @@ def load_model(args: argparse.Namespace) -> NamedModel:
     return replace(named, spec=replace(named.spec, max_pixels=args.max_pixels))
 
 
-def positive_int(text: str) -> int:
-    """argparse type: an integer >= 1."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
-    return value
-
-
-def rate(text: str) -> float:
-    """argparse type: a rate strictly between 0 and 1."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not 0.0 < value < 1.0:
-        raise argparse.ArgumentTypeError(f"must lie strictly between 0 and 1, got {text}")
-    return value
-
-
-def footprint_name(text: str) -> str:
-    """argparse type: a footprint name `parse_footprint` accepts."""
-    from frmap.engine.data.footprints import parse_footprint
-
-    try:
-        parse_footprint(text)
-    except ValueError as err:
-        raise argparse.ArgumentTypeError(str(err)) from None
-    return text
-
-
 def device(name: str) -> torch.device:
     """--device: "auto" (CUDA where available), "cpu", "cuda" or "cuda:N"."""
     if name == "auto":
@@ -83,29 +50,6 @@ def device(name: str) -> torch.device:
         raise ValueError(f"--device {name}: no such CUDA device here "
                          f"({torch.cuda.device_count()} available)")
     return device
-
-
-def add_model_args(p: argparse.ArgumentParser) -> None:
-    from frmap.engine.models.named import MODELS
-
-    p.add_argument("--model", default="digits", choices=MODELS,
-                   help="classifier (default: the embedded digits CNN)")
-    p.add_argument("--weights", metavar="NAME|FILE",
-                   help="torchvision weights name or a state-dict file (.pt/.pth/.safetensors); "
-                        "VGG without it: random weights from --seed")
-    p.add_argument("--seed", type=int, default=0, help="seed of random weights and attacks")
-    from frmap.engine.data.images import MAX_PIXELS
-
-    p.add_argument("--batch-size", type=positive_int, default=32,
-                   help="images per pass (default 32)")
-    p.add_argument("--max-pixels", type=positive_int, default=MAX_PIXELS,
-                   help="refuse image files of more pixels, from their header, before decoding "
-                        f"(default {MAX_PIXELS})")
-    p.add_argument("--device", default="auto",
-                   help="where the model runs: auto (CUDA where available), cpu, cuda, cuda:N")
-    p.add_argument("--labels", default="auto", choices=("auto", "predicted"),
-                   help="true classes of --data images: from file/folder names where present "
-                        "(auto), or the model's own predictions (predicted)")
 
 
 def response_engine(model: NamedModel, args: argparse.Namespace):

@@ -11,35 +11,24 @@ from __future__ import annotations
 import argparse
 import sys
 
-from frmap.engine.cli import commands
-from frmap.engine.cli.cluster import add_ray_args
-from frmap.engine.cli.commands import DEFAULT_OUT, DEMO_ATTACKED
-from frmap.engine.cli.inputs import add_model_args, footprint_name, positive_int, rate
-
-
-def _footprint_names(text: str) -> tuple[str, ...]:
-    return tuple(footprint_name(name) for name in text.split(","))
-
-
-def _rule_args(p: argparse.ArgumentParser) -> None:
-    from frmap.engine.responses import PRECISIONS, TARGETS
-    from frmap.kernels import RULES
-
-    p.add_argument("--rule", default="guided", choices=RULES)
-    p.add_argument("--target", default="conv_max", choices=TARGETS)
-    p.add_argument("--precision", default="float32", choices=(*PRECISIONS, "auto"),
-                   help="the reverse walk's convolutions: bf16 (in bfloat16), bf16-backward "
-                        "(bfloat16 in the walk back only: the forward pass stays exact), auto "
-                        "(bf16-backward where the device runs bfloat16 natively, else float32; "
-                        "default float32; frmap score --screener: the precision its entropy "
-                        "detector was calibrated in)")
+from frmap.engine.cli.options import (
+    ATTACKS,
+    BENCHMARKS,
+    DEFAULT_OUT,
+    DEMO_ATTACKED,
+    DETECTORS,
+    STUDY,
+    add_model_args,
+    add_ray_args,
+    add_rule_args,
+    footprint_name,
+    footprint_names,
+    positive_int,
+    rate,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from frmap.engine.attacks import ATTACKS
-    from frmap.engine.data.footprints import STUDY
-    from frmap.engine.evaluation.comparison import DETECTORS
-
     parser = argparse.ArgumentParser(prog="frmap", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -47,15 +36,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true",
                    help=f"attack 40 test digits instead of {DEMO_ATTACKED} (a smoke run)")
     p.add_argument("--out", default=str(DEFAULT_OUT), help="output folder (default frmap-out)")
-    p.set_defaults(run=commands.cmd_demo)
+    p.set_defaults(run="cmd_demo")
 
     p = sub.add_parser("evaluate", help="attack, score, calibrate and report on a model and data")
     add_model_args(p)
-    _rule_args(p)
+    add_rule_args(p)
     p.add_argument("--data", help="test image folder (default: the digits test split)")
     p.add_argument("--calibration", help="clean calibration folder (default: half of --data)")
     p.add_argument("--attacks", help=f"comma-separated attacks (default: all: {','.join(ATTACKS)})")
-    p.add_argument("--footprints", type=_footprint_names,
+    p.add_argument("--footprints", type=footprint_names,
                    help=f"comma-separated footprints (default: {','.join(STUDY)})")
     p.add_argument("--limit", type=positive_int,
                    help="attack at most this many test images (and as many train images)")
@@ -76,7 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "column)")
     p.add_argument("--out", default=str(DEFAULT_OUT), help="output folder (default frmap-out)")
     add_ray_args(p, "score the study's clean and adversarial images")
-    p.set_defaults(run=commands.cmd_evaluate)
+    p.set_defaults(run="cmd_evaluate")
 
     p = sub.add_parser("probe-evolution",
                        help="distance evolution under variants (references, embedding, "
@@ -92,7 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seeds of each network (default 3)")
     p.add_argument("--out", default=str(DEFAULT_OUT),
                    help="output folder, shared with frmap evaluate's sets (default frmap-out)")
-    p.set_defaults(run=commands.cmd_probe_evolution)
+    p.set_defaults(run="cmd_probe_evolution")
 
     p = sub.add_parser("attack", help="craft a resumable adversarial set")
     add_model_args(p)
@@ -104,11 +93,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="images per shard, the unit of resumption (default 64)")
     p.add_argument("--out", required=True, help="folder of the set (resumes what is there)")
     add_ray_args(p, "attack the shards")
-    p.set_defaults(run=commands.cmd_attack)
+    p.set_defaults(run="cmd_attack")
 
     p = sub.add_parser("score", help="score image files; one JSON line per image")
     add_model_args(p)
-    _rule_args(p)
+    add_rule_args(p)
     p.add_argument("paths", nargs="*", help="files or folders; none or '-': paths on stdin")
     p.add_argument("--screener", "--detector", dest="screener", metavar="FILE",
                    help="screener file from frmap calibrate / evaluate --save-screener (or a "
@@ -119,7 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", metavar="FILE", help="with --ray: the results (JSON lines)")
     p.add_argument("--shard-groups", type=positive_int, default=8,
                    help="with --ray: batches per shard, the unit a rerun resumes from (default 8)")
-    p.set_defaults(run=commands.cmd_score, precision=None)
+    p.set_defaults(run="cmd_score", precision=None)
 
     p = sub.add_parser(
         "serve", help="a screener behind HTTP on Ray Serve (POST /screen, GET /healthz, /metrics)",
@@ -153,11 +142,11 @@ def build_parser() -> argparse.ArgumentParser:
                                      "default: a local Ray instance started for the service")
     p.add_argument("--num-cpus", type=positive_int, default=None,
                    help="CPUs of the local Ray instance (default: all)")
-    p.set_defaults(run=commands.cmd_serve)
+    p.set_defaults(run="cmd_serve")
 
     p = sub.add_parser("calibrate", help="a screener calibrated on clean images alone")
     add_model_args(p)
-    _rule_args(p)
+    add_rule_args(p)
     p.add_argument("--data", help="clean image folder (default: the digits calibration split)")
     p.add_argument("--fpr", type=rate, default=0.05,
                    help="false-positive rate of the screener, in (0, 1) (default 0.05); each of k "
@@ -170,40 +159,42 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--footprint", default="square3", type=footprint_name,
                    help="entropy window (default square3)")
     p.add_argument("--out", required=True, help="screener file to write (frmap.screener/1)")
-    p.set_defaults(run=commands.cmd_calibrate)
+    p.set_defaults(run="cmd_calibrate")
 
     p = sub.add_parser("visualize", help="image / feature response / entropy, clean vs attacked")
     add_model_args(p)
-    _rule_args(p)
+    add_rule_args(p)
     p.add_argument("image", help="an image file")
     p.add_argument("--attack", default="fgsm",
                    choices=tuple(ATTACKS))
     p.add_argument("--footprint", default="square3", type=footprint_name)
     p.add_argument("--out", default="trace.png", help="PNG to write (default trace.png)")
-    p.set_defaults(run=commands.cmd_visualize)
+    p.set_defaults(run="cmd_visualize")
 
     p = sub.add_parser("train-digits", help="train the embedded digits CNN (reproducible)")
     p.add_argument("--epochs", type=positive_int, default=20)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=positive_int, default=2)
     p.add_argument("--out", help="checkpoint to write (default: the shipped one)")
-    p.set_defaults(run=commands.cmd_train_digits)
+    p.set_defaults(run="cmd_train_digits")
 
     p = sub.add_parser("bench", help="measure the kernels, the engine, attacks and detectors")
-    p.add_argument("target", choices=commands.BENCHMARKS)
+    p.add_argument("target", choices=BENCHMARKS)
     p.add_argument("--json", metavar="FILE", help="also write the results as JSON here")
     p.add_argument("--quick", action="store_true", help="small sizes, few repeats")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
                    help="cuda: the GPU rows (entropy, responses); without a GPU they are "
                         "skipped, saying why")
-    p.set_defaults(run=commands.cmd_bench)
+    p.set_defaults(run="cmd_bench")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return args.run(args)
+        from frmap.engine.cli import commands
+
+        return getattr(commands, args.run)(args)
     except (ValueError, TypeError, OSError, RuntimeError) as err:
         print(f"frmap {args.command}: error: {err}", file=sys.stderr)
         return 1

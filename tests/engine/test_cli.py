@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import shutil
 import subprocess
@@ -336,3 +337,36 @@ def test_bench_screen_quick(tmp_path):
         assert ("knn", batch, "float32") in rows and ("knn", batch, "bf16") not in rows
     assert all(r["seconds"] > 0 and r["forward_passes"] > 0 for r in data["rows"])
     assert "x forward" in result.stdout and data["machine"]["cpu"]
+
+
+def test_help_answers_without_the_engine():
+    """`frmap --help` and every `frmap CMD --help` build the parser without importing torch or
+    the engine's heavy modules; the names the parser offers are the engine's own."""
+    code = ("import sys\n"
+            "from frmap.engine.cli.main import build_parser\n"
+            "parser = build_parser()\n"
+            "for command in parser._subparsers._group_actions[0].choices:\n"
+            "    try:\n"
+            "        parser.parse_args([command, '--help'])\n"
+            "    except SystemExit as done:\n"
+            "        assert done.code == 0, command\n"
+            "heavy = ('torch', 'torchvision', 'foolbox', 'sklearn', 'matplotlib', 'ray',\n"
+            "         'skimage')\n"
+            "print(sorted(m for m in heavy if m in sys.modules))\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[-1] == "[]"
+
+    from frmap.engine.attacks import ATTACKS
+    from frmap.engine.cli import options
+    from frmap.engine.data.footprints import STUDY
+    from frmap.engine.data.images import MAX_PIXELS
+    from frmap.engine.evaluation.comparison import DETECTORS
+    from frmap.engine.models.named import MODELS
+    from frmap.engine.responses import PRECISIONS, TARGETS
+
+    assert options.ATTACKS == tuple(ATTACKS) and options.DETECTORS == DETECTORS
+    assert options.TARGETS == TARGETS and options.PRECISIONS == tuple(PRECISIONS)
+    assert options.MODELS == tuple(MODELS) and options.STUDY == STUDY
+    assert options.MAX_PIXELS == MAX_PIXELS
+    assert all(importlib.util.find_spec(f"frmap.bench.{name}") for name in options.BENCHMARKS)
