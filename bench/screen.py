@@ -90,7 +90,7 @@ def _digits(quick: bool) -> tuple[torch.nn.Module, dict[str, Detector], torch.Te
 def _vgg19() -> tuple[torch.nn.Module, dict[str, Detector], torch.Tensor, str | None]:
     model = load_vgg("vgg19", seed=0)
     g = torch.Generator().manual_seed(0)
-    train = torch.rand(32, 3, 224, 224, generator=g)
+    train = torch.rand(64, 3, 224, 224, generator=g)  # kNN votes among 50 neighbours
     with torch.no_grad():
         labels = Normalized(model)(train).argmax(1)
     detectors = clean_detectors(DEMO, model, Normalized(model), train=(train, labels),

@@ -15,6 +15,7 @@ ENGINE_MODULES = {
     "torchvision": "torchvision",
     "foolbox": "foolbox",
     "sklearn": "scikit-learn",
+    "scipy": "scipy",
     "skimage": "scikit-image",
     "PIL": "pillow",
     "safetensors": "safetensors",

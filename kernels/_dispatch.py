@@ -120,7 +120,15 @@ def resolve_backend(backend: str, data: object, *, family: str = "entropy") -> s
 
 def resolve_for(backend: str, family: str, device: str | None, dtype: str) -> str:
     """`resolve_backend` for data of `dtype` (as str() spells it) on `device` (str() of a
-    tensor's device; None for a host array)."""
+    tensor's device; None for a host array). The answer depends on nothing else in a process
+    (and whether Triton interprets), so it is looked up once per combination: the reverse
+    walk asks dozens of times per image."""
+    return _resolved(backend, family, device, dtype, interpreting())
+
+
+@functools.cache
+def _resolved(backend: str, family: str, device: str | None, dtype: str,
+              interpret: bool) -> str:
     check_backend(backend, family)
     if backend == "auto":
         if (_on_cuda(device) and "triton" in _TABLE[family]
