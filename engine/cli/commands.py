@@ -223,6 +223,11 @@ def _screener(model: NamedModel, args: argparse.Namespace):
     from frmap.engine.screening import Screener
 
     if args.screener:
+        given = [f"--{name}" for name in ("rule", "target", "footprint")
+                 if getattr(args, name) is not None]
+        if given:
+            raise ValueError(f"{args.screener}: a screener file fixes its detectors' settings; "
+                             f"leave out {', '.join(given)}")
         screener = Screener.load(args.screener, model.model, preprocess=model.preprocess,
                                  batch_size=args.batch_size)
         own = {d.precision for d in screener.detectors.values()
@@ -232,7 +237,8 @@ def _screener(model: NamedModel, args: argparse.Namespace):
                              f"{own.pop()}; --precision {args.precision} would void its "
                              "threshold (leave --precision out)")
         return screener
-    detector = EntropyDetector(args.footprint, args.rule, args.target, model_identity(model.model),
+    detector = EntropyDetector(args.footprint or "square3", args.rule or "guided",
+                               args.target or "conv_max", model_identity(model.model),
                                precision=args.precision or "float32")
     return Screener(model.model, {"entropy": detector}, preprocess=model.preprocess,
                     batch_size=args.batch_size)

@@ -102,13 +102,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--screener", "--detector", dest="screener", metavar="FILE",
                    help="screener file from frmap calibrate / evaluate --save-screener (or a "
                         "detector file): its detectors' scores and 'flagged'")
-    p.add_argument("--footprint", default="square3", type=footprint_name,
-                   help="entropy window without a screener (scores only, no flags)")
+    p.add_argument("--footprint", type=footprint_name,
+                   help="entropy window without a screener (default square3; scores only, no "
+                        "flags)")
     add_ray_args(p, "screen into --out (bad files recorded there)")
     p.add_argument("--out", metavar="FILE", help="with --ray: the results (JSON lines)")
     p.add_argument("--shard-groups", type=positive_int, default=8,
                    help="with --ray: batches per shard, the unit a rerun resumes from (default 8)")
-    p.set_defaults(run="cmd_score", precision=None)
+    # a screener file fixes these: None tells that they were not given
+    p.set_defaults(run="cmd_score", precision=None, rule=None, target=None)
 
     p = sub.add_parser(
         "serve", help="a screener behind HTTP on Ray Serve (POST /screen, GET /healthz, /metrics)",

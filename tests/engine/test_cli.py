@@ -191,6 +191,12 @@ def test_a_bf16_screener_scores_in_bf16(tmp_path, digit_files):
     result = frmap("score", "--screener", str(screener), "--precision", "auto", str(files[0]))
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout.splitlines()[0])["scores"]["entropy"] == scores[0]
+    # the file fixes the detectors' settings: flags that would change them are refused
+    result = frmap("score", "--screener", str(screener), "--rule", "deconvnet", "--footprint",
+                   "disk2", str(files[0]))
+    assert result.returncode == 1 and not result.stdout and "Traceback" not in result.stderr
+    assert f"{screener}: a screener file fixes its detectors' settings; leave out --rule, " \
+        "--footprint" in result.stderr
 
 
 def test_precision_auto_records_what_the_cpu_runs(tmp_path):
