@@ -163,7 +163,8 @@ class PassRunner:
             logits = collect_features(self.classifier, torch.cat(copies), (),
                                       batch_size=max(n, MIN_CALL)).logits if copies else None
         else:
-            everything = collect_features(self.classifier, torch.cat([x, *copies]),
+            everything = collect_features(self.classifier,
+                                          torch.cat([x, *copies]) if copies else x,
                                           self.needs.layers, batch_size=max(n, MIN_CALL))
             features = everything.take(np.arange(n))
             logits = everything.logits[n:]

@@ -11,9 +11,9 @@
    detectors learn from (kNN index, class references, the networks' training examples).
 3. One forward pass per image set gives the layer features and logits the detectors are fit
    on; the sets they score (combiner, calibration, test) then get the screen's own pass
-   (`PassRunner`: the entropy detector's reverse walk gives the features, squeezed copies in
-   one batched call), and every detector scores it through `Detector.score`, as a screener
-   does.
+   (`PassRunner`: the entropy detector's reverse walk gives the features, the squeezed copies
+   go through the classifier together), and every detector scores it through
+   `Detector.score`, as a screener does.
 4. Every detector scores clean calibration, clean test and adversarial test images, higher =
    more adversarial; thresholds come from the calibration split and metrics from the test
    split (`evaluate_attack`), images no detector was trained on.
@@ -493,7 +493,8 @@ def compare_detectors(
         Needs.union([Needs(layers=collected), *(d.needs for d in detectors.values())]),
         preprocess=config.preprocess, batch_size=config.batch_size))
     scores = {name: data.scores(d.score) for name, d in detectors.items()}
-    combiner = combine_scores(detectors, data.combiner)
+    combined_on = combiner_inputs(detectors, data.combiner)
+    combiner = Combiner.fit(*combined_on)
     scores[COMBINED] = {key: combiner({n: scores[n][key] for n in detectors})
                         for key in data.evaluated}
     weights = combiner.weight_of()
@@ -507,7 +508,7 @@ def compare_detectors(
                            layers=collected)
     costs = {name: set_cost(extra, [name]) for name in detectors}
     costs[COMBINED] = set_cost(extra, list(detectors))
-    aucs, combiners = _candidate_sets(detectors, combiner, scores, data, config)
+    aucs, combiners = _candidate_sets(detectors, combiner, combined_on, scores, data, config)
     chosen: tuple[str, ...] = ()
     screener_cost = None
     if screener_path is not None:
@@ -527,17 +528,18 @@ def compare_detectors(
 
 
 def _candidate_sets(detectors: dict[str, Detector], combiner: Combiner,
+                    combined_on: tuple[dict[str, np.ndarray], np.ndarray],
                     scores: dict[str, dict[str, np.ndarray]], data: ComparisonData,
                     config: ComparisonConfig
                     ) -> tuple[dict[DetectorSet, float], dict[DetectorSet, Combiner | None]]:
     """Every detector set's mean AUC over the measured attacks (all attacks where none is), and
     its combination: none for one detector alone, else a logistic regression fitted on the
-    combiner images (`combiner` for all of them)."""
+    combiner images' scores `combined_on` (`combiner_inputs`; `combiner` for all of them)."""
     fpr = config.operating_fpr
     rows = [r for n in detectors for r in attack_rows(n, scores[n], data.attacks, fpr)]
     measured = {r.attack for r in rows if r.measured} or set(data.attacks)
     combiners: dict[DetectorSet, Combiner | None] = {(name,): None for name in detectors}
-    fitted_on, adversarial = _combiner_inputs(detectors, data.combiner)
+    fitted_on, adversarial = combined_on
     aucs = {}
     for names in detector_sets(list(detectors)):
         if len(names) == 1:
@@ -641,18 +643,11 @@ def _write(out: Path, results: list[AttackEvaluation], per_layer: list[AttackEva
     return files
 
 
-def combine_scores(detectors: dict[str, Detector], combiner: Sequence[Part]) -> Combiner:
-    """Fit the combination on the combiner images' scores (clean versus adversarial).
-
-    Raises:
-        ValueError: the combiner images lack clean or adversarial versions.
-    """
-    return Combiner.fit(*_combiner_inputs(detectors, combiner))
-
-
-def _combiner_inputs(detectors: dict[str, Detector], combiner: Sequence[Part]
-                     ) -> tuple[dict[str, np.ndarray], np.ndarray]:
-    """The detectors' scores of the combiner images, and which images are adversarial."""
+def combiner_inputs(detectors: dict[str, Detector], combiner: Sequence[Part]
+                    ) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """The detectors' scores of the combiner images, and which images are adversarial: what
+    the combinations are fitted on (`Combiner.fit`, which raises ValueError where the combiner
+    images lack clean or adversarial versions)."""
     scores = {name: np.concatenate([d.score(p.screen) for p in combiner])
               for name, d in detectors.items()}
     adversarial = np.concatenate([np.full(len(p.image), p.attack != CLEAN) for p in combiner])

@@ -37,7 +37,7 @@ from torch import nn
 from frmap.engine.models.runtime import model_device, native_bf16
 from frmap.engine.models.vgg import Normalized
 from frmap.engine.responses.autograd_path import autograd_responses
-from frmap.engine.responses.reverse_walk import ReverseWalk, sequential_layers
+from frmap.engine.responses.reverse_walk import ReverseWalk, WalkOutput, sequential_layers
 from frmap.engine.responses.targets import Target, check_target, target_classes
 from frmap.kernels import RULES, check_footprint, response_score
 
@@ -56,8 +56,9 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     natively (`native_bf16`), else "float32".
 
     bf16 in the walk back only keeps the forward pass (logits, features, masks) exact and moved
-    every AUC of the digits comparison by at most 0.004; full "bf16" is faster but moved the
-    minimal-L2 attacks' AUC by up to -0.06, so "auto" never picks it.
+    every AUC of the digits study by at most 0.004; full "bf16" moved the minimal-L2 attacks'
+    AUC by up to -0.06 (and was no faster on the CPU where both were measured), so "auto"
+    never picks it.
     """
     if precision == "auto":
         return "bf16-backward" if native_bf16(device) else "float32"
@@ -248,9 +249,7 @@ class ResponseEngine:
             check_footprint(fp)
 
         def batch(b: torch.Tensor, c: torch.Tensor | None) -> Observation:
-            with _eval_mode(self.model), _ieee_float32():
-                out = self._walk.run(b.to(self.device, self.dtype),
-                                     None if c is None else c.to(self.device), taps)
+            out = self._run(b, c, taps)
             return Observation({k: response_score(out.responses, fp)
                                 for k, fp in footprints.items()},
                                out.logits.float().cpu(),
@@ -323,12 +322,19 @@ class ResponseEngine:
 
     def _responses(self, images: torch.Tensor, classes: torch.Tensor | None) -> torch.Tensor:
         """Responses of one batch (validated images; classes with -1 for the top class)."""
+        return self._run(images, classes).responses
+
+    def _run(self, images: torch.Tensor, classes: torch.Tensor | None,
+             taps: Sequence[int] | None = None) -> WalkOutput:
+        """One batch through the path in use, on the engine's device (`ReverseWalk.run`; the
+        autograd path gives the responses alone)."""
         x = images.to(self.device, self.dtype)
         classes = None if classes is None else classes.to(self.device)
         with _eval_mode(self.model), _ieee_float32():
             if self._walk is None:
-                return autograd_responses(self.model, self._net, x, classes, self.config.rule)
-            return self._walk.responses(x, classes)
+                return WalkOutput(autograd_responses(self.model, self._net, x, classes,
+                                                     self.config.rule))
+            return self._walk.run(x, classes, taps)
 
 
 def _device_of(images: object) -> torch.device:

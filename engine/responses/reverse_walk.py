@@ -178,9 +178,9 @@ class _Weights:
 class _Conv(_Step):
     """Convolution; its transpose is its input gradient."""
 
-    def __init__(self, layer: nn.Conv2d, weights: _Weights) -> None:
+    def __init__(self, layer: nn.Conv2d, weights: _Weights, back_weights: _Weights) -> None:
         self.layer = layer
-        self.weights = self.back_weights = weights
+        self.weights, self.back_weights = weights, back_weights
 
     def forward(self, x):
         c, w = self.layer, self.weights(self.layer.weight)
@@ -219,9 +219,9 @@ class _BatchNorm(_Step):
 
 
 class _Linear(_Step):
-    def __init__(self, layer: nn.Linear, weights: _Weights) -> None:
+    def __init__(self, layer: nn.Linear, weights: _Weights, back_weights: _Weights) -> None:
         self.layer = layer
-        self.weights = self.back_weights = weights
+        self.weights, self.back_weights = weights, back_weights
 
     def forward(self, x):
         w = self.weights(self.layer.weight)
@@ -296,11 +296,13 @@ class _MaxPool(_Step):
 
 
 def _steps(layers: Sequence[nn.Module], rule: str, weights: _Weights | None = None,
-           start: int = 0) -> list[_Step]:
-    """The walk's steps of `layers`; each step's `end` is `start` + the index in `layers` of the
-    layer whose output it returns (None for the max-pool of a fused ReLU and max-pool: its
-    output, before the ReLU, is no layer's)."""
+           back_weights: _Weights | None = None, start: int = 0) -> list[_Step]:
+    """The walk's steps of `layers`, the convolutions and linear layers forward on `weights`
+    and back on `back_weights` (default: the same); each step's `end` is `start` + the index in
+    `layers` of the layer whose output it returns (None for the max-pool of a fused ReLU and
+    max-pool: its output, before the ReLU, is no layer's)."""
     weights = _Weights(None) if weights is None else weights
+    back_weights = weights if back_weights is None else back_weights
     steps: list[_Step] = []
     i = 0
     while i < len(layers):
@@ -324,11 +326,11 @@ def _steps(layers: Sequence[nn.Module], rule: str, weights: _Weights | None = No
         elif isinstance(layer, Normalized):
             step = _Normalize(layer)
         elif isinstance(layer, nn.Conv2d):
-            step = _Conv(layer, weights)
+            step = _Conv(layer, weights, back_weights)
         elif isinstance(layer, nn.BatchNorm2d):
             step = _BatchNorm(layer)
         elif isinstance(layer, nn.Linear):
-            step = _Linear(layer, weights)
+            step = _Linear(layer, weights, back_weights)
         else:
             step = _LinearMap(layer)
         steps.append(step.at(start + i))
@@ -391,7 +393,7 @@ class ReverseWalk:
         """The chain's output (what the model returns), through the walk's own forward."""
         with torch.no_grad():
             x = x.clone(memory_format=torch.channels_last)  # steps work in place
-            return self._forward(self._make_steps(self.layers), x)[0]
+            return self._forward(self._steps(self.layers), x)[0]
 
     def responses(self, x: torch.Tensor, classes: torch.Tensor | None) -> torch.Tensor:
         """[N, C, H, W] responses of the images `x` (as the chain takes them).
@@ -410,7 +412,7 @@ class ReverseWalk:
         pooled outputs of those layers from the same forward pass: the forward pass then runs
         to the end of the chain, past the target where it lies before."""
         end = conv_max_index(self.layers) + 1 if classes is None else len(self.layers)
-        steps = self._make_steps(self.layers[:end])
+        steps = self._steps(self.layers[:end])
         wanted: dict[int, list[int]] = {}
         for i in taps or ():
             wanted.setdefault(self._tap_source[i], []).append(i)
@@ -432,7 +434,7 @@ class ReverseWalk:
             r = torch.zeros_like(out).scatter_(1, target_indices(out, classes), 1.0)
             logits = None
             if taps is not None:
-                tail = _steps(self.layers[end:], self.rule, self.weights, end)
+                tail = self._steps(self.layers[end:], end)
                 logits = self._forward(tail, out, wanted, pooled)[0] if tail else out
             del out
             r = self._backward(steps[head:], r, saved)
@@ -441,13 +443,8 @@ class ReverseWalk:
                               ]).contiguous()
         return WalkOutput(responses, logits, {i: _cat(v) for i, v in pooled.items()})
 
-    def _make_steps(self, layers: Sequence[nn.Module]) -> list[_Step]:
-        steps = _steps(layers, self.rule, self.weights)
-        if self.back_weights is not self.weights:
-            for step in steps:
-                if isinstance(step, (_Conv, _Linear)):
-                    step.back_weights = self.back_weights
-        return steps
+    def _steps(self, layers: Sequence[nn.Module], start: int = 0) -> list[_Step]:
+        return _steps(layers, self.rule, self.weights, self.back_weights, start)
 
     @staticmethod
     def _forward(steps: list[_Step], x: torch.Tensor, wanted: dict[int, list[int]] | None = None,

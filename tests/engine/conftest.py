@@ -12,6 +12,15 @@ from torch import nn
 from frmap.engine.detectors import Features, collect_features, default_layers
 from frmap.engine.detectors.distance_evolution import CLEAN, Examples
 from frmap.engine.models.digits import load_digits_model, load_digits_split
+from frmap.engine.models.runtime import torch_settings
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread inside the test: tiny models run fastest, and least disturbed by other
+    processes, on one thread; the caller's count is restored afterwards."""
+    with torch_settings(1):
+        yield
 
 
 @dataclass(frozen=True)

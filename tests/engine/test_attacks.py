@@ -53,13 +53,7 @@ SMALL = {
 PIXELS = {"one_pixel": 1, "three_pixel": 3, "five_pixel": 5}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest, and least disturbed by other processes, on one thread."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_classifier(channels: int, seed: int = 0) -> nn.Module:

@@ -65,7 +65,7 @@ def run(tmp_path_factory):
     network_fit = DistanceEvolutionDetector.fit.__func__
     mahalanobis_fit = MahalanobisDetector.fit.__func__
     lid_fit = LIDDetector.fit.__func__
-    combine = comparison.combine_scores
+    combine = comparison.combiner_inputs
     best = comparison._best_screener
 
     def record_mahalanobis(cls, clean, labels, examples, *args, **kwargs):
@@ -84,9 +84,9 @@ def run(tmp_path_factory):
         calls["network"].append((len(reference), train, validation))
         return network_fit(cls, reference, labels, train, validation, *args, **kwargs)
 
-    def record_combiner(scorers, parts):
+    def record_combiner(detectors, parts):
         calls["combiner"].extend(parts)
-        return combine(scorers, parts)
+        return combine(detectors, parts)
 
     def record_best(subject, detectors, combiners, aucs, scores, *args):
         calls["best"].append((detectors, combiners[tuple(detectors)], scores))
@@ -101,7 +101,7 @@ def run(tmp_path_factory):
             mp.setattr(DistanceEvolutionDetector, "fit", classmethod(record_network))
             mp.setattr(MahalanobisDetector, "fit", classmethod(record_mahalanobis))
             mp.setattr(LIDDetector, "fit", classmethod(record_lid))
-            mp.setattr(comparison, "combine_scores", record_combiner)
+            mp.setattr(comparison, "combiner_inputs", record_combiner)
             mp.setattr(comparison, "_best_screener", record_best)
             report = compare_detectors(
                 model, train=_split("train"), calibration=_split("calibration"),

@@ -12,13 +12,7 @@ from frmap.engine.attacks import LBFGS, DeepFool, run_attack
 from frmap.engine.data import load_digits_split
 from frmap.engine.models import load_digits_model, predict
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def halfplane_model(theta: float) -> nn.Module:
