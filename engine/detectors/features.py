@@ -9,7 +9,8 @@ pass. Models take [0, 1] images, with any normalisation inside the model (ImageN
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -102,6 +103,33 @@ def _pool(output: torch.Tensor) -> torch.Tensor:
     return output.flatten(2).mean(2) if output.ndim > 2 else output.clone()
 
 
+def _modules(model: nn.Module, layers: Sequence[str]) -> dict[str, nn.Module]:
+    """The modules named `layers`, with a clear error for names the model lacks."""
+    modules = dict(model.named_modules())
+    missing = [n for n in layers if n not in modules]
+    if missing:
+        raise ValueError(f"{type(model).__name__} has no layers {missing}")
+    return {n: modules[n] for n in layers}
+
+
+@contextmanager
+def _pooled_hooks(modules: dict[str, nn.Module],
+                  keep: Callable[[str, torch.Tensor], None]) -> Iterator[None]:
+    """Forward hooks that hand each module's pooled output (`_pool`) to `keep(name, output)`;
+    removed on leaving, also when the forward pass raises."""
+    def hook(name: str):
+        def call(_module: nn.Module, _inputs: object, output: torch.Tensor) -> None:
+            keep(name, _pool(output))
+        return call
+
+    handles = [m.register_forward_hook(hook(n)) for n, m in modules.items()]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 def pooled_outputs(
     model: nn.Module, x: torch.Tensor, layers: Sequence[str]
 ) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
@@ -110,23 +138,9 @@ def pooled_outputs(
     What `collect_features` keeps, as tensors differentiable in `x` (for input gradients of a
     feature-based score); the hooks are removed before returning.
     """
-    modules = dict(model.named_modules())
-    missing = [n for n in layers if n not in modules]
-    if missing:
-        raise ValueError(f"{type(model).__name__} has no layers {missing}")
     outputs: dict[str, torch.Tensor] = {}
-
-    def keep(name: str):
-        def hook(_module: nn.Module, _inputs: object, output: torch.Tensor) -> None:
-            outputs[name] = _pool(output)
-        return hook
-
-    handles = [modules[n].register_forward_hook(keep(n)) for n in layers]
-    try:
+    with _pooled_hooks(_modules(model, layers), outputs.__setitem__):
         logits = model(x)
-    finally:
-        for handle in handles:
-            handle.remove()
     return tuple(outputs[n] for n in layers), logits
 
 
@@ -154,33 +168,20 @@ def collect_features(
         The features, float32 on the CPU, in the order of `images`.
     """
     names = tuple(default_layers(model) if layers is None else layers)
-    modules = dict(model.named_modules())
-    missing = [n for n in names if n not in modules]
-    if missing:
-        raise ValueError(f"{type(model).__name__} has no layers {missing}")
+    modules = _modules(model, names)
     if len(set(names)) != len(names):
         raise ValueError(f"layers named more than once: {names}")
     if len(images) == 0 or batch_size < 1:
         raise ValueError("collect_features needs at least one image and batch_size >= 1")
     device = model_device(model)
     outputs: dict[str, list[torch.Tensor]] = {n: [] for n in names}
-
-    def keep(name: str):
-        def hook(_module: nn.Module, _inputs: object, output: torch.Tensor) -> None:
-            outputs[name].append(_pool(output).float().cpu())
-        return hook
-
-    handles = [modules[n].register_forward_hook(keep(n)) for n in names]
-    try:
-        logits = []
+    logits = []
+    with _pooled_hooks(modules, lambda n, output: outputs[n].append(output.float().cpu())):
         for start in range(0, len(images), batch_size):
             logits.append(model(images[start:start + batch_size].to(device)).float().cpu())
             calls = {n: len(v) for n, v in outputs.items() if len(v) != len(logits)}
             if calls:
                 raise ValueError(f"layers not called exactly once per forward pass: {calls}")
-    finally:
-        for handle in handles:
-            handle.remove()
     return Features(
         {n: torch.cat(v).numpy() for n, v in outputs.items()}, torch.cat(logits).numpy()
     )

@@ -8,7 +8,7 @@ features,
 
 higher = more adversarial (adversarial regions have a higher local dimension). The layers'
 estimates are combined by a logistic regression fitted on clean and adversarial training
-examples of images outside the reference batch (`LayerCombination`).
+examples of images outside the reference batch (`ScaledLogistic`).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from sklearn.neighbors import NearestNeighbors
 from frmap.engine.detectors.base import Detector, Threshold
 from frmap.engine.detectors.distance_evolution import Examples
 from frmap.engine.detectors.features import Features
-from frmap.engine.detectors.layer_scores import LayerCombination
+from frmap.engine.detectors.logistic import ScaledLogistic
 from frmap.engine.detectors.screen_pass import ScreenPass
 
 
@@ -70,7 +70,7 @@ class LIDDetector(Detector):
     config: LIDConfig
     model: str
     references: tuple[np.ndarray, ...]
-    combination: LayerCombination
+    combination: ScaledLogistic
     threshold: Threshold | None = None
     _indexes: tuple[NearestNeighbors, ...] = field(init=False, repr=False)
 
@@ -98,7 +98,7 @@ class LIDDetector(Detector):
         references = tuple(reference.features.layer(name).astype(np.float64)
                            for name in config.layers)
         estimates = _estimates(_indexes(references, config.k), config.layers, rest.features)
-        return cls(config, model, references, LayerCombination.fit(estimates, rest.adversarial))
+        return cls(config, model, references, ScaledLogistic.fit(estimates, rest.adversarial))
 
     @property
     def layers(self) -> tuple[str, ...]:
@@ -128,7 +128,7 @@ class LIDDetector(Detector):
         config = LIDConfig(**meta["config"])
         return cls(config, model, tuple(arrays[f"reference_{i}"] for i in
                                         range(len(config.layers))),
-                   LayerCombination.from_arrays(arrays, "combination_"), threshold)
+                   ScaledLogistic.from_arrays(arrays, "combination_"), threshold)
 
 
 def _indexes(references: tuple[np.ndarray, ...], k: int) -> tuple[NearestNeighbors, ...]:

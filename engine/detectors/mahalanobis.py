@@ -11,7 +11,7 @@ higher = more adversarial. The paper's optional input pre-processing moves the i
 step `noise` against the gradient of that distance before scoring it,
 x' = clip(x - noise * sign(grad_x M_l(x)), 0, 1), one step per layer. The layers' scores are
 combined by a logistic regression fitted on clean and adversarial training examples
-(`LayerCombination`); `layer_scores` gives each layer's score alone.
+(`ScaledLogistic`); `layer_scores` gives each layer's score alone.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from torch import nn
 from frmap.engine.detectors.base import Detector, Threshold
 from frmap.engine.detectors.distance_evolution import Examples
 from frmap.engine.detectors.features import Features, collect_features, pooled_outputs
-from frmap.engine.detectors.layer_scores import LayerCombination
+from frmap.engine.detectors.logistic import ScaledLogistic
 from frmap.engine.detectors.screen_pass import ScreenPass
 from frmap.engine.models.runtime import model_device
 
@@ -104,7 +104,7 @@ class MahalanobisDetector(Detector):
     model: str
     means: tuple[np.ndarray, ...]
     precisions: tuple[np.ndarray, ...]
-    combination: LayerCombination
+    combination: ScaledLogistic
     threshold: Threshold | None = None
 
     @classmethod
@@ -124,12 +124,12 @@ class MahalanobisDetector(Detector):
                                   name, m, p in zip(config.layers, means, precisions,
                                                     strict=True)])
         return cls(config, model, means, precisions,
-                   LayerCombination.fit(scores, examples.adversarial))
+                   ScaledLogistic.fit(scores, examples.adversarial))
 
     def with_combination(self, examples: Examples) -> MahalanobisDetector:
         """A copy whose layer combination is refitted on `examples` (for instance with the
         features `preprocessed_features` gives, which depend on the fitted Gaussians)."""
-        return replace(self, combination=LayerCombination.fit(
+        return replace(self, combination=ScaledLogistic.fit(
             self.layer_scores(examples.features), examples.adversarial))
 
     @property
@@ -199,4 +199,4 @@ class MahalanobisDetector(Detector):
         n = len(config.layers)
         return cls(config, model, tuple(arrays[f"means_{i}"] for i in range(n)),
                    tuple(arrays[f"precision_{i}"] for i in range(n)),
-                   LayerCombination.from_arrays(arrays, "combination_"), threshold)
+                   ScaledLogistic.from_arrays(arrays, "combination_"), threshold)

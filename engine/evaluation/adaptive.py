@@ -38,7 +38,7 @@ from frmap.engine.detectors import (
     MahalanobisDetector,
 )
 from frmap.engine.detectors.features import pooled_outputs
-from frmap.engine.detectors.layer_scores import LayerCombination
+from frmap.engine.detectors.logistic import ScaledLogistic
 from frmap.engine.detectors.mahalanobis import min_distance_torch
 from frmap.engine.models.runtime import model_device
 from frmap.engine.responses.smooth import (
@@ -82,8 +82,8 @@ def _as(array: np.ndarray, like: torch.Tensor) -> torch.Tensor:
     return torch.as_tensor(array, dtype=torch.float64, device=like.device)
 
 
-def _combine(combination: LayerCombination, scores: torch.Tensor) -> torch.Tensor:
-    """`LayerCombination.__call__` in torch."""
+def _combine(combination: ScaledLogistic, scores: torch.Tensor) -> torch.Tensor:
+    """`ScaledLogistic.__call__` in torch."""
     return ((scores - _as(combination.mean, scores)) / _as(combination.scale, scores)
             @ _as(combination.coef, scores) + combination.intercept)
 

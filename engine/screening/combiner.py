@@ -6,17 +6,17 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
-from sklearn.linear_model import LogisticRegression
-from sklearn.pipeline import make_pipeline
-from sklearn.preprocessing import StandardScaler
+
+from frmap.engine.detectors.logistic import ScaledLogistic
 
 
 @dataclass(frozen=True, eq=False)
 class Combiner:
     """`z = ((x - mean) / scale) @ weights + intercept` over the detectors' scores `x`.
 
-    The decision value of a logistic regression fitted on standardised scores (clean and
-    adversarial images weigh the same); higher = more adversarial.
+    The decision value of the detectors' `ScaledLogistic` (a logistic regression fitted on
+    standardised scores, clean and adversarial images weighing the same), kept with the
+    detectors' names; higher = more adversarial.
 
     Attributes:
         names: the detectors, in the order of the columns of `x`.
@@ -46,20 +46,14 @@ class Combiner:
         Raises:
             ValueError: the labels hold only one class.
         """
-        y = np.asarray(adversarial, dtype=bool)
-        if y.all() or not y.any():
-            raise ValueError("the combination needs clean and adversarial images")
         x = np.column_stack([np.asarray(s, np.float64) for s in scores.values()])
-        pipeline = make_pipeline(StandardScaler(), LogisticRegression(class_weight="balanced"))
-        pipeline.fit(x, y)
-        scaler, regression = pipeline
-        return cls(tuple(scores), scaler.mean_, scaler.scale_, regression.coef_[0],
-                   float(regression.intercept_[0]))
+        fitted = ScaledLogistic.fit(x, adversarial, what="the combination", examples="images")
+        return cls(tuple(scores), fitted.mean, fitted.scale, fitted.coef, fitted.intercept)
 
     def __call__(self, scores: dict[str, np.ndarray]) -> np.ndarray:
         """`[N]` float64 decision values of the detectors' `[N]` scores."""
         x = np.column_stack([np.asarray(scores[n], np.float64) for n in self.names])
-        return (x - self.mean) / self.scale @ self.weights + self.intercept
+        return ScaledLogistic(self.mean, self.scale, self.weights, self.intercept)(x)
 
     def weight_of(self) -> dict[str, float]:
         """Each detector's weight on its standardised score."""

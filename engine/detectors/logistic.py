@@ -1,10 +1,11 @@
-"""Per-layer scores combined into one by a logistic regression (Lee et al. 2018, Ma et al. 2018).
+"""One scaled logistic regression: the combination of several scores into one.
 
-The Mahalanobis and LID detectors score each feature layer on its own, then fit a logistic
-regression over the layers' standardised scores on clean and adversarial training examples.
-The fitted combination is kept as plain arrays so that it saves and loads exactly:
+A logistic regression over standardised scores, fitted with clean and adversarial examples
+weighing the same (Lee et al. 2018, Ma et al. 2018). The Mahalanobis and LID detectors combine
+their per-layer scores with it; a screener's `Combiner` combines its detectors' scores with it.
+The fit is kept as plain arrays so that it saves and loads exactly:
 
-    score = ((s - mean) / scale) @ coef + intercept,   s = [N, L] the layers' scores
+    score = ((s - mean) / scale) @ coef + intercept,   s = [N, L] the scores to combine
 """
 
 from __future__ import annotations
@@ -17,8 +18,8 @@ from sklearn.preprocessing import StandardScaler
 
 
 @dataclass(frozen=True, eq=False)
-class LayerCombination:
-    """A fitted logistic regression over L per-layer scores (`[L]` arrays and an intercept)."""
+class ScaledLogistic:
+    """A fitted logistic regression over L standardised scores (`[L]` arrays and an intercept)."""
 
     mean: np.ndarray
     scale: np.ndarray
@@ -26,23 +27,25 @@ class LayerCombination:
     intercept: float
 
     @classmethod
-    def fit(cls, scores: np.ndarray, adversarial: np.ndarray) -> LayerCombination:
+    def fit(cls, scores: np.ndarray, adversarial: np.ndarray, *,
+            what: str = "the layer combination", examples: str = "examples") -> ScaledLogistic:
         """Fit on `[N, L]` scores of examples, `[N]` bool True = adversarial (both classes
         weigh the same).
 
         Raises:
-            ValueError: the examples lack clean or adversarial ones.
+            ValueError: the examples lack clean or adversarial ones (the message names `what`
+                needs which `examples`).
         """
         y = np.asarray(adversarial, dtype=bool)
         if y.all() or not y.any():
-            raise ValueError("the layer combination needs clean and adversarial examples")
+            raise ValueError(f"{what} needs clean and adversarial {examples}")
         scaler = StandardScaler().fit(scores)
         regression = LogisticRegression(class_weight="balanced").fit(scaler.transform(scores), y)
         return cls(scaler.mean_, scaler.scale_, regression.coef_[0].copy(),
                    float(regression.intercept_[0]))
 
     def __call__(self, scores: np.ndarray) -> np.ndarray:
-        """`[N, L]` per-layer scores -> `[N]` float64 decision values (higher = adversarial)."""
+        """`[N, L]` scores -> `[N]` float64 decision values (higher = adversarial)."""
         return (np.asarray(scores, dtype=np.float64) - self.mean) / self.scale @ self.coef \
             + self.intercept
 
@@ -52,7 +55,7 @@ class LayerCombination:
                 f"{prefix}coef": self.coef, f"{prefix}intercept": np.array(self.intercept)}
 
     @classmethod
-    def from_arrays(cls, arrays: dict[str, np.ndarray], prefix: str) -> LayerCombination:
+    def from_arrays(cls, arrays: dict[str, np.ndarray], prefix: str) -> ScaledLogistic:
         """The combination `arrays` wrote under `prefix`."""
         return cls(arrays[f"{prefix}mean"], arrays[f"{prefix}scale"], arrays[f"{prefix}coef"],
                    float(arrays[f"{prefix}intercept"]))
