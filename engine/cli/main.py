@@ -28,6 +28,15 @@ from frmap.engine.cli.options import (
 )
 
 
+# What a command raises for a person to fix, printed as one line with exit status 1: ValueError
+# for bad input (a file, field, folder, detector, set or setting, named in the message; the
+# loaders turn a malformed file's KeyError and TypeError into it), OSError for files that cannot
+# be read or written, RuntimeError for what the machine lacks (Ray, a cluster, a backend or a
+# device, CUDA out of memory) or a set left incomplete. Anything else (a TypeError, KeyError,
+# AttributeError, ...) is a bug and keeps its traceback.
+EXPECTED_ERRORS = (ValueError, OSError, RuntimeError)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="frmap", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -197,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
         from frmap.engine.cli import commands
 
         return getattr(commands, args.run)(args)
-    except (ValueError, TypeError, OSError, RuntimeError) as err:
+    except EXPECTED_ERRORS as err:
         print(f"frmap {args.command}: error: {err}", file=sys.stderr)
         return 1
     except MemoryError:

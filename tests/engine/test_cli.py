@@ -15,7 +15,7 @@ import pytest
 import torch
 from PIL import Image
 
-from frmap.engine.cli import build_parser
+from frmap.engine.cli import build_parser, main
 from frmap.engine.data import load_digits_split
 from frmap.engine.detectors import load_detector
 
@@ -142,6 +142,27 @@ def test_bad_arguments_fail_clearly(tmp_path):
     assert result.returncode == 1 and "holds no image files" in result.stderr
     result = frmap("score", str(tmp_path), "--footprint", "blob7")
     assert result.returncode == 2 and "argument --footprint: unknown footprint" in result.stderr
+
+
+def test_a_user_error_is_one_clean_line(tmp_path, capsys):
+    assert main(["score", "--screener", str(tmp_path / "missing.npz"), "x.png"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("frmap score: error: ") and "no such screener file" in err
+    assert "Traceback" not in err and len(err.splitlines()) == 1
+
+
+def test_a_bug_keeps_its_traceback():
+    """An internal TypeError is a bug: not printed as bad input, but raised with its traceback."""
+    code = ("import sys\n"
+            "import frmap.engine.cli.commands as commands\n"
+            "def broken(args):\n"
+            "    raise TypeError('an internal bug')\n"
+            "commands.load_model = broken\n"
+            "from frmap.engine.cli.main import main\n"
+            "sys.exit(main(['score', 'x.png']))\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode != 0 and "error:" not in result.stderr
+    assert "Traceback" in result.stderr and "TypeError: an internal bug" in result.stderr
 
 
 def test_attack_is_resumable_and_visualize_draws(tmp_path, digit_files):
