@@ -33,13 +33,8 @@ from frmap.engine.detectors import (
     collect_features,
     default_layers,
 )
-from frmap.engine.detectors.distance_evolution import (
-    CLEAN,
-    DistanceEvolutionDetector,
-    EvolutionConfig,
-    Examples,
-    split_by_image,
-)
+from frmap.engine.detectors.distance_evolution import DistanceEvolutionDetector, EvolutionConfig
+from frmap.engine.detectors.examples import CLEAN, Examples, split_by_image
 from frmap.engine.detectors.screen_pass import PassRunner, ScreenPass
 from frmap.engine.detectors.squeeze import DIGITS_SQUEEZERS
 from frmap.engine.models import load_digits_model, model_identity

@@ -7,8 +7,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from frmap.engine.detectors.base import Detector, FileFields, Threshold
+from frmap.engine.detectors.base import Detector
+from frmap.engine.detectors.file_fields import FileFields
 from frmap.engine.detectors.screen_pass import EntropyNeed, Needs, ScreenPass
+from frmap.engine.detectors.threshold import Threshold
 from frmap.engine.responses.engine import PRECISIONS
 from frmap.engine.responses.targets import TARGETS
 from frmap.kernels import RULES

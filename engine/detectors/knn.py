@@ -20,9 +20,11 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 from sklearn.decomposition import PCA
 
-from frmap.engine.detectors.base import Detector, FileFields, Threshold
+from frmap.engine.detectors.base import Detector
 from frmap.engine.detectors.features import Features
+from frmap.engine.detectors.file_fields import FileFields
 from frmap.engine.detectors.screen_pass import ScreenPass
+from frmap.engine.detectors.threshold import Threshold
 
 WEIGHTS = ("uniform", "rank", "distance")
 _ARRAYS = ("mean", "components", "scale", "train", "labels")

@@ -18,11 +18,12 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 from sklearn.neighbors import NearestNeighbors
 
-from frmap.engine.detectors.base import Detector, Threshold
-from frmap.engine.detectors.distance_evolution import Examples
+from frmap.engine.detectors.base import Detector
+from frmap.engine.detectors.examples import Examples
 from frmap.engine.detectors.features import Features
 from frmap.engine.detectors.logistic import ScaledLogistic
 from frmap.engine.detectors.screen_pass import ScreenPass
+from frmap.engine.detectors.threshold import Threshold
 
 
 @dataclass(frozen=True)

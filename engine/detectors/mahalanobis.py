@@ -23,11 +23,12 @@ import torch
 from sklearn.covariance import EmpiricalCovariance, LedoitWolf
 from torch import nn
 
-from frmap.engine.detectors.base import Detector, Threshold
-from frmap.engine.detectors.distance_evolution import Examples
+from frmap.engine.detectors.base import Detector
+from frmap.engine.detectors.examples import Examples
 from frmap.engine.detectors.features import Features, collect_features, pooled_outputs
 from frmap.engine.detectors.logistic import ScaledLogistic
 from frmap.engine.detectors.screen_pass import ScreenPass
+from frmap.engine.detectors.threshold import Threshold
 from frmap.engine.models.runtime import model_device
 
 COVARIANCES = {"empirical": EmpiricalCovariance, "ledoit-wolf": LedoitWolf}

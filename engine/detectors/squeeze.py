@@ -25,8 +25,10 @@ import torch
 from scipy import ndimage
 
 from frmap.engine.data.footprints import MAX_FOOTPRINT_SIDE
-from frmap.engine.detectors.base import Detector, FileFields, Threshold
+from frmap.engine.detectors.base import Detector
+from frmap.engine.detectors.file_fields import FileFields
 from frmap.engine.detectors.screen_pass import Needs, ScreenPass, Squeeze
+from frmap.engine.detectors.threshold import Threshold
 from frmap.kernels import nl_means
 
 

@@ -65,7 +65,7 @@ from frmap.engine.detectors import (
     SqueezeConfig,
     default_layers,
 )
-from frmap.engine.detectors.distance_evolution import CLEAN, Examples
+from frmap.engine.detectors.examples import CLEAN, Examples
 from frmap.engine.detectors.screen_pass import Needs, PassRunner, ScreenPass
 from frmap.engine.detectors.squeeze import IMAGENET_SQUEEZERS
 from frmap.engine.evaluation.adaptive import (

@@ -16,7 +16,7 @@ import numpy as np
 from sklearn.metrics import precision_score, recall_score, roc_auc_score, roc_curve
 
 from frmap.engine.data.files import atomic_write_bytes, write_json
-from frmap.engine.detectors.base import calibrate_threshold
+from frmap.engine.detectors.threshold import calibrate_threshold
 
 FPRS = (0.01, 0.05, 0.10)
 MIN_ADVERSARIALS = 10

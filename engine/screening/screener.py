@@ -38,13 +38,9 @@ import torch
 from torch import nn
 
 from frmap.engine.detectors import Detector, Features, Threshold, load_detector
-from frmap.engine.detectors.base import (
-    FileFields,
-    from_parts,
-    read_archive,
-    versions,
-    write_archive,
-)
+from frmap.engine.detectors.archive import read_archive, versions, write_archive
+from frmap.engine.detectors.base import from_parts
+from frmap.engine.detectors.file_fields import FileFields
 from frmap.engine.detectors.screen_pass import Needs, PassRunner
 from frmap.engine.models import Normalized, model_identity
 from frmap.engine.screening.combiner import Combiner

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from frmap.engine.detectors import Features, collect_features, default_layers
-from frmap.engine.detectors.distance_evolution import CLEAN, Examples
+from frmap.engine.detectors.examples import CLEAN, Examples
 from frmap.engine.models.digits import load_digits_model, load_digits_split
 from frmap.engine.models.runtime import torch_settings
 

@@ -7,16 +7,13 @@ import pytest
 from scipy.spatial.distance import cdist
 
 from frmap.engine.detectors.distance_evolution import (
-    CLEAN,
     DistanceEvolutionDetector,
     EvolutionConfig,
-    Examples,
     _balanced_weights,
     class_references,
     embed,
-    leave_one_attack_out,
-    split_by_image,
 )
+from frmap.engine.detectors.examples import CLEAN, Examples, leave_one_attack_out, split_by_image
 from frmap.engine.detectors.features import Features
 from frmap.engine.detectors.screen_pass import ScreenPass
 from frmap.engine.evaluation.metrics import evaluate_attack

@@ -10,7 +10,7 @@ from sklearn.covariance import EmpiricalCovariance, LedoitWolf
 from sklearn.neighbors import NearestNeighbors
 
 from frmap.engine.detectors import load_detector
-from frmap.engine.detectors.distance_evolution import CLEAN, Examples
+from frmap.engine.detectors.examples import CLEAN, Examples
 from frmap.engine.detectors.features import Features, collect_features, default_layers
 from frmap.engine.detectors.lid import LIDConfig, LIDDetector, lid_mle
 from frmap.engine.detectors.mahalanobis import (

@@ -14,9 +14,9 @@ from sklearn.preprocessing import StandardScaler
 
 from frmap.engine.data import load_digits_split, parse_footprint
 from frmap.engine.detectors import EntropyDetector, collect_features
-from frmap.engine.detectors.base import calibrate_threshold
 from frmap.engine.detectors.screen_pass import ScreenPass
 from frmap.engine.detectors.squeeze import DIGITS_SQUEEZERS
+from frmap.engine.detectors.threshold import calibrate_threshold
 from frmap.engine.models import DigitsCNN, load_digits_model, model_identity
 from frmap.engine.responses import ResponseEngine
 from frmap.engine.screening import Combiner, Screener
@@ -170,7 +170,7 @@ def test_a_bf16_entropy_detector_screens_in_bf16_and_keeps_it_in_its_file(digits
 def test_entropy_detector_files_without_a_precision_are_float32_and_bad_ones_fail(digits,
                                                                                   tmp_path):
     from frmap.engine.detectors import load_detector
-    from frmap.engine.detectors.base import read_archive, write_archive
+    from frmap.engine.detectors.archive import read_archive, write_archive
 
     model = digits[0]
     path = EntropyDetector("square3", "guided", "conv_max", model_identity(model)).save(
@@ -203,7 +203,7 @@ def test_entropy_detector_files_without_a_precision_are_float32_and_bad_ones_fai
     ("combiner", None, "field 'combiner' is needed by decision 'combined'"),
 ])
 def test_every_screener_field_is_checked_and_named(digits, tmp_path, field, value, message):
-    from frmap.engine.detectors.base import read_archive, write_archive
+    from frmap.engine.detectors.archive import read_archive, write_archive
 
     model, screener, clean, _ = digits
     combined = Screener(model, screener.detectors,
