@@ -107,8 +107,8 @@ def _on_ray(case: Case, paths: list[Path], folder: Path, workers: int) -> tuple[
     """`run_score_job`, timed from submitting the job (actors started, models loaded)."""
     import ray
 
-    from frmap.engine.serving.jobs import WorkerPool
-    from frmap.engine.serving.score_job import ScoreJob, run_score_job
+    from frmap.engine.jobs.pool import WorkerPool
+    from frmap.engine.jobs.score import ScoreJob, run_score_job
 
     named = load_model(case.model)
     screener = _screener(named, case.batch_size).save(folder / f"{case.model}.frmap")
@@ -162,7 +162,7 @@ def run(quick: bool = False) -> dict:
     except ImportError as err:
         raise RuntimeError(f"frmap bench scale needs Ray ({err}): pip install 'frmap[serve]'"
                            ) from None
-    from frmap.engine.serving.jobs import quiet_ray_data
+    from frmap.engine.jobs.pool import quiet_ray_data
 
     rows = []
     ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False,

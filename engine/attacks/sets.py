@@ -8,7 +8,7 @@ finished shards, recomputes the rest and ends with the same set as an uninterrup
 for byte (the archives carry no time stamps).
 
 `generate` attacks the missing shards in this process, or hands them to an executor (a Ray Data
-job in `frmap.engine.serving`) that runs `attack_shard` on each elsewhere and gives back the
+job in `frmap.engine.jobs`) that runs `attack_shard` on each elsewhere and gives back the
 shard files' bytes in any order; the set is the same.
 
 Safeguards: the manifest records each finished shard's SHA-256, so a truncated or corrupt shard

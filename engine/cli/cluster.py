@@ -8,9 +8,9 @@ import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+from frmap.engine.jobs.pool import WorkerPool, quiet_ray_data
 from frmap.engine.models import model_device
 from frmap.engine.models.named import NamedModel
-from frmap.engine.serving.jobs import WorkerPool, quiet_ray_data
 
 
 @contextmanager

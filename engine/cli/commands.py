@@ -142,7 +142,7 @@ def _study(args: argparse.Namespace, model: NamedModel, calibration, test, confi
     if not args.ray:
         return _report_study(model.model, calibration, test, Path(args.out), config)
     with ray_session(args):
-        from frmap.engine.serving.study_job import ray_footprint_scores
+        from frmap.engine.jobs.study import ray_footprint_scores
 
         scorer = ray_footprint_scores(worker_pool(args, model), config.engine, config.footprints)
         return _report_study(model.model, calibration, test, Path(args.out), config,
@@ -205,7 +205,7 @@ def cmd_attack(args: argparse.Namespace) -> int:
     with ray_session(args) if args.ray else contextlib.nullcontext():
         executor = None
         if args.ray:
-            from frmap.engine.serving.attack_job import ray_attacks
+            from frmap.engine.jobs.attack import ray_attacks
 
             executor = ray_attacks(worker_pool(args, model))
         result = generate(args.attack, model.classifier, images, labels, args.out,
@@ -288,7 +288,7 @@ def _score_on_ray(args: argparse.Namespace, model: NamedModel, screener) -> int:
         else:
             paths.append(item)
     with ray_session(args), tempfile.TemporaryDirectory() as tmp:
-        from frmap.engine.serving.score_job import ScoreJob, run_score_job
+        from frmap.engine.jobs.score import ScoreJob, run_score_job
 
         job = ScoreJob(worker_pool(args, model), batch_size=args.batch_size,
                        shard_groups=args.shard_groups)
@@ -335,37 +335,82 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    from frmap.engine.screening import Screener
+    from frmap.engine.serving import ServiceConfig
+    from frmap.engine.serving.access import check_exposure, read_token
+
+    check_exposure(args.host, args.token_file, args.insecure)
+    token = read_token(args.token_file) if args.token_file else None
+    on_ray = bool(args.ray or args.address)
+    if args.replicas > 1 and not on_ray:
+        raise ValueError("--replicas runs on Ray Serve: add --ray (a local Ray instance) or "
+                         "--address (a cluster)")
+    model = load_model(args)
+    Screener.load(args.screener, model.model, preprocess=model.preprocess)  # fail fast, here
+    data = Path(args.screener).read_bytes()
+    settings = {"model": args.model, "weights": args.weights, "seed": args.seed,
+                "device": str(model_device(model.model)), "max_batch": args.max_batch,
+                "max_wait_ms": args.max_wait_ms, "max_bytes": args.max_bytes,
+                "max_pixels": args.max_pixels, "max_queued": args.max_queued,
+                "timeout_s": args.timeout, "gpus": args.gpus_per_replica}
+    if on_ray:
+        return _serve_on_ray(args, data, settings, token)
+    import asyncio
+    import os
+    import signal
+
+    from frmap.engine.serving import ScreeningApp
+    from frmap.engine.serving.local import local_server
+
+    cpus = args.cpus_per_replica or len(os.sched_getaffinity(0))
+    app = ScreeningApp(data, ServiceConfig(**settings, cpus=cpus), token, named=model)
+    server = local_server(app, args.host, args.port)
+
+    async def run() -> None:
+        serving = asyncio.ensure_future(server.serve())
+        while not server.started and not serving.done():
+            await asyncio.sleep(0.05)
+        if server.started:
+            print(f"frmap serve: {args.screener} on http://{args.host}:{args.port} (one "
+                  f"process, {cpus} torch thread(s), batches of up to {args.max_batch}"
+                  f"{', bearer token required' if token else ''}); POST /screen, GET /healthz, "
+                  "GET /metrics; Ctrl-C stops", flush=True)
+        await serving
+
+    # uvicorn catches SIGINT and SIGTERM while it serves, then raises them again to the
+    # handlers it found: these, which let the command end with its own message and status 0
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: None)
+    asyncio.run(run())  # a port it cannot listen on: uvicorn says so and exits with status 3
+    print("frmap serve: stopped", flush=True)
+    return 0
+
+
+def _serve_on_ray(args: argparse.Namespace, data: bytes, settings: dict,
+                  token: str | None) -> int:
     import signal
     import threading
 
-    from frmap.engine.screening import Screener
+    from frmap.engine.serving import ServiceConfig
 
     try:
         from ray import serve
 
-        from frmap.engine.serving import ServiceConfig, service
+        from frmap.engine.serving.cluster import ray_application
     except ImportError as err:
-        raise RuntimeError(f"frmap serve needs Ray Serve ({err}): pip install 'frmap[serve]'"
-                           ) from None
-    model = load_model(args)
-    Screener.load(args.screener, model.model, preprocess=model.preprocess)  # fail fast, here
-    where = model_device(model.model)
+        raise RuntimeError(f"frmap serve on Ray needs Ray Serve ({err}): pip install "
+                           "'frmap[serve]'") from None
     stop = threading.Event()
     with ray_session(args):
         for signum in (signal.SIGINT, signal.SIGTERM):  # after ray.init, which sets its own
             signal.signal(signum, lambda *_: stop.set())
         cpus = cpus_each(args, args.cpus_per_replica, args.replicas)
-        config = ServiceConfig(model=args.model, weights=args.weights, seed=args.seed,
-                               device=str(where), max_batch=args.max_batch,
-                               max_wait_ms=args.max_wait_ms, max_bytes=args.max_bytes,
-                               max_queued=args.max_queued, replicas=args.replicas, cpus=cpus,
-                               gpus=args.gpus_per_replica)
+        config = ServiceConfig(**settings, replicas=args.replicas, cpus=cpus)
         serve.start(http_options={"host": args.host, "port": args.port})
         try:
-            serve.run(service(Path(args.screener).read_bytes(), config), name="frmap",
-                      route_prefix="/")
-            print(f"frmap serve: {args.screener} on http://{args.host}:{args.port} "
-                  f"({args.replicas} replica(s) of {cpus} CPU(s), batches of up to "
+            serve.run(ray_application(data, config, token), name="frmap", route_prefix="/")
+            print(f"frmap serve: {args.screener} on http://{args.host}:{args.port} (Ray Serve, "
+                  f"{args.replicas} replica(s) of {cpus} CPU(s), batches of up to "
                   f"{args.max_batch}); POST /screen, GET /healthz, GET /metrics; Ctrl-C stops",
                   flush=True)
             stop.wait()

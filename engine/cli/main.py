@@ -27,7 +27,6 @@ from frmap.engine.cli.options import (
     rate,
 )
 
-
 # What a command raises for a person to fix, printed as one line with exit status 1: ValueError
 # for bad input (a file, field, folder, detector, set or setting, named in the message; the
 # loaders turn a malformed file's KeyError and TypeError into it), OSError for files that cannot
@@ -122,37 +121,55 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run="cmd_score", precision=None, rule=None, target=None)
 
     p = sub.add_parser(
-        "serve", help="a screener behind HTTP on Ray Serve (POST /screen, GET /healthz, /metrics)",
-        description="Serve a screener file over HTTP with dynamic batching, on a local Ray "
-                    "instance or a Ray cluster (--address). Call it with\n"
+        "serve", help="a screener behind HTTP (POST /screen, GET /healthz, GET /metrics)",
+        description="Serve a screener file over HTTP with dynamic batching: in this process "
+                    "(uvicorn, no Ray) by default, on Ray Serve with --address (a cluster) or "
+                    "--ray (a local Ray instance). Call it with\n"
                     "  curl -X POST -H 'Content-Type: image/png' --data-binary @digit.png "
                     "http://127.0.0.1:8000/screen\n"
-                    "It runs until interrupted (Ctrl-C or SIGTERM) and shuts Ray down cleanly.",
+                    "It listens on 127.0.0.1 unless --host says otherwise; another address needs "
+                    "--token-file (or --insecure). It runs until interrupted (Ctrl-C or SIGTERM).",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_args(p)
     p.add_argument("--screener", required=True, metavar="FILE",
                    help="screener file (frmap calibrate / evaluate --save-screener / demo)")
-    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (default 127.0.0.1); another than loopback needs "
+                        "--token-file or --insecure")
     p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    p.add_argument("--token-file", metavar="FILE",
+                   help="a file holding a bearer token: every request must send "
+                        "'Authorization: Bearer <token>' (else 401)")
+    p.add_argument("--insecure", action="store_true",
+                   help="allow a --host beyond loopback without --token-file")
     p.add_argument("--max-batch", type=positive_int, default=32,
                    help="images per model pass at most (default 32)")
-    p.add_argument("--max-wait-ms", type=float, default=10.0,
-                   help="how long a batch waits to fill (default 10 ms)")
+    p.add_argument("--max-wait-ms", type=float, default=0.0,
+                   help="how long a pass that is not full waits for more images (default 0: "
+                        "an idle service starts at once; batches form from the images that "
+                        "arrive while a pass runs)")
     p.add_argument("--max-bytes", type=positive_int, default=10 << 20,
                    help="largest request body (default 10 MiB; larger: 413)")
     p.add_argument("--max-queued", type=positive_int, default=256,
-                   help="waiting requests per replica before 503 (default 256)")
+                   help="images waiting for a pass (per replica) before 503 (default 256)")
+    p.add_argument("--timeout", type=float, default=30.0,
+                   help="seconds a request may take, its upload included, before 504 "
+                        "(default 30)")
+    p.add_argument("--ray", action="store_true",
+                   help="serve on Ray Serve on a local Ray instance (Ray listens on all "
+                        "interfaces, behind its token authentication); default: one process")
     p.add_argument("--replicas", type=positive_int, default=1,
-                   help="replicas of the service (default 1)")
+                   help="on Ray Serve: replicas of the service (default 1)")
     p.add_argument("--cpus-per-replica", type=positive_int, default=None,
-                   help="CPUs each replica reserves and runs torch on (default: the local "
-                        "instance's CPUs shared among the replicas; 1 on a cluster)")
+                   help="CPUs (and torch threads) of the process, or of each replica on Ray "
+                        "Serve (default: this machine's or the local instance's CPUs shared "
+                        "among the replicas; 1 on a cluster)")
     p.add_argument("--gpus-per-replica", type=float, default=0.0,
                    help="GPUs each replica takes on a cluster (default 0)")
-    p.add_argument("--address", help="a running Ray cluster (e.g. ray://head:10001 or auto); "
-                                     "default: a local Ray instance started for the service")
+    p.add_argument("--address", help="serve on the Ray cluster there (e.g. ray://head:10001 or "
+                                     "auto)")
     p.add_argument("--num-cpus", type=positive_int, default=None,
-                   help="CPUs of the local Ray instance (default: all)")
+                   help="with --ray: CPUs of the local Ray instance (default: all)")
     p.set_defaults(run="cmd_serve")
 
     p = sub.add_parser("calibrate", help="a screener calibrated on clean images alone")

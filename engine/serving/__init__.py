@@ -1,5 +1,6 @@
-"""The screening service: a screener behind HTTP on Ray Serve (`frmap serve`)."""
+"""The screening service (`frmap serve`): a screener behind HTTP, in one process under uvicorn
+(`local`) or on Ray Serve replicas (`cluster`), one request path for both (`core`)."""
 
-from frmap.engine.serving.service import ScreeningService, ServiceConfig, service
+from frmap.engine.serving.core import ScreeningApp, ServiceConfig
 
-__all__ = ["ScreeningService", "ServiceConfig", "service"]
+__all__ = ["ScreeningApp", "ServiceConfig"]

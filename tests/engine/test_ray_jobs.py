@@ -24,11 +24,11 @@ from frmap.engine.attacks import sets as adversarial_sets  # noqa: E402
 from frmap.engine.data import load_digits_split  # noqa: E402
 from frmap.engine.data.footprints import parse_footprint  # noqa: E402
 from frmap.engine.evaluation.study import StudyConfig  # noqa: E402
+from frmap.engine.jobs.attack import ray_attacks  # noqa: E402
+from frmap.engine.jobs.pool import WorkerPool  # noqa: E402
+from frmap.engine.jobs.study import ray_footprint_scores  # noqa: E402
 from frmap.engine.models.digits import load_digits_model  # noqa: E402
 from frmap.engine.responses import ResponseEngine  # noqa: E402
-from frmap.engine.serving.attack_job import ray_attacks  # noqa: E402
-from frmap.engine.serving.jobs import WorkerPool  # noqa: E402
-from frmap.engine.serving.study_job import ray_footprint_scores  # noqa: E402
 
 TIMEOUT = 600
 POOL = WorkerPool(workers=2, cpus=1)  # one torch thread each: the reference runs with one too

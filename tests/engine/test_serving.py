@@ -1,32 +1,42 @@
-"""`frmap serve` for real: Ray Serve on 127.0.0.1, real PNGs over HTTP, bounded request loops."""
+"""`frmap serve` for real: real PNGs over HTTP on 127.0.0.1, the results against the library's
+own `Screener.screen`; the single-process service (uvicorn, in a thread of this process and as
+the command) and the same application on Ray Serve; bounded request loops throughout."""
 
 from __future__ import annotations
 
+import asyncio
 import io
+import ipaddress
 import os
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, replace
+from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 httpx = pytest.importorskip("httpx")
-ray = pytest.importorskip("ray")
-serve = pytest.importorskip("ray.serve")
+pytest.importorskip("uvicorn")
 
 from frmap.engine.data import DIGITS_IMAGES, decode_image, load_digits_split  # noqa: E402
 from frmap.engine.detectors.squeeze import DIGITS_SQUEEZERS  # noqa: E402
 from frmap.engine.models import load_digits_model  # noqa: E402
 from frmap.engine.screening import Screener  # noqa: E402
 from frmap.engine.screening.build import clean_detectors  # noqa: E402
-from frmap.engine.serving import ServiceConfig, service  # noqa: E402
+from frmap.engine.serving import ScreeningApp, ServiceConfig  # noqa: E402
+from frmap.engine.serving.core import Batcher, ClientError, Metrics  # noqa: E402
+from frmap.engine.serving.local import local_server  # noqa: E402
 
 TIMEOUT = 120.0
+TOKEN = "s3cret-token-for-tests"
 
 
 def _free_port() -> int:
@@ -59,92 +69,169 @@ def pngs():
     return [_png((test.images[i, 0].numpy() * 255).astype(np.uint8)) for i in range(16)]
 
 
-def _wait_healthy(url: str, deadline: float) -> None:
+@pytest.fixture(scope="module")
+def expected(screener_file, pngs):
+    """The library's own records of the PNGs, decoded as the service decodes them."""
+    screener = Screener.load(screener_file, load_digits_model())
+    images = np.stack([decode_image(b, DIGITS_IMAGES).numpy() for b in pngs])
+    result = screener.screen(images)
+    return [result.record(i) for i in range(len(pngs))]
+
+
+def _assert_equal_records(got: dict, want: dict) -> None:
+    assert got["prediction"] == want["prediction"] and got["flagged"] == want["flagged"]
+    # the service's batches are not the library's: float32 passes over batches of another size
+    # differ by rounding (squeezing's softmax distances by up to 2e-6 here)
+    for name, score in want["scores"].items():
+        assert got["scores"][name] == pytest.approx(score, rel=1e-5, abs=1e-5), name
+
+
+def _wait_healthy(url: str, deadline: float, headers: dict | None = None) -> None:
     while time.monotonic() < deadline:
         try:
-            if httpx.get(f"{url}/healthz", timeout=5).status_code == 200:
+            if httpx.get(f"{url}/healthz", timeout=5, headers=headers).status_code == 200:
                 return
         except httpx.TransportError:
             pass
-        time.sleep(0.5)
+        time.sleep(0.2)
     raise AssertionError(f"{url} did not become healthy")
 
 
-def test_frmap_serve_starts_answers_and_stops_on_sigterm(screener_file, pngs):
-    port = _free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "frmap.engine.cli", "serve", "--screener", str(screener_file),
-         "--port", str(port), "--num-cpus", "2", "--max-batch", "4"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        env={**os.environ, "RAY_ADDRESS": ""})
-    try:
-        for line in proc.stdout:  # the service is up, its signal handlers in place
-            if line.startswith("frmap serve:"):
-                break
-        _wait_healthy(f"http://127.0.0.1:{port}", time.monotonic() + TIMEOUT)
-        # one replica on the local instance: it reserves both CPUs and runs torch on both
-        assert httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=30).json()["threads"] == 2
-        reply = httpx.post(f"http://127.0.0.1:{port}/screen", content=pngs[0],
-                           headers={"Content-Type": "image/png"}, timeout=30)
-        assert reply.status_code == 200 and "flagged" in reply.json()
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        out, err = proc.communicate(timeout=TIMEOUT)
-    assert proc.returncode == 0, err
-    assert "frmap serve: stopped" in out and "Traceback" not in err
+def _post(url: str, body: bytes, kind: str = "image/png", **headers: str) -> httpx.Response:
+    return httpx.post(f"{url}/screen", content=body,
+                      headers={"Content-Type": kind, **headers}, timeout=TIMEOUT)
+
+
+# --- the batcher alone: Triton's queue semantics -------------------------------------------
+
+
+def _gated_batcher(max_batch: int, max_queued: int = 1000):
+    """A batcher whose first pass blocks until `gate` is set; records each pass's size."""
+    gate, sizes = threading.Event(), []
+
+    def screen(images: torch.Tensor) -> list[dict]:
+        if not sizes:
+            gate.wait(10)
+        sizes.append(len(images))
+        return [{"value": float(x.sum())} for x in images]
+
+    return Batcher(screen, max_batch, 0.0, max_queued, Metrics()), gate, sizes
+
+
+def test_an_idle_batcher_starts_at_once_and_batches_what_queued_meanwhile():
+    batcher, gate, sizes = _gated_batcher(max_batch=4)
+
+    async def scenario():
+        first = asyncio.ensure_future(batcher.submit([torch.full((1, 2, 2), 1.0)]))
+        await asyncio.sleep(0.05)  # the first pass runs (blocked) with the only image there was
+        later = [asyncio.ensure_future(batcher.submit([torch.full((1, 2, 2), float(k))]))
+                 for k in range(2, 8)]
+        await asyncio.sleep(0.05)
+        gate.set()
+        return await first, await asyncio.gather(*later)
+
+    first, later = asyncio.run(scenario())
+    assert sizes == [1, 4, 2]  # 6 images queued during the first pass: passes of 4, then 2
+    assert first == [({"value": 4.0}, 1)]
+    assert [r[0][0]["value"] for r in later] == [4.0 * k for k in range(2, 8)]
+    assert [r[0][1] for r in later] == [4, 4, 4, 4, 2, 2]
+
+
+def test_a_batcher_refuses_beyond_max_queued_and_survives_a_failed_pass():
+    batcher, gate, _ = _gated_batcher(max_batch=2, max_queued=3)
+    calls = []
+
+    def failing(images: torch.Tensor) -> list[dict]:
+        calls.append(len(images))
+        if len(calls) == 1:
+            raise RuntimeError("the pass broke")
+        return [{} for _ in images]
+
+    async def scenario():
+        running = asyncio.ensure_future(batcher.submit([torch.zeros(1, 2, 2)]))
+        await asyncio.sleep(0.05)
+        waiting = asyncio.ensure_future(batcher.submit([torch.zeros(1, 2, 2)] * 3))
+        await asyncio.sleep(0.01)
+        with pytest.raises(ClientError) as refused:
+            await batcher.submit([torch.zeros(1, 2, 2)])
+        gate.set()
+        await running, await waiting
+        batcher.screen = failing
+        with pytest.raises(RuntimeError, match="the pass broke"):
+            await batcher.submit([torch.zeros(1, 2, 2)])
+        return refused.value, await batcher.submit([torch.zeros(1, 2, 2)])
+
+    refused, after = asyncio.run(scenario())
+    assert refused.status == 503 and refused.headers["Retry-After"]
+    assert after == [({}, 1)] and calls == [1, 1]
+
+
+# --- the single-process service, in a thread of this process -------------------------------
+
+
+@dataclass
+class Served:
+    url: str
+    app: ScreeningApp
 
 
 @pytest.fixture(scope="module")
-def url(screener_file):
-    """One local Ray instance for the module: the service at / and a tight one at /tight."""
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+def local(screener_file):
+    """The service as `frmap serve` runs it by default (uvicorn, one process), with a token."""
+    threads = torch.get_num_threads()
+    app = ScreeningApp(screener_file.read_bytes(),
+                       ServiceConfig(max_batch=8, max_bytes=20_000, cpus=1), token=TOKEN)
+    port = _free_port()
+    server = local_server(app, "127.0.0.1", port)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
     try:
-        port = _free_port()
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
-        data = screener_file.read_bytes()
-        serve.run(service(data, ServiceConfig(max_batch=8, max_wait_ms=200, max_bytes=20_000)),
-                  name="main", route_prefix="/")
-        serve.run(service(data, ServiceConfig(max_batch=1, max_wait_ms=0, max_queued=1)),
-                  name="tight", route_prefix="/tight")
-        base = f"http://127.0.0.1:{port}"
-        _wait_healthy(base, time.monotonic() + TIMEOUT)
-        yield base
+        url = f"http://127.0.0.1:{port}"
+        _wait_healthy(url, time.monotonic() + TIMEOUT, {"Authorization": f"Bearer {TOKEN}"})
+        yield Served(url, app)
     finally:
-        serve.shutdown()
-        ray.shutdown()
+        server.should_exit = True
+        thread.join(TIMEOUT)
+        torch.set_num_threads(threads)
 
 
-def _post(url: str, body: bytes, kind: str = "image/png") -> httpx.Response:
-    return httpx.post(f"{url}/screen", content=body, headers={"Content-Type": kind},
-                      timeout=TIMEOUT)
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
 
 
-def test_results_equal_the_library_and_requests_share_batches(url, screener_file, pngs):
+def test_results_equal_the_library_and_requests_share_batches(local, pngs, expected):
     with ThreadPoolExecutor(len(pngs)) as pool:
-        replies = list(pool.map(lambda b: _post(url, b), pngs))
+        replies = list(pool.map(lambda b: _post(local.url, b, **AUTH), pngs))
     assert all(r.status_code == 200 for r in replies), [r.text for r in replies]
-    screener = Screener.load(screener_file, load_digits_model())
-    images = np.stack([decode_image(b, DIGITS_IMAGES).numpy() for b in pngs])
-    expected = screener.screen(images)
-    for i, reply in enumerate(replies):
-        got, want = reply.json(), expected.record(i)
-        assert got["prediction"] == want["prediction"] and got["flagged"] == want["flagged"]
-        # the service's batches are not the library's: float32 passes over batches of another
-        # size differ by rounding (squeezing's softmax distances by up to 2e-6 here)
-        for name, score in want["scores"].items():
-            assert got["scores"][name] == pytest.approx(score, rel=1e-5, abs=1e-5)
+    for reply, want in zip(replies, expected, strict=True):
+        _assert_equal_records(reply.json(), want)
     sizes = [int(s) for r in replies for s in r.headers["X-Batch-Sizes"].split(",")]
     assert max(sizes) > 1, f"no batching: batch sizes {sizes}"
-    metrics = httpx.get(f"{url}/metrics", timeout=30).text
-    assert "frmap_batch_size_count" in metrics and 'status="200"' in metrics
 
 
-def test_multipart_gives_one_result_per_part(url, pngs):
-    files = [("first", ("a.png", pngs[0], "image/png")), ("second", ("b.png", pngs[1],
-                                                                     "image/png"))]
-    reply = httpx.post(f"{url}/screen", files=files, timeout=TIMEOUT)
+def test_multipart_gives_one_result_per_part_in_order(local, pngs, expected):
+    files = [(f"part{i}", (f"{i}.png", pngs[i], "image/png")) for i in (3, 1, 2)]
+    reply = httpx.post(f"{local.url}/screen", files=files, headers=AUTH, timeout=TIMEOUT)
     assert reply.status_code == 200, reply.text
-    assert [r["name"] for r in reply.json()] == ["first", "second"]
+    body = reply.json()
+    assert [r["name"] for r in body] == ["part3", "part1", "part2"]
+    for record, i in zip(body, (3, 1, 2), strict=True):
+        _assert_equal_records(record, expected[i])
+
+
+@pytest.mark.parametrize("headers", [{}, {"Authorization": "Bearer wrong"},
+                                     {"Authorization": TOKEN}])
+def test_without_the_token_every_route_answers_401(local, pngs, headers):
+    for reply in (_post(local.url, pngs[0], **headers),
+                  httpx.get(f"{local.url}/metrics", headers=headers, timeout=TIMEOUT),
+                  httpx.get(f"{local.url}/healthz", headers=headers, timeout=TIMEOUT)):
+        assert reply.status_code == 401, reply.text
+        assert reply.headers["WWW-Authenticate"].startswith("Bearer")
+        assert TOKEN not in reply.text
+
+
+def _chunks(size: int):
+    for _ in range(size // 1000):
+        yield b"x" * 1000
 
 
 @pytest.mark.parametrize(("body", "kind", "status", "message"), [
@@ -152,19 +239,220 @@ def test_multipart_gives_one_result_per_part(url, pngs):
     (_png(np.zeros((28, 28), np.uint8)), "image/png", 400, "size 28x28"),
     (_png(np.zeros((32, 32, 3), np.uint8), "RGB"), "image/png", 400, "colour image"),
     (b"x" * 30_000, "image/png", 413, "limit is 20000"),
+    (_chunks(30_000), "image/png", 413, "more than 20000 bytes"),  # no Content-Length
     (b"hello", "text/plain", 415, "unsupported Content-Type 'text/plain'"),
 ])
-def test_bad_input_is_the_clients_error_and_spares_the_others(url, pngs, body, kind, status,
+def test_bad_input_is_the_clients_error_and_spares_the_others(local, pngs, body, kind, status,
                                                               message):
     with ThreadPoolExecutor(2) as pool:
-        bad, good = pool.map(lambda a: _post(url, *a), [(body, kind), (pngs[2], "image/png")])
+        bad, good = pool.map(lambda a: _post(local.url, *a, **AUTH),
+                             [(body, kind), (pngs[2], "image/png")])
     assert bad.status_code == status and message in bad.json()["error"], bad.text
     assert good.status_code == 200, good.text
 
 
-def test_overload_answers_503_with_retry_after(url, pngs):
-    with ThreadPoolExecutor(32) as pool:
-        replies = list(pool.map(lambda b: _post(f"{url}/tight", b), pngs * 3))
-    statuses = {r.status_code for r in replies}
-    assert statuses <= {200, 503} and 503 in statuses, statuses
+def _slow(app: ScreeningApp, seconds: float):
+    own = app.batcher.screen
+
+    def screen(images):
+        time.sleep(seconds)
+        return own(images)
+
+    return screen
+
+
+def test_overload_answers_503_and_a_slow_request_504(local, pngs, monkeypatch):
+    monkeypatch.setattr(local.app.batcher, "screen", _slow(local.app, 0.3))
+    monkeypatch.setattr(local.app.batcher, "max_queued", 2)
+    with ThreadPoolExecutor(12) as pool:
+        replies = list(pool.map(lambda b: _post(local.url, b, **AUTH), pngs[:12]))
+    statuses = [r.status_code for r in replies]
+    assert set(statuses) == {200, 503}, statuses
     assert all(r.headers.get("Retry-After") for r in replies if r.status_code == 503)
+    monkeypatch.setattr(local.app, "config", replace(local.app.config, timeout_s=0.1))
+    late = _post(local.url, pngs[0], **AUTH)
+    assert late.status_code == 504 and "within 0.1 s" in late.json()["error"], late.text
+
+
+def test_a_failed_pass_fails_its_requests_and_the_service_goes_on(local, pngs, monkeypatch):
+    own = local.app.batcher.screen
+    calls = []
+
+    def breaks_once(images):
+        calls.append(len(images))
+        if len(calls) == 1:
+            raise RuntimeError("worker lost")
+        return own(images)
+
+    monkeypatch.setattr(local.app.batcher, "screen", breaks_once)
+    failed = _post(local.url, pngs[0], **AUTH)
+    assert failed.status_code == 500 and "worker lost" in failed.json()["error"]
+    assert _post(local.url, pngs[1], **AUTH).status_code == 200
+
+
+def test_metrics_name_the_whole_service_in_standard_units(local, pngs):
+    assert _post(local.url, b"x" * 30_000, **AUTH).status_code == 413
+    assert _post(local.url, pngs[0], **AUTH).status_code == 200
+    text = httpx.get(f"{local.url}/metrics", headers=AUTH, timeout=TIMEOUT).text
+    for line in ('frmap_requests_total{route="/screen",status="200"}',
+                 "frmap_request_duration_seconds_bucket{le=", "frmap_batch_size_bucket{le=",
+                 "frmap_queue_depth ", 'frmap_rejected_requests_total{reason="too_large"}'):
+        assert line in text, line
+
+
+# --- the command: one process, loopback only, refusals -------------------------------------
+
+
+def _frmap(*args: str, **popen) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "frmap.engine.cli", *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "RAY_ADDRESS": ""}, **popen)
+
+
+def _tree(pid: int) -> list[int]:
+    pids, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        pids.append(p)
+        for task in Path(f"/proc/{p}/task").glob("*/children"):
+            todo += [int(c) for c in task.read_text().split()]
+    return pids
+
+
+def _listening(pids: list[int]) -> list[tuple[str, int]]:
+    """(address, port) of every TCP socket that `pids` hold open in the LISTEN state."""
+    inodes = set()
+    for p in pids:
+        for fd in Path(f"/proc/{p}/fd").iterdir():
+            try:
+                target = os.readlink(fd)
+            except OSError:
+                continue
+            if target.startswith("socket:["):
+                inodes.add(target[8:-1])
+    found = []
+    for table, width in (("/proc/net/tcp", 4), ("/proc/net/tcp6", 16)):
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            local, state, inode = fields[1], fields[3], fields[9]
+            if state != "0A" or inode not in inodes:  # 0A: LISTEN
+                continue
+            raw, port = local.split(":")
+            packed = bytes.fromhex(raw)
+            # /proc prints each 32-bit word in host (little-endian) order
+            words = b"".join(packed[i:i + 4][::-1] for i in range(0, width, 4))
+            found.append((socket.inet_ntop(socket.AF_INET if width == 4 else socket.AF_INET6,
+                                           words), int(port, 16)))
+    return found
+
+
+@pytest.mark.skipif(not Path("/proc/net/tcp").exists(), reason="needs Linux /proc")
+def test_frmap_serve_listens_on_loopback_only_and_stops_on_sigterm(screener_file, pngs):
+    port = _free_port()
+    proc = _frmap("serve", "--screener", str(screener_file), "--port", str(port),
+                  "--cpus-per-replica", "1", "--max-batch", "4")
+    try:
+        for line in proc.stdout:  # the service is up, its signal handlers in place
+            if line.startswith("frmap serve:"):
+                break
+        url = f"http://127.0.0.1:{port}"
+        _wait_healthy(url, time.monotonic() + TIMEOUT)
+        assert httpx.get(f"{url}/healthz", timeout=30).json()["threads"] == 1
+        reply = _post(url, pngs[0])
+        assert reply.status_code == 200 and "flagged" in reply.json()
+        sockets = _listening(_tree(proc.pid))
+        assert ("127.0.0.1", port) in sockets
+        assert all(ipaddress.ip_address(a).is_loopback for a, _ in sockets), sockets
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=TIMEOUT)
+    assert proc.returncode == 0, err
+    assert "frmap serve: stopped" in out and "Traceback" not in err
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "192.0.2.1", "::"])
+def test_frmap_serve_refuses_another_address_without_a_token(host, tmp_path):
+    proc = _frmap("serve", "--screener", str(tmp_path / "never-read.frmap"), "--host", host)
+    out, err = proc.communicate(timeout=TIMEOUT)
+    assert proc.returncode == 1 and "Traceback" not in err
+    assert f"--host {host}" in err and "--token-file" in err and "--insecure" in err, err
+
+
+# --- the same application on Ray Serve -----------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def on_ray(screener_file):
+    """One local Ray instance for the module (2 CPUs, no dashboard), the service at /."""
+    ray = pytest.importorskip("ray")
+    serve = pytest.importorskip("ray.serve")
+    from frmap.engine.serving.cluster import ray_application
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        port = _free_port()
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        serve.run(ray_application(screener_file.read_bytes(),
+                                  ServiceConfig(max_batch=8, max_bytes=20_000), TOKEN),
+                  name="main", route_prefix="/")
+        url = f"http://127.0.0.1:{port}"
+        _wait_healthy(url, time.monotonic() + TIMEOUT, AUTH)
+        yield url
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+def test_on_ray_results_equal_the_library_and_the_token_holds(on_ray, pngs, expected):
+    with ThreadPoolExecutor(8) as pool:
+        replies = list(pool.map(lambda b: _post(on_ray, b, **AUTH), pngs[:8]))
+    assert all(r.status_code == 200 for r in replies), [r.text for r in replies]
+    for reply, want in zip(replies, expected[:8], strict=True):
+        _assert_equal_records(reply.json(), want)
+    assert _post(on_ray, pngs[0]).status_code == 401
+
+
+def test_on_ray_a_killed_replica_fails_no_request_silently(on_ray, pngs):
+    """Load from 6 clients for at most 20 s; the replica is killed after 2 s: every request
+    gets its result or an error status (none hangs), and results come again within 30 s."""
+    import ray
+
+    outcomes: list[tuple[float, int | str]] = []
+    start = time.monotonic()
+    stop = start + 20.0
+    recovered = threading.Event()
+    killed_at: list[float] = []
+
+    def client(k: int) -> None:
+        i = k
+        while time.monotonic() < stop and not recovered.is_set():
+            try:
+                status: int | str = httpx.post(
+                    f"{on_ray}/screen", content=pngs[i % len(pngs)], timeout=40,
+                    headers={"Content-Type": "image/png", **AUTH}).status_code
+            except httpx.TimeoutException:
+                status = "hung"
+            except httpx.TransportError as err:
+                status = type(err).__name__
+            now = time.monotonic()
+            outcomes.append((now, status))
+            if killed_at and status == 200 and now > killed_at[0] + 0.5:
+                recovered.set()
+            i += 6
+
+    with ThreadPoolExecutor(6) as pool:
+        clients = [pool.submit(client, k) for k in range(6)]
+        time.sleep(2.0)
+        replica = next(a for a in ray.util.list_named_actors(all_namespaces=True)
+                       if "SERVE_REPLICA" in a["name"])
+        ray.kill(ray.get_actor(replica["name"], namespace=replica["namespace"]),
+                 no_restart=False)
+        killed_at.append(time.monotonic())
+        for c in clients:
+            c.result(timeout=60)
+    statuses = [s for _, s in outcomes]
+    assert "hung" not in statuses, statuses
+    assert all(s == 200 or (isinstance(s, int) and s >= 500) for s in statuses), statuses
+    assert recovered.is_set() or _post(on_ray, pngs[0], **AUTH).status_code == 200
+    after = [t for t, s in outcomes if s == 200 and t > killed_at[0] + 0.5]
+    assert after and after[0] - killed_at[0] < 30.0, statuses

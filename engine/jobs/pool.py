@@ -11,36 +11,17 @@ process dies and retries its rows, and a shard is handed back once.
 from __future__ import annotations
 
 import logging
-import tempfile
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
 from frmap.engine.models.named import NamedModel, load_model
-from frmap.engine.screening import Screener
+from frmap.engine.remote import check_positive
 
 # Makes a worker's per-row function once per actor, from the loaded model and the job's arguments.
 MakeWorker = Callable[..., Callable[[dict], dict]]
-
-
-def check_positive(config: object, *names: str) -> None:
-    """Raise ValueError unless each field `names` of `config` is a positive integer."""
-    for name in names:
-        value = getattr(config, name)
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be a positive integer, got {value!r}")
-
-
-def load_screener(data: bytes, named: NamedModel, batch_size: int) -> Screener:
-    """The screener of a file's bytes (as sent to a worker or replica), on `named`'s model."""
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "screener.frmap"
-        path.write_bytes(data)
-        return Screener.load(path, named.model, preprocess=named.preprocess,
-                             batch_size=batch_size)
 
 
 def quiet_ray_data() -> None:

@@ -15,9 +15,9 @@ import numpy as np
 import torch
 
 from frmap.engine.data.footprints import parse_footprint
+from frmap.engine.jobs.pool import WorkerPool, run_shards
 from frmap.engine.models.named import NamedModel
 from frmap.engine.responses import EngineConfig, ResponseEngine
-from frmap.engine.serving.jobs import WorkerPool, run_shards
 
 
 def _scoring(named: NamedModel, config: EngineConfig,

@@ -23,8 +23,9 @@ import torch
 
 from frmap.engine.data.files import atomic_write_bytes, write_json
 from frmap.engine.data.images import ImageFileError, ImageSpec, load_image
+from frmap.engine.jobs.pool import WorkerPool, run_shards
 from frmap.engine.models.named import NamedModel
-from frmap.engine.serving.jobs import WorkerPool, check_positive, load_screener, run_shards
+from frmap.engine.remote import check_positive, load_screener
 
 _MANIFEST = "manifest.json"
 

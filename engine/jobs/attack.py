@@ -16,8 +16,8 @@ import torch
 
 from frmap.engine.attacks.base import Attack
 from frmap.engine.attacks.sets import AttackShard, ShardExecutor, attack_shard
+from frmap.engine.jobs.pool import WorkerPool, run_shards
 from frmap.engine.models.named import NamedModel
-from frmap.engine.serving.jobs import WorkerPool, run_shards
 
 
 def _attacker(named: NamedModel, attack: Attack) -> Callable[[dict], dict]:
