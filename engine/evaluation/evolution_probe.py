@@ -21,14 +21,10 @@ from torch import nn
 
 from frmap.engine.data.files import write_json
 from frmap.engine.detectors import EvolutionConfig, KNNConfig, KNNDetector, default_layers
-from frmap.engine.evaluation.comparison import (
-    ComparisonConfig,
-    ComparisonData,
-    Scorer,
-    attack_rows,
-    prepare,
-    train_network,
-)
+from frmap.engine.evaluation.comparison import ComparisonConfig
+from frmap.engine.evaluation.comparison.data import ComparisonData, Scorer, prepare
+from frmap.engine.evaluation.comparison.detectors import train_network
+from frmap.engine.evaluation.comparison.rows import attack_rows
 from frmap.engine.evaluation.subject import Subject
 
 DEFAULT = "default"

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-import frmap.engine.evaluation.comparison as comparison
+import frmap.engine.evaluation.comparison.run as comparison_run
 from frmap.engine.detectors.distance_evolution import DistanceEvolutionDetector, EvolutionConfig
 from frmap.engine.detectors.features import default_layers
 from frmap.engine.detectors.knn import KNNConfig, KNNDetector
@@ -25,10 +25,10 @@ from frmap.engine.evaluation.comparison import (
     COMBINED,
     DETECTORS,
     ComparisonConfig,
-    best_layers,
     compare_detectors,
     comparison_table,
 )
+from frmap.engine.evaluation.comparison.rows import best_layers
 from frmap.engine.evaluation.costs import cheapest_within, detector_sets, set_cost
 from frmap.engine.evaluation.metrics import MIN_ADVERSARIALS, TOO_FEW, AttackEvaluation
 from frmap.engine.evaluation.metrics import table as metrics_table
@@ -65,8 +65,8 @@ def run(tmp_path_factory):
     network_fit = DistanceEvolutionDetector.fit.__func__
     mahalanobis_fit = MahalanobisDetector.fit.__func__
     lid_fit = LIDDetector.fit.__func__
-    combine = comparison.combiner_inputs
-    best = comparison._best_screener
+    combine = comparison_run.combiner_inputs
+    best = comparison_run.best_screener
 
     def record_mahalanobis(cls, clean, labels, examples, *args, **kwargs):
         calls["layered"].append((len(clean), examples))
@@ -101,8 +101,8 @@ def run(tmp_path_factory):
             mp.setattr(DistanceEvolutionDetector, "fit", classmethod(record_network))
             mp.setattr(MahalanobisDetector, "fit", classmethod(record_mahalanobis))
             mp.setattr(LIDDetector, "fit", classmethod(record_lid))
-            mp.setattr(comparison, "combiner_inputs", record_combiner)
-            mp.setattr(comparison, "_best_screener", record_best)
+            mp.setattr(comparison_run, "combiner_inputs", record_combiner)
+            mp.setattr(comparison_run, "best_screener", record_best)
             report = compare_detectors(
                 model, train=_split("train"), calibration=_split("calibration"),
                 test=_split("test"), out_dir=out, config=config, progress=False,

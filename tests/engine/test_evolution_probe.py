@@ -12,7 +12,8 @@ from sklearn.metrics import roc_auc_score
 
 import frmap.engine.evaluation.evolution_probe as probe
 from frmap.engine.detectors import EvolutionConfig, KNNConfig, KNNDetector, default_layers
-from frmap.engine.evaluation.comparison import ComparisonConfig, prepare
+from frmap.engine.evaluation.comparison import ComparisonConfig
+from frmap.engine.evaluation.comparison.data import prepare
 from frmap.engine.evaluation.evolution_probe import DEFAULT, evolution_variants, probe_evolution
 from frmap.engine.evaluation.subject import Subject
 from frmap.engine.models.digits import load_digits_model, load_digits_split
