@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import ipaddress
+import os
+import socket
 from pathlib import Path
 
 
@@ -47,3 +49,40 @@ def check_exposure(host: str, token_file: str | None, insecure: bool) -> None:
     raise ValueError(f"--host {host} accepts connections from other machines: add --token-file "
                      "FILE (clients then send 'Authorization: Bearer <the file's token>'), or "
                      "--insecure to serve without authentication")
+
+
+def listening_sockets(pid: int) -> list[tuple[str, int]]:
+    """(address, port) of every TCP socket in the LISTEN state that process `pid` or any of its
+    descendants holds (Linux: from /proc).
+
+    Raises:
+        OSError: no /proc (another system), or the process is gone.
+    """
+    pids, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        pids.append(p)
+        for task in Path(f"/proc/{p}/task").glob("*/children"):
+            todo += [int(c) for c in task.read_text().split()]
+    inodes = set()
+    for p in pids:
+        for fd in Path(f"/proc/{p}/fd").iterdir():
+            try:
+                target = os.readlink(fd)
+            except OSError:  # closed meanwhile
+                continue
+            if target.startswith("socket:["):
+                inodes.add(target[8:-1])
+    found = []
+    for table, family in (("/proc/net/tcp", socket.AF_INET), ("/proc/net/tcp6", socket.AF_INET6)):
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            address, state, inode = fields[1], fields[3], fields[9]
+            if state != "0A" or inode not in inodes:  # 0A: LISTEN
+                continue
+            raw, port = address.split(":")
+            packed = bytes.fromhex(raw)
+            # /proc prints the address as 32-bit words, each in host (little-endian) order
+            words = b"".join(packed[i:i + 4][::-1] for i in range(0, len(packed), 4))
+            found.append((socket.inet_ntop(family, words), int(port, 16)))
+    return sorted(set(found))

@@ -32,6 +32,7 @@ from frmap.engine.models import load_digits_model  # noqa: E402
 from frmap.engine.screening import Screener  # noqa: E402
 from frmap.engine.screening.build import clean_detectors  # noqa: E402
 from frmap.engine.serving import ScreeningApp, ServiceConfig  # noqa: E402
+from frmap.engine.serving.access import listening_sockets  # noqa: E402
 from frmap.engine.serving.core import Batcher, ClientError, Metrics  # noqa: E402
 from frmap.engine.serving.local import local_server  # noqa: E402
 
@@ -309,43 +310,6 @@ def _frmap(*args: str, **popen) -> subprocess.Popen:
                             env={**os.environ, "RAY_ADDRESS": ""}, **popen)
 
 
-def _tree(pid: int) -> list[int]:
-    pids, todo = [], [pid]
-    while todo:
-        p = todo.pop()
-        pids.append(p)
-        for task in Path(f"/proc/{p}/task").glob("*/children"):
-            todo += [int(c) for c in task.read_text().split()]
-    return pids
-
-
-def _listening(pids: list[int]) -> list[tuple[str, int]]:
-    """(address, port) of every TCP socket that `pids` hold open in the LISTEN state."""
-    inodes = set()
-    for p in pids:
-        for fd in Path(f"/proc/{p}/fd").iterdir():
-            try:
-                target = os.readlink(fd)
-            except OSError:
-                continue
-            if target.startswith("socket:["):
-                inodes.add(target[8:-1])
-    found = []
-    for table, width in (("/proc/net/tcp", 4), ("/proc/net/tcp6", 16)):
-        for line in Path(table).read_text().splitlines()[1:]:
-            fields = line.split()
-            local, state, inode = fields[1], fields[3], fields[9]
-            if state != "0A" or inode not in inodes:  # 0A: LISTEN
-                continue
-            raw, port = local.split(":")
-            packed = bytes.fromhex(raw)
-            # /proc prints each 32-bit word in host (little-endian) order
-            words = b"".join(packed[i:i + 4][::-1] for i in range(0, width, 4))
-            found.append((socket.inet_ntop(socket.AF_INET if width == 4 else socket.AF_INET6,
-                                           words), int(port, 16)))
-    return found
-
-
 @pytest.mark.skipif(not Path("/proc/net/tcp").exists(), reason="needs Linux /proc")
 def test_frmap_serve_listens_on_loopback_only_and_stops_on_sigterm(screener_file, pngs):
     port = _free_port()
@@ -360,7 +324,7 @@ def test_frmap_serve_listens_on_loopback_only_and_stops_on_sigterm(screener_file
         assert httpx.get(f"{url}/healthz", timeout=30).json()["threads"] == 1
         reply = _post(url, pngs[0])
         assert reply.status_code == 200 and "flagged" in reply.json()
-        sockets = _listening(_tree(proc.pid))
+        sockets = listening_sockets(proc.pid)
         assert ("127.0.0.1", port) in sockets
         assert all(ipaddress.ip_address(a).is_loopback for a, _ in sockets), sockets
     finally:
