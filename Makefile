@@ -1,6 +1,7 @@
 # Two entry points for a fresh machine: `make demo` (the main job) and `make test`.
-# Both create .venv, install torch from the pinned build, then frmap with its engine and test
-# extras. `make test-core` checks the core install alone (numpy, no torch) in .venv-core.
+# Both create .venv, install torch from the pinned build, then frmap with its engine, serve, test
+# and docs extras. `make test-core` checks the core install alone (numpy, no torch) in
+# .venv-core. `make docs` builds the documentation site with warnings as errors.
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -9,13 +10,13 @@ CORE_BIN := $(CORE_VENV)/bin
 WHEELS := build/wheels
 SOURCES := pyproject.toml CMakeLists.txt $(shell find kernels engine bench -name '*.py' -o -name '*.cpp' -o -name '*.safetensors' -o -name '*.json')
 
-.PHONY: install demo test test-core bench
+.PHONY: install demo test test-core bench docs docs-tables
 
 $(VENV)/.installed: $(SOURCES)
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q torch==2.14.1 torchvision==0.29.1
-	$(BIN)/python -m pip install -q ".[engine,serve,test]"
+	$(BIN)/python -m pip install -q ".[engine,serve,test,docs]"
 	touch $@
 
 install: $(VENV)/.installed
@@ -41,3 +42,14 @@ test-core: install
 
 bench: install
 	$(BIN)/python -m pytest bench --benchmark-only
+
+# The site: first the check that every generated table matches its JSON (docs/results/), then
+# MkDocs with warnings as errors (the API reference reads the installed package's docstrings).
+docs: install
+	$(BIN)/python docs/render.py --check
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
+
+# Regenerate the tables of README.md and docs/ from docs/results/*.json (the standard library
+# alone: no install needed).
+docs-tables:
+	$(PYTHON) docs/render.py
