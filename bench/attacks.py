@@ -2,6 +2,7 @@
 
 Both run in the same process on the same correctly classified digits test images, the same
 epsilon grid and one intra-op thread; the minimal epsilon of every image must agree.
+`bench_attacks.py` hands the same images, attacks, check and calls to pytest-benchmark.
 """
 
 from __future__ import annotations
@@ -51,9 +52,22 @@ def check_same_index(ours: np.ndarray, theirs: np.ndarray, what: str) -> None:
         )
 
 
-def _compare(
+ATTACKS = (FGSM(), GradientAttack())
+
+
+def digits(n: int) -> tuple[torch.nn.Module, torch.Tensor, torch.Tensor]:
+    """The digits model and those of the first `n` test digits it classifies correctly."""
+    model = load_digits_model()
+    test = load_digits_split("test")
+    images, labels = test.images[:n], test.labels[:n]
+    correct = predict(model, images)[0] == labels
+    return model, images[correct], labels[correct]
+
+
+def compare(
     attack: FGSM | GradientAttack, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor
 ) -> dict:
+    """Both searches, timed once; raises AssertionError unless the minimal epsilons agree."""
     start = time.perf_counter()
     result = run_attack(attack, model, x, y)
     ours_s = time.perf_counter() - start
@@ -77,17 +91,12 @@ def run(quick: bool = False) -> dict:
     Raises:
         AssertionError: An image's minimal epsilon differs between the two.
     """
-    model = load_digits_model()
-    test = load_digits_split("test")
-    n = 40 if quick else 300
-    images, labels = test.images[:n], test.labels[:n]
-    correct = predict(model, images)[0] == labels
-    x, y = images[correct], labels[correct]
+    model, x, y = digits(40 if quick else 300)
     with torch_settings(1):
-        rows = [_compare(attack, model, x, y) for attack in (FGSM(), GradientAttack())]
+        rows = [compare(attack, model, x, y) for attack in ATTACKS]
     return {
         "images": len(x),
-        "epsilons": len(FGSM().epsilons),
+        "epsilons": len(ATTACKS[0].epsilons),
         "threads": 1,
         "device": "cpu",
         "torch": torch.__version__,

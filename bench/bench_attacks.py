@@ -1,7 +1,8 @@
 """Minimal-epsilon search vs foolbox's epsilon sweep on digits test images.
 
 Run: `pytest bench/bench_attacks.py --benchmark-only`. One group per attack; foolbox's sweep
-is the baseline, and the minimal epsilons are asserted equal before timing.
+is the baseline, and the minimal epsilons are asserted equal before timing. The images, attacks,
+check and calls are those of `frmap bench attacks --quick` (`frmap.bench.attacks`).
 """
 
 from __future__ import annotations
@@ -11,22 +12,18 @@ import pytest
 import torch
 
 import frmap.bench.attacks as bench_attacks
-from frmap.engine.attacks import FGSM, GradientAttack, run_attack
-from frmap.engine.data import load_digits_split
-from frmap.engine.models import load_digits_model, predict, torch_settings
+from frmap.bench.attacks import ATTACKS
+from frmap.engine.attacks import run_attack
+from frmap.engine.models import torch_settings
 
 IMAGES = 40
-ATTACKS = [FGSM(), GradientAttack()]
 
 
 @pytest.fixture(scope="module")
 def digits():
-    model = load_digits_model().requires_grad_(False)
-    test = load_digits_split("test")
-    x, y = test.images[:IMAGES], test.labels[:IMAGES]
-    correct = predict(model, x)[0] == y
+    model, x, y = bench_attacks.digits(IMAGES)
     with torch_settings(1):
-        yield model, x[correct], y[correct]
+        yield model.requires_grad_(False), x, y
 
 
 def _info(benchmark, attack, x, method: str) -> None:
@@ -53,6 +50,6 @@ def test_foolbox_sweep(benchmark, digits, attack):
 @pytest.mark.parametrize("attack", ATTACKS, ids=lambda a: a.name)
 def test_bisection(benchmark, digits, attack):
     model, x, y = digits
-    bench_attacks._compare(attack, model, x, y)  # raises unless the minimal epsilons agree
+    bench_attacks.compare(attack, model, x, y)  # raises unless the minimal epsilons agree
     _info(benchmark, attack, x, "bisection")
     benchmark.pedantic(run_attack, args=(attack, model, x, y), rounds=3, iterations=1)

@@ -1,7 +1,10 @@
-"""`frmap bench entropy`: local entropy, scikit-image vs the C++ kernel (1 and 2 threads) vs Triton.
+"""`frmap bench entropy`: local entropy, scikit-image vs the C++ kernel (1 and 2 threads) vs Triton,
+and the whole response score (reference vs C++).
 
 Every time is the best of a few repeats, and every speed is quoted as a ratio against
-scikit-image measured in the same run (absolute times depend on the machine).
+scikit-image (the reference backend for the score) measured in the same run (absolute times
+depend on the machine). `bench_entropy.py` hands the same cases, checks and calls to
+pytest-benchmark.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from skimage.filters.rank import entropy as skimage_entropy
 from skimage.morphology import ball, disk
 
 import frmap.bench.machine as machine
-from frmap.kernels import local_entropy, resolve_backend, set_num_threads
+from frmap.kernels import local_entropy, resolve_backend, response_score, set_num_threads
 
 
 @dataclass(frozen=True)
@@ -59,18 +62,19 @@ def best_time(fn: Callable[[], object], repeats: int, sync: bool = False) -> flo
     return best
 
 
-def _skimage_stack(images: np.ndarray, fp: np.ndarray) -> np.ndarray:
+def skimage_stack(images: np.ndarray, fp: np.ndarray) -> np.ndarray:
+    """The reference: scikit-image's rank entropy, image by image."""
     spatial = images.shape[-fp.ndim:]
     return np.stack([skimage_entropy(x, fp) for x in images.reshape(-1, *spatial)])
 
 
-def _footprint(name: str) -> np.ndarray:
+def footprint(name: str) -> np.ndarray:
     """'disk(3)' -> disk(3); 'ball(2)' -> ball(2) (a 3-D footprint: the image is a volume)."""
     shape, radius = name.rstrip(")").split("(")
     return {"disk": disk, "ball": ball}[shape](int(radius))
 
 
-def _cases(quick: bool) -> list[tuple[str, str, tuple[int, ...], str]]:
+def cases(quick: bool) -> list[tuple[str, str, tuple[int, ...], str]]:
     """(case, image kind, shape, footprint)."""
     if quick:
         return [("224", kind, (224, 224), "disk(3)") for kind in ("random", "smooth")] + [
@@ -83,6 +87,28 @@ def _cases(quick: bool) -> list[tuple[str, str, tuple[int, ...], str]]:
     cases += [("batch64", "random", (64, 224, 224), "disk(3)")]
     cases += [("volume", "random", (64, 128, 128), f"ball({r})") for r in (2, 3)]
     return cases
+
+
+def check(image: np.ndarray, fp: np.ndarray) -> np.ndarray:
+    """The reference's entropy of `image`, once asserted equal to the C++ kernel's."""
+    expected = skimage_stack(image, fp).reshape(image.shape)
+    np.testing.assert_allclose(local_entropy(image, fp, backend="cpu"), expected, atol=1e-9)
+    return expected
+
+
+SCORE_BACKENDS = ("reference", "cpu")
+
+
+def score_responses(seed: int = 0) -> np.ndarray:
+    """A batch of 8 RGB 224x224 response maps, 30% of them non-zero (float32)."""
+    rng = np.random.default_rng(seed)
+    responses = (rng.standard_normal((8, 3, 224, 224)) * (rng.random((8, 3, 224, 224)) < 0.3))
+    return responses.astype(np.float32)
+
+
+def score_call(responses: np.ndarray, backend: str) -> Callable[[], np.ndarray]:
+    """The whole response score of `responses` (square(3)) on `backend`."""
+    return lambda: response_score(responses, np.ones((3, 3)), backend=backend)
 
 
 def _two_halves(images: np.ndarray, fp: np.ndarray) -> None:
@@ -100,11 +126,10 @@ def _two_halves(images: np.ndarray, fp: np.ndarray) -> None:
 
 def _time_case(case: str, kind: str, shape: tuple[int, ...], fp_name: str, quick: bool
                ) -> list[Row]:
-    image, fp = bench_image(kind, shape), _footprint(fp_name)
+    image, fp = bench_image(kind, shape), footprint(fp_name)
     big = image.size > 300_000
-    expected = _skimage_stack(image, fp).reshape(shape)
-    np.testing.assert_allclose(local_entropy(image, fp, backend="cpu"), expected, atol=1e-9)
-    t_ref = best_time(lambda: _skimage_stack(image, fp), 1 if (quick or big) else 3)
+    expected = check(image, fp)
+    t_ref = best_time(lambda: skimage_stack(image, fp), 1 if (quick or big) else 3)
     times = [("skimage", 1, t_ref)]
     for threads in (1, 2):
         set_num_threads(threads)
@@ -129,9 +154,17 @@ def _time_case(case: str, kind: str, shape: tuple[int, ...], fp_name: str, quick
 def run(quick: bool = False) -> dict:
     """Time every case; return the rows, the targets and the machine."""
     resolve_backend("cpu", np.zeros((1, 1), np.uint8))  # raises where the C++ kernel is not built
-    rows = [r for c in _cases(quick) for r in _time_case(*c, quick=quick)]
+    rows = [r for c in cases(quick) for r in _time_case(*c, quick=quick)]
     return {"rows": [asdict(r) for r in rows], "targets": _targets(rows),
-            "machine": machine.describe()}
+            "score": _time_score(quick), "machine": machine.describe()}
+
+
+def _time_score(quick: bool) -> list[dict]:
+    """The response score on each backend, as a ratio against the reference backend."""
+    responses = score_responses()
+    seconds = {b: best_time(score_call(responses, b), 3 if quick else 10) for b in SCORE_BACKENDS}
+    return [{"case": "response_score 8x3x224x224 square(3)", "backend": b, "seconds": t,
+             "vs_reference": seconds["reference"] / t} for b, t in seconds.items()]
 
 
 def _find(rows: list[Row], **key: object) -> Row | None:
@@ -177,6 +210,9 @@ def table(result: dict) -> str:
         lines.append(f"{r['case']:8} {r['image']:7} {r['footprint']:9} {r['backend']:8} "
                      f"{r['threads']:>3} {r['seconds'] * 1e3:10.3f} {r['vs_skimage']:10.1f} "
                      f"{r['mpix_per_s']:8.1f}")
+    for r in result.get("score", []):
+        lines.append(f"{r['case']} {r['backend']:9} {r['seconds'] * 1e3:10.3f} ms "
+                     f"{r['vs_reference']:6.1f}x the reference")
     lines.append("")
     for t in result["targets"]:
         mark = "ok" if t["ok"] else "MISSED"
