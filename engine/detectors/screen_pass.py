@@ -6,7 +6,7 @@ a response rule and target, squeezed copies); `PassRunner` gathers the needs of 
 detectors and makes one `ScreenPass` per batch:
 
 - with an entropy detector whose reverse walk can hold the feature layers (`ResponseEngine`'s
-  `tap_indices`: a float32 forward pass), the walk's forward pass is the classifier's: the
+  `observes`: a float32 forward pass), the walk's forward pass is the classifier's: the
   logits and the layers' features come from it, and the walk goes back from it. The classifier
   runs once;
 - otherwise one forward pass (`collect_features`) gives the features and logits, and each
@@ -136,7 +136,7 @@ class PassRunner:
             self.footprints[key][need] = parse_footprint(need.footprint)
         # the engine whose walk's forward pass is the classifier's, where one can be
         self.walker = next((k for k, e in self.engines.items()
-                            if e.tap_indices(needs.layers) is not None), None)
+                            if e.observes(needs.layers)), None)
 
     @property
     def one_pass(self) -> bool:

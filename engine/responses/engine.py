@@ -4,10 +4,12 @@ A response is what a ReLU rule (`frmap.kernels.RULES`) back-propagates from a ta
 (`frmap.engine.responses.targets`) to the images (METHOD section 1, steps 1-3). Two paths compute
 the same responses, chosen once, when the engine is built:
 
-- "reverse_walk" (chains of layers, `frmap.engine.responses.reverse_walk`): keeps 1 bit per
-  ReLU input and the argmax of each max-pool window instead of the activations;
-- "autograd" (`frmap.engine.responses.autograd_path`): any model whose ReLUs are `nn.ReLU`
-  modules.
+- "reverse_walk" (`frmap.engine.responses.reverse_walk`): any model whose forward torch.fx
+  traces into ops the walk knows (`frmap.engine.responses.tracing`: convolutions, linear
+  layers, batch norm, ReLUs as modules or functions, pools, reshapes, residual sums, ...);
+  keeps 1 bit per ReLU input and the argmax of each max-pool window instead of the activations;
+- "autograd" (`frmap.engine.responses.autograd_path`): any other model whose ReLUs are
+  `nn.ReLU` modules; `ResponseEngine.fallback` says why the walk could not read it.
 
 Precision, also chosen at construction: "float32" (the model's own dtype) or "bf16", the
 convolutions and linear layers of the reverse walk in bfloat16 on weights cast once, everything
@@ -37,8 +39,9 @@ from torch import nn
 from frmap.engine.models.runtime import model_device, native_bf16
 from frmap.engine.models.vgg import Normalized
 from frmap.engine.responses.autograd_path import autograd_responses
-from frmap.engine.responses.reverse_walk import ReverseWalk, WalkOutput, sequential_layers
+from frmap.engine.responses.reverse_walk import ReverseWalk, WalkOutput
 from frmap.engine.responses.targets import Target, check_target, target_classes
+from frmap.engine.responses.tracing import Untraceable, trace_ops
 from frmap.kernels import RULES, check_footprint, response_score
 
 T = TypeVar("T")
@@ -126,14 +129,14 @@ class ResponseEngine:
         device: where to compute; the model must already be there (default: where it is).
         preprocess: "imagenet" normalises [0, 1] RGB images with the ImageNet mean/std inside
             the differentiable model; None feeds the images as they are (any channel count).
-        path: "reverse_walk", "autograd", or "auto" (the walk where the model is a chain of
-            layers it supports: see `sequential_layers`).
+        path: "reverse_walk", "autograd", or "auto" (the walk where it can read the model's
+            forward: see `frmap.engine.responses.tracing`).
         precision: "float32" or "bf16" (the walk's convolutions and linear layers in bfloat16;
             see the module text).
 
     Raises:
-        ValueError: a bad setting, a model on another device, path="reverse_walk" or
-            precision="bf16" for a model that is not a chain of supported layers.
+        ValueError: a bad setting, a model on another device, path="reverse_walk" or a
+            precision other than float32 for a model the walk cannot read (saying why).
     """
 
     def __init__(self, model: nn.Module, *, rule: str = "guided", target: str | int = "conv_max",
@@ -150,15 +153,21 @@ class ResponseEngine:
         self.dtype = params.dtype if params is not None else torch.float32
         self._net = Normalized(model).to(self.device) if preprocess == "imagenet" else model
         self.channels = self._input_channels()
-        layers = sequential_layers(self._net)
-        if layers is None and (path == "reverse_walk" or precision != "float32"):
+        self._walk: ReverseWalk | None = None
+        #: why the reverse walk cannot read the model (None where it runs it, or where
+        #: path="autograd" was asked for)
+        self.fallback: str | None = None
+        if path != "autograd":
+            try:
+                self._walk = ReverseWalk(trace_ops(self._net), rule, *PRECISIONS[precision])
+            except Untraceable as err:
+                self.fallback = str(err)
+        if self._walk is None and path != "autograd" and (
+                path == "reverse_walk" or precision != "float32"):
             needs = f"precision={precision!r} needs the reverse walk, but " \
                 if path == "auto" else ""
-            raise ValueError(f"{needs}{type(model).__name__} is not a chain of layers the "
-                             "reverse walk supports; use path='autograd' or 'auto' in float32")
-        self._walk = ReverseWalk(layers, rule, *PRECISIONS[precision]) \
-            if layers is not None and path != "autograd" else None
-        self._modules = dict(self._net.named_modules())
+            raise ValueError(f"{needs}{self.fallback}; use path='autograd' or 'auto' in "
+                             "float32")
 
     @property
     def path(self) -> str:
@@ -217,19 +226,14 @@ class ResponseEngine:
         return {name: np.concatenate(parts) if parts else np.zeros(0)
                 for name, parts in out.items()}
 
-    def tap_indices(self, layers: Sequence[str]) -> list[int] | None:
-        """The walk's layer indices of `layers` (names in the model's `named_modules`, behind
-        the normalisation as `Normalized` names them when preprocess is "imagenet"), or None
-        where `observe` cannot take them from its own forward pass: the autograd path, a
-        forward pass in bfloat16 (precision "bf16"), or a layer whose output the walk does not
+    def observes(self, layers: Sequence[str]) -> bool:
+        """Whether `observe` takes the outputs of `layers` (names in the model's
+        `named_modules`, behind the normalisation as `Normalized` names them when preprocess is
+        "imagenet") from its own forward pass: not on the autograd path, nor from a forward
+        pass in bfloat16 (precision "bf16"), nor for a layer whose output the walk does not
         hold (`ReverseWalk.tappable`)."""
-        if self._walk is None or PRECISIONS[self.config.precision][0] is not None:
-            return None
-        index = {id(m): i for i, m in enumerate(self._walk.layers)}
-        found = [index.get(id(self._modules.get(name))) for name in layers]
-        if any(i is None or not self._walk.tappable(i) for i in found):
-            return None
-        return found
+        return self._walk is not None and PRECISIONS[self.config.precision][0] is None and \
+            all(self._walk.tappable(name) for name in layers)
 
     def observe(self, images: torch.Tensor, footprints: dict[str, np.ndarray],
                 layers: Sequence[str]) -> Observation:
@@ -238,10 +242,9 @@ class ResponseEngine:
 
         Raises:
             ValueError: bad images, or layers the walk's forward pass does not hold (check
-                `tap_indices` first).
+                `observes` first).
         """
-        taps = self.tap_indices(layers)
-        if taps is None:
+        if not self.observes(layers):
             raise ValueError(f"the {self.path} path in {self.config.precision} cannot give the "
                              f"outputs of {list(layers)} from its own forward pass")
         x, classes = self._prepare(images, self.config.target)
@@ -249,12 +252,11 @@ class ResponseEngine:
             check_footprint(fp)
 
         def batch(b: torch.Tensor, c: torch.Tensor | None) -> Observation:
-            out = self._run(b, c, taps)
+            out = self._run(b, c, layers)
             return Observation({k: response_score(out.responses, fp)
                                 for k, fp in footprints.items()},
                                out.logits.float().cpu(),
-                               {name: out.taps[i].float().cpu()
-                                for name, i in zip(layers, taps, strict=True)})
+                               {name: out.taps[name].float().cpu() for name in layers})
 
         parts = list(self._map_batches(batch, x, classes))
         return Observation({k: torch.cat([p.scores[k] for p in parts]) for k in footprints},
@@ -325,7 +327,7 @@ class ResponseEngine:
         return self._run(images, classes).responses
 
     def _run(self, images: torch.Tensor, classes: torch.Tensor | None,
-             taps: Sequence[int] | None = None) -> WalkOutput:
+             taps: Sequence[str] | None = None) -> WalkOutput:
         """One batch through the path in use, on the engine's device (`ReverseWalk.run`; the
         autograd path gives the responses alone)."""
         x = images.to(self.device, self.dtype)

@@ -1,33 +1,39 @@
-"""The memory-lean reverse walk: feature responses of sequential CNNs without autograd.
+"""The memory-lean reverse walk: feature responses of traced CNNs without autograd.
+
+The walk reads the model's forward pass as ops (`frmap.engine.responses.tracing`): any
+composition of convolutions, linear layers, batch norm, ReLUs, pools, reshapes, constant
+shifts and scales, residual additions and concatenations, whatever the model's class.
 
 Autograd keeps every activation of the forward pass. The responses need far less: a ReLU rule
 needs `f > 0` (1 bit per element, `frmap.kernels.relu_forward`), a max-pool the position of
-each window's maximum (a one-byte offset per pooled element, `frmap.kernels.pooling`), and
-convolutions, linear layers, batch norm and average pools are linear, so their transposes need
-only weights and shapes. The walk runs the layers forward under `no_grad` keeping just that,
-then walks back:
+each window's maximum (a one-byte offset per pooled element, `frmap.kernels.pooling`, where the
+stride is the kernel; torch's indices for overlapping windows), and everything else is linear,
+so its transpose needs only weights and shapes. The walk runs the ops forward under `no_grad`
+keeping just that, freeing each activation after its last use, then walks back:
 
     conv        R_in = conv_transpose2d(R, W)          (the input gradient of the conv)
     linear      R_in = R @ W
     batch norm  R_in = R * gamma / sqrt(running_var + eps)
-    max-pool    R_in = R unpooled to each window's maximum (its recorded offset)
+    max-pool    R_in = R routed to each window's maximum
     ReLU        R_in = the rule, from the mask
-    avg-pool, flatten: the vector-Jacobian product of the (linear) layer
-    normalisation      R_in = R / std
+    a sum       R to each term, summed where a tensor fans out (a residual block's input)
+    constants   R_in = R * c for a product with c, R for a sum with c (the normalisation)
+    avg-pool, mean, flatten, view, concatenation: the vector-Jacobian product of the (linear) op
 
-A ReLU followed by a max-pool is walked as the pool followed by the ReLU: they commute
-(max(relu(a)) = relu(max(a))), and the first maximum of relu(a) in a window is that of `a`
-when the window holds a positive value and its first position otherwise, which the pool step
-records. The mask is then 4x smaller and the rule runs at the pooled resolution. Activations
-are kept channels-last, which lets oneDNN convolve without reordering copies.
+A ReLU whose only user is a max-pool with stride = kernel is walked as the pool followed by the
+ReLU: they commute (max(relu(a)) = relu(max(a))), and the first maximum of relu(a) in a window
+is that of `a` when the window holds a positive value and its first position otherwise, which
+the pool step records. The mask is then 4x smaller and the rule runs at the pooled resolution.
+Activations are kept channels-last, which lets oneDNN convolve without reordering copies.
 
 The peak is set by the largest activations, those of the first, high-resolution layers. Images
-do not interact, so those layers (the head: up to the last max-pool whose input for the whole
-batch exceeds the head budget) run depth-first on chunks of images whose largest activation
-fits in the budget, forward and back; the rest runs on the whole batch, whose weights it
-reuses. On the CPU (`HEAD_BYTES`) the chunks' activations stay in cache and in reused memory:
-faster, not just leaner (VGG19's first block on 8 images: 290 ms whole, 200 ms image by image).
-On a GPU (`HEAD_BYTES_GPU`) the budget only bounds the peak: its kernels want many images.
+do not interact, so those ops (the head: up to the last max-pool whose input for the whole batch
+exceeds the head budget, where one tensor alone carries the signal on) run depth-first on chunks
+of images whose largest activation fits in the budget, forward and back; the rest runs on the
+whole batch, whose weights it reuses. On the CPU (`HEAD_BYTES`) the chunks' activations stay in
+cache and in reused memory: faster, not just leaner (VGG19's first block on 8 images: 290 ms
+whole, 200 ms image by image). On a GPU (`HEAD_BYTES_GPU`) the budget only bounds the peak: its
+kernels want many images.
 
 Precision: with `compute_dtype=torch.bfloat16` the convolutions and linear layers, forward and
 back, run in bfloat16 on copies of their weights cast once (again only when a weight changes);
@@ -36,123 +42,79 @@ the max-pool choices, batch norm, the normalisation, the returned responses) is 
 those values in the walk's dtype, so it is exact given the bfloat16 activations. Measured on a
 Zen 4 CPU (AVX512-BF16), per VGG layer: a bfloat16 convolution or transposed convolution with
 its weights cast once ran 1.8-2.6x faster than float32.
+
+In float32 the walk and autograd round differently (channels-last convolutions sum in another
+order), which can flip a rare ReLU mask or max-pool choice: on a random VGG11 at 224 they differ
+by 6e-4 to 1.4e-3 relative L2. In float64 they agree to 1e-10.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from itertools import accumulate
 
 import torch
+import torch.fx as fx
 import torch.nn.functional as F
-import torchvision
 from torch import nn
 from torch.nn.modules.utils import _pair
 from torch.utils.weak import WeakIdKeyDictionary
 
-from frmap.engine.models.digits import DigitsCNN
-from frmap.engine.models.vgg import Normalized
-from frmap.engine.responses.targets import conv_max_index, target_indices
-from frmap.kernels import (
-    ReLURule,
-    max_pool_offsets,
-    max_unpool_offsets,
-    relu_backward,
-    relu_forward,
+from frmap.engine.responses.targets import target_indices
+from frmap.engine.responses.tracing import (
+    Op,
+    OpCall,
+    Ref,
+    TracedModel,
+    conv_max_op,
+    conv_padding,
+    fill,
 )
+from frmap.kernels import max_pool_offsets, max_unpool_offsets, relu_backward, relu_forward
 
-# Parameter-free linear layers walked back by their vector-Jacobian product.
-_LINEAR_MAPS = (nn.Flatten, nn.AvgPool2d, nn.AdaptiveAvgPool2d)
-# Layers that are the identity in eval mode.
-_IDENTITIES = (nn.Identity, nn.Dropout, nn.Dropout2d)
 # Activation size up to which the high-resolution head runs on chunks of images (see above),
 # on the CPU and on other devices.
 HEAD_BYTES = 16 << 20
 HEAD_BYTES_GPU = 256 << 20
 
 
-# Modules laid out as `features`, an optional `avgpool` and `classifier` whose forward is known
-# to be classifier(flatten(avgpool(features(x)))).
-_CHAIN_FORWARDS = (torchvision.models.VGG.forward, DigitsCNN.forward)
-
-
-def sequential_layers(net: nn.Module) -> list[nn.Module] | None:
-    """The leaf layers `net` chains, or None when it is not a chain the walk can follow.
-
-    Chains, decided from the model's structure alone: `nn.Sequential` (and subclasses that keep
-    its forward), `Normalized` around a chain, and torchvision's VGG and `DigitsCNN` (made of
-    `features`, an optional `avgpool` and `classifier`, with the forward of their own class).
-    Any other module is not a chain, whatever its layers: its forward may do more.
-    """
-    if isinstance(net, Normalized):
-        inner = sequential_layers(net.model)
-        return None if inner is None else [net, *inner]
-    if isinstance(net, nn.Sequential) and type(net).forward is nn.Sequential.forward:
-        parts = [sequential_layers(child) for child in net]
-        return None if any(p is None for p in parts) else [m for p in parts for m in p]
-    children = dict(net.named_children())
-    if not children:
-        return [net] if _supported(net) else None
-    if type(net).forward in _CHAIN_FORWARDS:
-        chain = [children["features"], children.get("avgpool"), nn.Flatten(),
-                 children["classifier"]]
-        return sequential_layers(nn.Sequential(*(m for m in chain if m is not None)))
-    return None
-
-
-def _supported(layer: nn.Module) -> bool:
-    kind = next((k for k in _WALKED if isinstance(layer, k)), None)
-    if kind is None or type(layer).forward is not kind.forward:
-        return False  # a subclass with a forward of its own may do more (a hidden rectifier)
-    if isinstance(layer, nn.Conv2d):
-        return layer.padding_mode == "zeros" and not isinstance(layer.padding, str)
-    if isinstance(layer, nn.MaxPool2d):
-        kh, kw = _pair(layer.kernel_size)
-        return ((kh, kw) == _pair(layer.stride) and kh * kw <= 256
-                and _pair(layer.padding) == (0, 0) and _pair(layer.dilation) == (1, 1)
-                and not layer.ceil_mode
-                and not layer.return_indices)
-    if isinstance(layer, nn.BatchNorm2d):
-        return layer.running_var is not None
-    return True
-
-
-# The layer classes the walk follows (subclasses only where they keep the class's forward).
-_WALKED = (nn.Conv2d, nn.MaxPool2d, nn.BatchNorm2d, nn.ReLU, ReLURule, nn.Linear, *_LINEAR_MAPS,
-           *_IDENTITIES)
-
-
 class _Step:
-    """One layer of the walk: `forward` returns the output and what `backward` needs."""
+    """One op of the walk: `forward` returns the output and what `backward` needs; `backward`
+    returns R_in for each of `inputs` (env slots of the op's signal arguments, in order)."""
 
-    end: int | None = None
+    signal = True
 
-    def at(self, end: int | None) -> _Step:
-        """The step, recording `end` (see `_steps`)."""
-        self.end = end
-        return self
+    def __init__(self, slot: int, inputs: tuple[int, ...]) -> None:
+        self.slot, self.inputs = slot, inputs
+        self.src = inputs[0] if inputs else 0
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, object]:
+    def forward(self, env: list) -> tuple[object, object]:
         raise NotImplementedError
 
-    def backward(self, r: torch.Tensor, saved: object) -> torch.Tensor:
+    def backward(self, r: torch.Tensor, saved: object) -> tuple[torch.Tensor, ...]:
         raise NotImplementedError
 
     def out_shape(self, shape: tuple[int, ...]) -> tuple[int, ...] | None:
-        """[C, H, W] of one image's output from its input's, None where the head must end."""
+        """[C, H, W] of one image's output from its (first) input's, None where unknown."""
         return shape
 
 
-class _Normalize(_Step):
-    def __init__(self, layer: Normalized) -> None:
-        self.layer = layer
+class _Meta(_Step):
+    """Not a signal: evaluated as it is (parameters, `x.size(0)`, `mean.to(x)`)."""
 
-    def forward(self, x):
-        return self.layer.normalize(x), None
+    signal = False
 
-    def backward(self, r, saved):
-        return r / self.layer.std.to(r)
+    def __init__(self, slot: int, call: OpCall) -> None:
+        super().__init__(slot, ())
+        self.call = call
+
+    def forward(self, env):
+        return self.call(env), None
+
+    def out_shape(self, shape):
+        return shape
 
 
 class _Weights:
@@ -178,13 +140,16 @@ class _Weights:
 class _Conv(_Step):
     """Convolution; its transpose is its input gradient."""
 
-    def __init__(self, layer: nn.Conv2d, weights: _Weights, back_weights: _Weights) -> None:
-        self.layer = layer
+    def __init__(self, slot, inputs, layer: nn.Conv2d, weights: _Weights,
+                 back_weights: _Weights) -> None:
+        super().__init__(slot, inputs)
+        self.layer, self.padding = layer, conv_padding(layer)
         self.weights, self.back_weights = weights, back_weights
 
-    def forward(self, x):
+    def forward(self, env):
+        x = env[self.src]
         c, w = self.layer, self.weights(self.layer.weight)
-        y = F.conv2d(x.to(w.dtype), w, self.weights(c.bias), c.stride, c.padding, c.dilation,
+        y = F.conv2d(x.to(w.dtype), w, self.weights(c.bias), c.stride, self.padding, c.dilation,
                      c.groups)
         return y.to(x.dtype), x.shape[-2:]
 
@@ -192,76 +157,64 @@ class _Conv(_Step):
         c, w = self.layer, self.back_weights(self.layer.weight)
         # conv_transpose2d's output size is ambiguous for strides > 1: output_padding fixes it.
         extra = [size - ((out - 1) * s - 2 * p + d * (k - 1) + 1) for size, out, s, p, d, k in
-                 zip(in_size, r.shape[-2:], c.stride, c.padding, c.dilation, c.kernel_size,
+                 zip(in_size, r.shape[-2:], c.stride, self.padding, c.dilation, c.kernel_size,
                      strict=True)]
-        return F.conv_transpose2d(r.to(w.dtype), w, stride=c.stride, padding=c.padding,
-                                  output_padding=extra, groups=c.groups,
-                                  dilation=c.dilation).to(r.dtype)
+        return (F.conv_transpose2d(r.to(w.dtype), w, stride=c.stride, padding=self.padding,
+                                   output_padding=extra, groups=c.groups,
+                                   dilation=c.dilation).to(r.dtype),)
 
     def out_shape(self, shape):
         c = self.layer
         size = [(n + 2 * p - d * (k - 1) - 1) // s + 1 for n, s, p, d, k in
-                zip(shape[-2:], c.stride, c.padding, c.dilation, c.kernel_size, strict=True)]
+                zip(shape[-2:], c.stride, self.padding, c.dilation, c.kernel_size, strict=True)]
         return (c.out_channels, *size)
 
 
 class _BatchNorm(_Step):
-    def __init__(self, layer: nn.BatchNorm2d) -> None:
-        scale = torch.rsqrt(layer.running_var + layer.eps)
+    def __init__(self, slot, inputs, layer: nn.BatchNorm2d) -> None:
+        super().__init__(slot, inputs)
         self.layer = layer
-        self.scale = (scale if layer.weight is None else layer.weight * scale).view(1, -1, 1, 1)
 
-    def forward(self, x):
-        return self.layer(x), None
+    def forward(self, env):
+        return self.layer(env[self.src]), None
 
     def backward(self, r, saved):
-        return r.mul_(self.scale.to(r))
+        layer = self.layer
+        scale = torch.rsqrt(layer.running_var + layer.eps)
+        if layer.weight is not None:
+            scale = layer.weight * scale
+        return (r.mul_(scale.view(1, -1, 1, 1).to(r)),)
 
 
 class _Linear(_Step):
-    def __init__(self, layer: nn.Linear, weights: _Weights, back_weights: _Weights) -> None:
+    def __init__(self, slot, inputs, layer: nn.Linear, weights: _Weights,
+                 back_weights: _Weights) -> None:
+        super().__init__(slot, inputs)
         self.layer = layer
         self.weights, self.back_weights = weights, back_weights
 
-    def forward(self, x):
-        w = self.weights(self.layer.weight)
+    def forward(self, env):
+        x, w = env[self.src], self.weights(self.layer.weight)
         return F.linear(x.to(w.dtype), w, self.weights(self.layer.bias)).to(x.dtype), None
 
     def backward(self, r, saved):
         w = self.back_weights(self.layer.weight)
-        return (r.to(w.dtype) @ w).to(r.dtype)
-
-    def out_shape(self, shape):
-        return None
-
-
-class _LinearMap(_Step):
-    def __init__(self, layer: nn.Module) -> None:
-        self.layer = layer
-
-    def forward(self, x):
-        return self.layer(x), (x.shape, x.dtype, x.device)
-
-    def backward(self, r, saved):
-        shape, dtype, device = saved
-        with torch.enable_grad():
-            z = torch.zeros(shape, dtype=dtype, device=device, requires_grad=True)
-            (grad,) = torch.autograd.grad(self.layer(z), z, r)
-        return grad
+        return ((r.to(w.dtype) @ w).to(r.dtype),)
 
     def out_shape(self, shape):
         return None
 
 
 class _ReLU(_Step):
-    def __init__(self, rule: str) -> None:
-        self.rule = rule
+    def __init__(self, slot, inputs, rule: str, inplace: bool) -> None:
+        super().__init__(slot, inputs)
+        self.rule, self.inplace = rule, inplace
 
-    def forward(self, x):
-        return relu_forward(x, self.rule, inplace=True)
+    def forward(self, env):
+        return relu_forward(env[self.src], self.rule, inplace=self.inplace)
 
     def backward(self, r, mask):
-        return relu_backward(r, mask, self.rule, inplace=True)
+        return (relu_backward(r, mask, self.rule, inplace=True),)
 
 
 class _MaxPool(_Step):
@@ -272,13 +225,14 @@ class _MaxPool(_Step):
     tensors are then not allocated, and faulted into memory, chunk after chunk.
     """
 
-    def __init__(self, layer: nn.MaxPool2d, dead_first: bool) -> None:
-        self.kernel = _pair(layer.kernel_size)
-        self.dead_first = dead_first
+    def __init__(self, slot, inputs, kernel: tuple[int, int], dead_first: bool) -> None:
+        super().__init__(slot, inputs)
+        self.kernel, self.dead_first = kernel, dead_first
         self.reuse = False
         self.spare: torch.Tensor | None = None
 
-    def forward(self, x):
+    def forward(self, env):
+        x = env[self.src]
         y, offsets = max_pool_offsets(x, self.kernel, dead_first=self.dead_first)
         return y, (offsets, x.shape[-2:])
 
@@ -289,53 +243,272 @@ class _MaxPool(_Step):
         out = max_unpool_offsets(r, offsets, self.kernel, size, out=out)
         if self.reuse and spare is None:
             self.spare = out
-        return out
+        return (out,)
 
     def out_shape(self, shape):
         return (shape[0], shape[1] // self.kernel[0], shape[2] // self.kernel[1])
 
 
-def _steps(layers: Sequence[nn.Module], rule: str, weights: _Weights | None = None,
-           back_weights: _Weights | None = None, start: int = 0) -> list[_Step]:
-    """The walk's steps of `layers`, the convolutions and linear layers forward on `weights`
-    and back on `back_weights` (default: the same); each step's `end` is `start` + the index in
-    `layers` of the layer whose output it returns (None for the max-pool of a fused ReLU and
-    max-pool: its output, before the ReLU, is no layer's)."""
-    weights = _Weights(None) if weights is None else weights
-    back_weights = weights if back_weights is None else back_weights
-    steps: list[_Step] = []
-    i = 0
-    while i < len(layers):
-        layer = layers[i]
-        if isinstance(layer, _IDENTITIES):
-            i += 1
-            continue
-        following = next((m for m in layers[i + 1:] if not isinstance(m, _IDENTITIES)), None)
-        if isinstance(layer, (nn.ReLU, ReLURule)) and isinstance(following, nn.MaxPool2d):
-            # deconvnet passes signal through windows without a positive value: route it as
-            # max_pool2d would after the ReLU; the other rules stop it at the pooled ReLU.
-            pool = layers.index(following, i + 1)
-            steps += [_MaxPool(following, dead_first=rule == "deconvnet").at(None),
-                      _ReLU(rule).at(start + pool)]
-            i = pool + 1
-            continue
-        if isinstance(layer, (nn.ReLU, ReLURule)):
-            step = _ReLU(rule)
-        elif isinstance(layer, nn.MaxPool2d):
-            step = _MaxPool(layer, dead_first=False)
-        elif isinstance(layer, Normalized):
-            step = _Normalize(layer)
-        elif isinstance(layer, nn.Conv2d):
-            step = _Conv(layer, weights, back_weights)
-        elif isinstance(layer, nn.BatchNorm2d):
-            step = _BatchNorm(layer)
-        elif isinstance(layer, nn.Linear):
-            step = _Linear(layer, weights, back_weights)
+class _IndexedMaxPool(_Step):
+    """Any other max-pool (overlapping windows, padding, dilation): torch's argmax indices,
+    the signal summed back into them as autograd does."""
+
+    def __init__(self, slot, inputs, params: dict) -> None:
+        super().__init__(slot, inputs)
+        self.params = params
+
+    def forward(self, env):
+        x = env[self.src]
+        y, indices = F.max_pool2d(x, **self.params, return_indices=True)
+        return y, (indices, x.shape)
+
+    def backward(self, r, saved):
+        indices, shape = saved
+        out = r.new_zeros(*shape[:-2], shape[-2] * shape[-1])
+        out.scatter_add_(-1, indices.flatten(-2), r.flatten(-2))
+        return (out.view(shape).contiguous(memory_format=torch.channels_last)
+                if len(shape) == 4 else out.view(shape),)
+
+    def out_shape(self, shape):
+        p = self.params
+        size = [(n + 2 * pad - d * (k - 1) - 1 + (s - 1 if p["ceil_mode"] else 0)) // s + 1
+                for n, k, s, pad, d in zip(shape[-2:], p["kernel_size"], p["stride"],
+                                           p["padding"], p["dilation"], strict=True)]
+        return None if p["ceil_mode"] else (shape[0], *size)
+
+
+class _Reshape(_Step):
+    """flatten / view / reshape: R reshaped back."""
+
+    def __init__(self, slot, inputs, call: OpCall) -> None:
+        super().__init__(slot, inputs)
+        self.call = call
+
+    def forward(self, env):
+        return self.call(env), env[self.src].shape
+
+    def backward(self, r, shape):
+        return (r.reshape(shape),)
+
+    def out_shape(self, shape):
+        return None
+
+
+class _LinearMap(_Step):
+    """A parameter-free linear op (average pools, means): its vector-Jacobian product."""
+
+    def __init__(self, slot, inputs, call: OpCall) -> None:
+        super().__init__(slot, inputs)
+        self.call = call
+
+    def forward(self, env):
+        x = env[self.src]
+        args = fill((self.call.args, self.call.kwargs), env, {self.src: _HOLE})
+        return self.call(env), (x.shape, x.dtype, x.device, args)
+
+    def backward(self, r, saved):
+        shape, dtype, device, (args, kwargs) = saved
+        with torch.enable_grad():
+            z = torch.zeros(shape, dtype=dtype, device=device, requires_grad=True)
+            out = self.call.fn(*fill(args, [], {-1: z}), **fill(kwargs, [], {-1: z}))
+            (grad,) = torch.autograd.grad(out, z, r)
+        return (grad,)
+
+    def out_shape(self, shape):
+        return None
+
+
+_HOLE = Ref(-1)  # where `_LinearMap` puts its input back for the vector-Jacobian product
+
+
+class _Identity(_Step):
+    def forward(self, env):
+        return env[self.src], None
+
+    def backward(self, r, saved):
+        return (r,)
+
+
+class _Sum(_Step):
+    """A sum or difference of two signals: R to each term (the second term's is a copy, or -R
+    for a difference), summed back to a term's shape where it was broadcast."""
+
+    def __init__(self, slot, inputs, call: OpCall, minus: bool) -> None:
+        super().__init__(slot, inputs)
+        self.call, self.minus = call, minus
+
+    def forward(self, env):
+        return self.call(env), tuple(env[i].shape for i in self.inputs)
+
+    def backward(self, r, shapes):
+        second = -r if self.minus else r.clone()
+        return tuple(g if g.shape == s else g.sum_to_size(s)
+                     for g, s in zip((r, second), shapes, strict=True))
+
+
+class _Constant(_Step):
+    """A signal times, over, plus or minus a constant (`scale` and `shift` ops): R times the
+    op's derivative, summed back to the input's shape where it was broadcast."""
+
+    def __init__(self, slot, inputs, call: OpCall,
+                 factor: Callable[[list], tuple[object, bool]]) -> None:
+        super().__init__(slot, inputs)
+        self.call, self.factor = call, factor
+
+    def forward(self, env):
+        return self.call(env), (env[self.src].shape, *self.factor(env))
+
+    def backward(self, r, saved):
+        shape, factor, divide = saved
+        g = r if factor is None else r / factor if divide else r * factor
+        return (g if g.shape == shape else g.sum_to_size(shape),)
+
+
+class _Cat(_Step):
+    """Concatenation: R split back to the concatenated tensors (constants' parts dropped)."""
+
+    def __init__(self, slot, inputs, call: OpCall) -> None:
+        super().__init__(slot, inputs)
+        self.call = call
+        tensors = call.args[0] if call.args else call.kwargs["tensors"]
+        self.parts = [t.slot if isinstance(t, Ref) else None for t in tensors]
+        dim = call.args[1] if len(call.args) > 1 else call.kwargs.get("dim", 0)
+        self.dim = dim
+
+    def forward(self, env):
+        tensors = fill(self.call.args[0] if self.call.args else self.call.kwargs["tensors"],
+                        env)
+        return self.call(env), [t.shape[self.dim] for t in tensors]
+
+    def backward(self, r, sizes):
+        pieces = r.split(sizes, self.dim)
+        return tuple(p.contiguous() for p, s in zip(pieces, self.parts, strict=True)
+                     if s is not None and s in self.inputs)
+
+
+def _factor(op: Op, call: OpCall) -> Callable[[list], tuple[object, bool]]:
+    """d(out)/d(signal) of a scale or shift op from the walk's values: (c, divide) for R * c
+    or R / c, c None for 1."""
+    name = getattr(op.node.target, "__name__", op.node.target).strip("_").lstrip("i")
+    first_is_signal = isinstance(call.args[0], Ref) and call.args[0].slot == op.inputs[0]
+    other = (call.args[1] if first_is_signal else call.args[0]) if len(call.args) > 1 else None
+    if name == "neg" or (name == "sub" and not first_is_signal):
+        return lambda env: (-1, False)
+    if name in ("add", "sub"):
+        return lambda env: (None, False)
+    divide = name in ("truediv", "div")
+    return lambda env: (fill(other, env), divide)
+
+
+def _pool_params(op: Op) -> dict:
+    """kernel_size, stride, padding, dilation and ceil_mode of a max-pool op (literals)."""
+    if op.module is not None:
+        m = op.module
+        raw = (m.kernel_size, m.stride, m.padding, m.dilation, m.ceil_mode)
+    else:
+        names = ("kernel_size", "stride", "padding", "dilation", "ceil_mode")
+        defaults = (None, None, 0, 1, False)
+        given = dict(zip(names, op.node.args[1:], strict=False)) | {
+            k: v for k, v in op.node.kwargs.items() if k in names}
+        raw = tuple(given.get(n, d) for n, d in zip(names, defaults, strict=True))
+        if any(isinstance(v, fx.Node) for v in raw):
+            raise ValueError("max_pool2d's settings must be literals")
+    kernel, stride, padding, dilation, ceil_mode = raw
+    return {"kernel_size": _pair(kernel), "stride": _pair(stride or kernel),
+            "padding": _pair(padding), "dilation": _pair(dilation), "ceil_mode": bool(ceil_mode)}
+
+
+def _offsets_pool(params: dict) -> bool:
+    """Whether the one-byte-offset kernel runs this pool (stride = kernel, no padding)."""
+    kh, kw = params["kernel_size"]
+    return (params["stride"] == (kh, kw) and kh * kw <= 256 and params["padding"] == (0, 0)
+            and params["dilation"] == (1, 1) and not params["ceil_mode"])
+
+
+# Ops whose output is a new tensor (a ReLU may then rectify it in place).
+_FRESH = ("conv", "linear", "batch_norm", "max_pool", "linear_map", "add", "sub", "shift",
+          "scale", "cat")
+
+
+@dataclass
+class _Program:
+    """Steps in execution order (step i writes slot i) and when each value can be dropped."""
+
+    steps: list[_Step]
+    frees: list[tuple[int, ...]]  # after step i, the slots no later step reads
+    last: list[int]  # the last step reading each slot (the slot itself when none does)
+    users: list[int]  # signal steps reading each slot
+
+
+def _program(traced: TracedModel, rule: str, weights: _Weights, back_weights: _Weights,
+             keep: int | None) -> _Program:
+    """The walk's steps of `traced`; the ReLU at `keep` is never walked after its max-pool (its
+    output is the target)."""
+    ops, position = traced.ops, {op.node: i for i, op in enumerate(traced.ops)}
+    users = [0] * len(ops)
+    readers: list[list[int]] = [[] for _ in ops]
+    for i, op in enumerate(ops):
+        for j in op.inputs:
+            users[j] += 1
+        for n in op.node.all_input_nodes:
+            readers[position[n]].append(i)
+    fused: dict[int, int] = {}  # pool position -> the position of the ReLU walked after it
+    for i, op in enumerate(ops):
+        if op.kind == "relu" and i != keep and len(readers[i]) == 1:
+            after = readers[i][0]
+            if ops[after].kind == "max_pool" and _offsets_pool(_pool_params(ops[after])):
+                fused[after] = i
+    pool_of_relu = {r: p for p, r in fused.items()}
+
+    def call(op: Op) -> OpCall:
+        return OpCall(op, traced.module, position)
+
+    steps: list[_Step] = [_Identity(0, (0,))]
+    for i, op in enumerate(ops[1:], 1):
+        inputs, kind = op.inputs, op.kind
+        if i in pool_of_relu:  # the pool runs here, on the ReLU's input
+            kernel = _pool_params(ops[pool_of_relu[i]])["kernel_size"]
+            steps.append(_MaxPool(i, inputs, kernel, dead_first=rule == "deconvnet"))
+        elif i in fused:  # the ReLU runs here, on the pooled values
+            steps.append(_ReLU(i, (fused[i],), rule, inplace=True))
+        elif kind == "meta":
+            steps.append(_Meta(i, call(op)))
+        elif kind in ("conv", "linear"):
+            step = _Conv if kind == "conv" else _Linear
+            steps.append(step(i, inputs, op.module, weights, back_weights))
+        elif kind == "batch_norm":
+            steps.append(_BatchNorm(i, inputs, op.module))
+        elif kind == "relu":
+            source = inputs[0]
+            steps.append(_ReLU(i, inputs, rule, inplace=len(readers[source]) == 1
+                               and ops[source].kind in _FRESH))
+        elif kind == "max_pool":
+            params = _pool_params(op)
+            steps.append(_MaxPool(i, inputs, params["kernel_size"], dead_first=False)
+                         if _offsets_pool(params) else _IndexedMaxPool(i, inputs, params))
+        elif kind == "identity":
+            steps.append(_Identity(i, inputs))
+        elif kind == "reshape":
+            steps.append(_Reshape(i, inputs, call(op)))
+        elif kind == "linear_map":
+            steps.append(_LinearMap(i, inputs, call(op)))
+        elif kind in ("add", "sub"):
+            steps.append(_Sum(i, inputs, call(op), minus=kind == "sub"))
+        elif kind in ("scale", "shift"):
+            c = call(op)
+            steps.append(_Constant(i, inputs, c, _factor(op, c)))
         else:
-            step = _LinearMap(layer)
-        steps.append(step.at(start + i))
-        i += 1
-    return steps
+            steps.append(_Cat(i, inputs, call(op)))
+    last = list(range(len(ops)))
+    for slot, rs in enumerate(readers):
+        last[slot] = max(rs, default=slot)
+    for p, r in fused.items():
+        last[r] = p  # the pooled values are read by the ReLU at the pool's position
+    frees: list[list[int]] = [[] for _ in ops]
+    for slot, i in enumerate(last):
+        if i > slot and slot != traced.output:
+            frees[i].append(slot)
+    return _Program(steps, [tuple(f) for f in frees], last, users)
 
 
 @dataclass(frozen=True)
@@ -344,21 +517,21 @@ class WalkOutput:
 
     Attributes:
         responses: [N, C, H, W] the responses of the images.
-        logits: [N, K] the chain's output (None unless taps were asked for).
-        taps: layer index -> [N, C] its output averaged over the spatial positions ([N, D]
+        logits: [N, K] the model's output (None unless taps were asked for).
+        taps: layer name -> [N, C] its output averaged over the spatial positions ([N, D]
             outputs as they are), from the walk's own forward pass.
     """
 
     responses: torch.Tensor
     logits: torch.Tensor | None = None
-    taps: dict[int, torch.Tensor] = field(default_factory=dict)
+    taps: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 class ReverseWalk:
-    """Responses of a chain of layers (see `sequential_layers`) by the reverse walk.
+    """Responses of a traced model (`frmap.engine.responses.tracing.trace_ops`) by the walk.
 
     Args:
-        layers: the chain, as `sequential_layers` returns it; modules in eval mode while used.
+        traced: the model's ops; its modules in eval mode while used.
         rule: "gradient", "deconvnet" or "guided".
         compute_dtype: the dtype of the convolutions and linear layers (torch.bfloat16), or
             None for the weights' own (see the module text).
@@ -367,128 +540,160 @@ class ReverseWalk:
             taps) is exact and only the transposed layers run in bfloat16.
     """
 
-    def __init__(self, layers: Sequence[nn.Module], rule: str,
+    def __init__(self, traced: TracedModel, rule: str,
                  compute_dtype: torch.dtype | None = None,
                  backward_dtype: torch.dtype | None = None) -> None:
-        self.layers = list(layers)
+        self.traced = traced
         self.rule = rule
-        self.weights = _Weights(compute_dtype)
-        self.back_weights = self.weights if backward_dtype in (None, compute_dtype) \
+        self.weights = weights = _Weights(compute_dtype)
+        back_weights = weights if backward_dtype in (None, compute_dtype) \
             else _Weights(backward_dtype)
-        ends = {step.end for step in _steps(self.layers, rule)}
-        # layer index -> the layer whose step's output is its output
-        self._tap_source: dict[int, int] = {}
-        for i, layer in enumerate(self.layers):
-            if i in ends:
-                self._tap_source[i] = i
-            elif isinstance(layer, _IDENTITIES) and i - 1 in self._tap_source:
-                self._tap_source[i] = self._tap_source[i - 1]
+        self._full = _program(traced, rule, weights, back_weights, None)
+        try:
+            self._conv_max: int | None = conv_max_op(traced.ops)
+        except ValueError:
+            self._conv_max = None
+        self._to_conv_max = None if self._conv_max is None else \
+            _program(traced, rule, weights, back_weights, self._conv_max)
+        calls: dict[str, list[int]] = {}
+        for i, op in enumerate(traced.ops):
+            if op.module is not None:
+                calls.setdefault(op.name, []).append(i)
+        # a ReLU walked after its max-pool: its slot holds the pooled values before the ReLU
+        fused = {s.slot for s in self._full.steps
+                 if isinstance(s, _MaxPool) and traced.ops[s.slot].kind == "relu"}
+        # layer name -> the slot of its output, for layers called once whose output the walk
+        # holds
+        self._taps = {name: slots[0] for name, slots in calls.items()
+                      if len(slots) == 1 and slots[0] not in fused}
 
-    def tappable(self, index: int) -> bool:
-        """Whether the walk's forward pass holds the output of layer `index` (every layer's but
-        that of a ReLU walked after its max-pool, and of identities after one)."""
-        return index in self._tap_source
-
-    def logits(self, x: torch.Tensor) -> torch.Tensor:
-        """The chain's output (what the model returns), through the walk's own forward."""
-        with torch.no_grad():
-            x = x.clone(memory_format=torch.channels_last)  # steps work in place
-            return self._forward(self._steps(self.layers), x)[0]
-
-    def responses(self, x: torch.Tensor, classes: torch.Tensor | None) -> torch.Tensor:
-        """[N, C, H, W] responses of the images `x` (as the chain takes them).
-
-        Args:
-            x: [N, C, H, W] float images.
-            classes: [N] class indices to back-propagate (-1: the top class), or None for
-                'conv_max' (the sum over positions of the channel-wise maximum of the last ReLU
-                after a convolution).
-        """
-        return self.run(x, classes).responses
+    def tappable(self, name: str) -> bool:
+        """Whether the walk's forward pass holds the output of the layer called `name` (every
+        layer called once but a ReLU walked after its max-pool)."""
+        return name in self._taps
 
     def run(self, x: torch.Tensor, classes: torch.Tensor | None,
-            taps: Sequence[int] | None = None) -> WalkOutput:
-        """`responses`, and with `taps` (layer indices, each `tappable`) the logits and the
-        pooled outputs of those layers from the same forward pass: the forward pass then runs
-        to the end of the chain, past the target where it lies before."""
-        end = conv_max_index(self.layers) + 1 if classes is None else len(self.layers)
-        steps = self._steps(self.layers[:end])
-        wanted: dict[int, list[int]] = {}
-        for i in taps or ():
-            wanted.setdefault(self._tap_source[i], []).append(i)
-        pooled: dict[int, list[torch.Tensor]] = {i: [] for i in taps or ()}
-        head, chunk = _head(steps, x)
-        for before, step in zip(steps[:head], steps[1:head], strict=False):
+            taps: Sequence[str] | None = None) -> WalkOutput:
+        """The responses of `x` ([N, C, H, W] images as the model takes them) for `classes`
+        ([N] class indices, -1 for the top class, or None for 'conv_max': the sum over positions
+        of the channel-wise maximum of the last ReLU after a convolution), and with `taps`
+        (layer names, each `tappable`) the logits and the pooled outputs of those layers from
+        the same forward pass: the forward pass then runs to the end of the model, past the
+        target where it lies before."""
+        if classes is None:
+            if self._conv_max is None:
+                raise ValueError("target 'conv_max' needs a ReLU after a convolution; found none")
+            program, target = self._to_conv_max, self._conv_max
+        else:
+            program, target = self._full, self.traced.output
+        wanted: dict[int, list[str]] = {}
+        for name in taps or ():
+            wanted.setdefault(self._taps[name], []).append(name)
+        pooled: dict[str, list[torch.Tensor]] = {name: [] for name in taps or ()}
+        steps = program.steps[:target + 1]
+        head, chunk = _head(program, target, x)
+        for step in steps[:head]:
             if isinstance(step, _MaxPool):
-                step.reuse = isinstance(before, _Conv)
+                step.reuse = isinstance(steps[step.src], _Conv) and program.users[step.src] == 1
+        size = len(program.steps)
         with torch.no_grad():
             x = x.clone(memory_format=torch.channels_last)  # steps work in place
             parts, head_saved = [], []
             for part in x.split(chunk):
-                out, saved = self._forward(steps[:head], part, wanted, pooled)
-                parts.append(out)
-                head_saved.append(saved)
-            out, saved = self._forward(steps[head:], _cat(parts), wanted, pooled)
+                env = [None] * size
+                env[0] = part
+                head_saved.append(_forward(program, steps[:head], env, wanted, pooled))
+                parts.append(env[head - 1] if head else part)
+            env = [None] * size
+            env[head - 1 if head else 0] = _cat(parts)
             del parts
+            saved = _forward(program, steps[head:], env, wanted, pooled)
+            out = env[target]
             # the derivative of the target (a sum of entries of `out`): 1 at those entries
             r = torch.zeros_like(out).scatter_(1, target_indices(out, classes), 1.0)
             logits = None
             if taps is not None:
-                tail = self._steps(self.layers[end:], end)
-                logits = self._forward(tail, out, wanted, pooled)[0] if tail else out
-            del out
-            r = self._backward(steps[head:], r, saved)
-            responses = _cat([self._backward(steps[:head], part, saved)
-                              for part, saved in zip(r.split(chunk), head_saved, strict=True)
-                              ]).contiguous()
-        return WalkOutput(responses, logits, {i: _cat(v) for i, v in pooled.items()})
+                _forward(program, program.steps[target + 1:], env, wanted, pooled)
+                logits = env[self.traced.output]
+            del env, out
+            r = _backward(steps[head:], target, r, saved, size, head - 1 if head else 0)
+            responses = _cat([_backward(steps[:head], head - 1, part, saved, size, 0)
+                              for part, saved in zip(r.split(chunk), head_saved, strict=True)]
+                             ) if head else r
+        return WalkOutput(responses.contiguous(), logits,
+                          {n: _cat(v) for n, v in pooled.items()})
 
-    def _steps(self, layers: Sequence[nn.Module], start: int = 0) -> list[_Step]:
-        return _steps(layers, self.rule, self.weights, self.back_weights, start)
 
-    @staticmethod
-    def _forward(steps: list[_Step], x: torch.Tensor, wanted: dict[int, list[int]] | None = None,
-                 pooled: dict[int, list[torch.Tensor]] | None = None
-                 ) -> tuple[torch.Tensor, list[object]]:
-        """The steps forward; the output of a step whose `end` is in `wanted` is pooled (the
-        mean over spatial positions) into `pooled` for each layer index listed there."""
-        saved = []
-        for step in steps:
-            x, keep = step.forward(x)
-            saved.append(keep)
-            if wanted and step.end in wanted:
-                mean = x.flatten(2).mean(2) if x.ndim > 2 else x.clone()
-                for i in wanted[step.end]:
-                    pooled[i].append(mean)
-        return x, saved
+def _forward(program: _Program, steps: list[_Step], env: list,
+             wanted: dict[int, list[str]], pooled: dict[str, list[torch.Tensor]]
+             ) -> list[object]:
+    """The steps forward on `env`; the output of a step whose slot is in `wanted` is pooled
+    (the mean over spatial positions) into `pooled` for each layer name listed there."""
+    saved = []
+    frees = program.frees
+    for step in steps:
+        value, keep = step.forward(env)
+        slot = step.slot
+        env[slot] = value
+        saved.append(keep)
+        if wanted and slot in wanted:
+            mean = value.flatten(2).mean(2) if value.ndim > 2 else value.clone()
+            for name in wanted[slot]:
+                pooled[name].append(mean)
+        for i in frees[slot]:
+            env[i] = None
+    return saved
 
-    @staticmethod
-    def _backward(steps: list[_Step], r: torch.Tensor, saved: list[object]) -> torch.Tensor:
-        for step in reversed(steps):
-            r = step.backward(r, saved.pop())
-        return r
+
+def _backward(steps: list[_Step], start: int, r: torch.Tensor, saved: list[object],
+              size: int, end: int) -> torch.Tensor:
+    """The steps back from R at slot `start`; R at slot `end` (zeros where nothing reaches)."""
+    grads: list[torch.Tensor | None] = [None] * size
+    grads[start] = r
+    for step, keep in zip(reversed(steps), reversed(saved), strict=True):
+        g = grads[step.slot]
+        if g is None or not step.signal:
+            continue
+        if step.slot != end:
+            grads[step.slot] = None
+            for i, gi in zip(step.inputs, step.backward(g, keep), strict=True):
+                grads[i] = gi if grads[i] is None else grads[i].add_(gi)
+    if grads[end] is None:
+        raise ValueError("the target does not depend on the images")
+    return grads[end]
 
 
 def _cat(parts: list[torch.Tensor]) -> torch.Tensor:
     return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
-def _head(steps: list[_Step], x: torch.Tensor) -> tuple[int, int]:
+def _head(program: _Program, target: int, x: torch.Tensor) -> tuple[int, int]:
     """The number of head steps and the images per chunk they run on (see the module text).
 
     The head ends after the last max-pool (and the ReLU walked after it) whose input for the
-    whole batch exceeds the budget (`HEAD_BYTES` on the CPU, else `HEAD_BYTES_GPU`); a chunk
-    holds as many images as keep the head's largest activation within it. No head: (0, len(x)).
+    whole batch exceeds the budget (`HEAD_BYTES` on the CPU, else `HEAD_BYTES_GPU`) where the
+    head's last value is the only one read after it (a cut of the graph); a chunk holds as many
+    images as keep the head's largest activation within it. No head: (0, len(x)).
     """
+    steps = program.steps[:target + 1]
     budget = HEAD_BYTES if x.device.type == "cpu" else HEAD_BYTES_GPU
-    shape, head = tuple(x.shape[1:]), 0
-    sizes = [math.prod(shape)]  # elements per image: sizes[i] enters step i, sizes[i + 1] leaves
+    shapes: list[tuple[int, ...] | None] = [tuple(x.shape[1:])]  # one image's, per slot
+    for step in steps[1:]:
+        shape = shapes[step.src] if step.signal else None
+        shapes.append(None if shape is None else step.out_shape(shape))
+    reach = list(accumulate(program.last, max))  # the last step reading any slot up to i
+    head = 0
     for i, step in enumerate(steps):
-        if isinstance(step, _MaxPool) and sizes[i] * len(x) * x.element_size() > budget:
-            head = i + 2 if i + 1 < len(steps) and isinstance(steps[i + 1], _ReLU) else i + 1
-        shape = step.out_shape(shape)
-        if shape is None:
-            break
-        sizes.append(math.prod(shape))
-    chunk = max(1, budget // (max(sizes[:head + 1]) * x.element_size()))
-    return (head, chunk) if head and chunk < len(x) else (0, len(x))
+        source = shapes[step.src]
+        if not isinstance(step, (_MaxPool, _IndexedMaxPool)) or source is None or \
+                math.prod(source) * len(x) * x.element_size() <= budget:
+            continue
+        end = i + 2 if i + 1 < len(steps) and isinstance(steps[i + 1], _ReLU) and \
+            steps[i + 1].src == i else i + 1
+        if end < len(steps) and reach[end - 2] < end:
+            head = end
+    if not head:
+        return 0, len(x)
+    largest = max(math.prod(s) for s in shapes[:head] if s is not None)
+    chunk = max(1, budget // (largest * x.element_size()))
+    return (head, chunk) if chunk < len(x) else (0, len(x))

@@ -24,10 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from frmap.engine.models.vgg import Normalized
-from frmap.engine.responses.reverse_walk import sequential_layers
-from frmap.engine.responses.targets import conv_max_index, target_indices
-from frmap.kernels import ReLURule
+from frmap.engine.responses.targets import target_indices
+from frmap.engine.responses.tracing import OpCall, conv_max_op, trace_ops
 
 # ITU-R 601-2 luma weights as PIL's Image.convert("L") scales them (`response_to_image`)
 _LUMA = (19595 / 65536, 38470 / 65536, 7471 / 65536)
@@ -36,46 +34,52 @@ _LUMA = (19595 / 65536, 38470 / 65536, 7471 / 65536)
 def smooth_guided_responses(net: nn.Module, x: torch.Tensor, sharpness: float) -> torch.Tensor:
     """`[N, C, H, W]` guided responses of the conv_max target, differentiable in `x`.
 
-    The forward runs the layers as they are, keeping each layer's input; the backward walks
-    them in reverse: at a ReLU `R_in = sigmoid(sharpness * f) * relu(R)`, elsewhere the layer's
-    vector-Jacobian product at its input held constant (linear layers do not depend on it, a
-    max-pool routes by it). So the result's own gradient is the true one of this smoothed
-    response, with the routing fixed.
+    The forward runs the model's ops (`frmap.engine.responses.tracing`) as they are, keeping
+    each op's inputs; the backward walks them in reverse: at a ReLU
+    `R_in = sigmoid(sharpness * f) * relu(R)`, elsewhere the op's vector-Jacobian product at
+    its inputs held constant (linear ops do not depend on them, a max-pool routes by them),
+    summed where a value fans out. So the result's own gradient is the true one of this
+    smoothed response, with the routing fixed.
 
     Args:
-        net: a chain of layers (`sequential_layers`), e.g. `DigitsCNN` or a `Normalized` VGG.
+        net: a model the reverse walk reads, e.g. `DigitsCNN` or a `Normalized` VGG.
         x: `[N, C, H, W]` images; where `x` requires grad, the responses carry its graph.
         sharpness: beta of the smoothed forward mask (larger: closer to guided, steeper).
 
     Raises:
-        ValueError: `net` is not a chain, or `sharpness` is not positive.
+        ValueError: the walk cannot read `net` (`Untraceable`), or `sharpness` is not
+            positive.
     """
-    layers = sequential_layers(net)
-    if layers is None:
-        raise ValueError(f"{type(net).__name__} is not a chain of layers: no smooth responses")
+    traced = trace_ops(net)
     if not sharpness > 0:
         raise ValueError(f"sharpness must be positive, got {sharpness}")
-    layers = layers[:conv_max_index(layers) + 1]
+    target = conv_max_op(traced.ops)
+    ops = traced.ops[:target + 1]
+    position = {op.node: i for i, op in enumerate(traced.ops)}
+    calls = [None, *(OpCall(op, traced.module, position) for op in ops[1:])]
     with torch.enable_grad():
-        inputs, h = [], x
-        for layer in layers:
-            inputs.append(h)
-            h = _forward(layer, h)
-        r = torch.zeros_like(h).scatter_(1, target_indices(h.detach(), None), 1.0)
-        for layer, f in zip(reversed(layers), reversed(inputs), strict=True):
-            if isinstance(layer, nn.ReLU | ReLURule):
-                r = torch.sigmoid(sharpness * f) * r.clamp_min(0)
+        env: list = [x, *([None] * target)]
+        for i, op in enumerate(ops[1:], 1):
+            env[i] = env[op.inputs[0]].clamp_min(0) if op.kind == "relu" else calls[i](env)
+        h = env[target]
+        grads: list = [None] * (target + 1)
+        grads[target] = torch.zeros_like(h).scatter_(1, target_indices(h.detach(), None), 1.0)
+        for i in range(target, 0, -1):
+            r, op = grads[i], ops[i]
+            if r is None or op.kind == "meta":
+                continue
+            if op.kind == "relu":
+                f = env[op.inputs[0]]
+                found = {op.inputs[0]: torch.sigmoid(sharpness * f) * r.clamp_min(0)}
             else:
-                fixed = f.detach().requires_grad_()
-                (r,) = torch.autograd.grad(_forward(layer, fixed), fixed, r, create_graph=True)
+                fixed = {j: env[j].detach().requires_grad_() for j in set(op.inputs)}
+                out = calls[i](env, fixed)
+                found = dict(zip(fixed, torch.autograd.grad(out, list(fixed.values()), r,
+                                                            create_graph=True), strict=True))
+            for j, g in found.items():
+                grads[j] = g if grads[j] is None else grads[j] + g
+    r = grads[0]
     return r if x.requires_grad else r.detach()
-
-
-def _forward(layer: nn.Module, h: torch.Tensor) -> torch.Tensor:
-    """The layer on `h`, never in place (the walk back needs every layer's input)."""
-    if isinstance(layer, Normalized):
-        return layer.normalize(h)
-    return h.clamp_min(0) if isinstance(layer, nn.ReLU | ReLURule) else layer(h)
 
 
 def soft_response_image(responses: torch.Tensor) -> torch.Tensor:

@@ -15,6 +15,7 @@ from torch import nn
 from frmap.engine import Normalized, ResponseEngine, load_vgg
 from frmap.engine.models import DigitsCNN
 from frmap.engine.responses import reverse_walk
+from frmap.engine.responses.tracing import trace_ops
 from frmap.kernels import RULES, response_score
 
 CAPTUM = {"guided": (GuidedBackprop, {}), "deconvnet": (Deconvolution, {}),
@@ -139,7 +140,7 @@ def cases(vgg):
         "small": (small, small, small[7], None, images((3, 1, 16, 16), 1),
                   ("reverse_walk", "autograd")),
         "residual": (residual, residual, residual.act, None, images((2, 3, 12, 12), 2),
-                     ("autograd",)),
+                     ("reverse_walk", "autograd")),
     }
 
 
@@ -182,25 +183,32 @@ def test_head_runs_depth_first_on_chunks_of_images(vgg11, monkeypatch, rule, bud
     # one image's largest activation is 64 x 64 x 64 floats = 1 MiB; pool inputs for the batch:
     # 3 MiB (pool 1), 1.5 MiB (pool 2), 0.75 MiB (pool 3)
     monkeypatch.setattr(reverse_walk, "HEAD_BYTES", budget)
-    steps = reverse_walk._steps(reverse_walk.sequential_layers(Normalized(vgg11)), rule)
-    pools = [i for i, step in enumerate(steps) if isinstance(step, reverse_walk._MaxPool)]
-    assert reverse_walk._head(steps, x) == (pools[pool] + 2, chunk)
+    program, output, pools = _program_and_pools(vgg11, rule)
+    assert reverse_walk._head(program, output, x) == (pools[pool] + 2, chunk)
     engine = ResponseEngine(vgg11, rule=rule, path="reverse_walk", target="logit")
     assert_rel_close(engine.responses(x), expected, f"{rule} by chunks of {chunk}")
     assert_rel_close(engine.responses(x), expected, f"{rule} by chunks of {chunk}, again")
     monkeypatch.setattr(reverse_walk, "HEAD_BYTES", 64 << 20)
-    assert reverse_walk._head(steps, x) == (0, 3)
+    assert reverse_walk._head(program, output, x) == (0, 3)
+
+
+def _program_and_pools(model: nn.Module, rule: str):
+    """The walk's program of `Normalized(model)` for the logits, its output slot and the slots
+    of its max-pool steps."""
+    walk = reverse_walk.ReverseWalk(trace_ops(Normalized(model)), rule)
+    pools = [i for i, step in enumerate(walk._full.steps)
+             if isinstance(step, reverse_walk._MaxPool)]
+    return walk._full, walk.traced.output, pools
 
 
 def test_head_budget_follows_the_device(vgg11, monkeypatch):
     """Off the CPU the head has its own budget (its chunks only bound the peak there)."""
-    steps = reverse_walk._steps(reverse_walk.sequential_layers(Normalized(vgg11)), "guided")
-    pools = [i for i, step in enumerate(steps) if isinstance(step, reverse_walk._MaxPool)]
+    program, output, pools = _program_and_pools(vgg11, "guided")
     x = torch.empty(3, 3, 64, 64, device="meta")  # shapes only
     monkeypatch.setattr(reverse_walk, "HEAD_BYTES", 1200 << 10)
     monkeypatch.setattr(reverse_walk, "HEAD_BYTES_GPU", 2200 << 10)
-    assert reverse_walk._head(steps, x) == (pools[0] + 2, 2)
-    assert reverse_walk._head(steps, torch.empty(x.shape)) == (pools[1] + 2, 1)
+    assert reverse_walk._head(program, output, x) == (pools[0] + 2, 2)
+    assert reverse_walk._head(program, output, torch.empty(x.shape)) == (pools[1] + 2, 1)
 
 
 def test_scores_are_the_fused_score_and_invariant_to_batch_size(vgg11):
@@ -316,31 +324,29 @@ class Chain(nn.Module):
      r"module '0' \(Block\) calls torch.relu"),
     (Chain(functional=True), "Chain.forward calls torch.nn.functional.relu"),
 ])
-def test_functional_relu_is_an_error(model, where):
+def test_functional_relu_walks_and_the_autograd_path_refuses_it(model, where):
+    """The walk reads a functional ReLU as a ReLU (tests/engine/test_traced_walk.py checks its
+    responses); on the autograd path the rule could not act there, so it raises."""
     x = images((2, 1, 8, 8), 8)
     model(x)
+    assert ResponseEngine(model, preprocess=None).path == "reverse_walk"
     with pytest.raises(ValueError, match=where):
-        ResponseEngine(model, preprocess=None).responses(x)
+        ResponseEngine(model, preprocess=None, path="autograd").responses(x)
 
 
-def test_paths_are_chosen_from_the_structure_at_construction():
+def test_paths_are_chosen_from_the_computation_at_construction():
+    """Any forward the walk can read takes it, whatever the model's class: its own layout
+    (scaled, pooled), a residual sum, the embedded DigitsCNN."""
     x = images((2, 1, 8, 8), 9)
-    layers = Chain()
-    sequential = nn.Sequential(*layers.features, nn.Flatten(), *layers.classifier)
-    walked = ResponseEngine(sequential, preprocess=None)
-    assert walked.path == "reverse_walk"
-    assert_rel_close(walked.responses(x, target="logit"), ResponseEngine(
-        sequential, preprocess=None, path="autograd").responses(x, target="logit"), "chain")
-    assert ResponseEngine(DigitsCNN(), preprocess=None).path == "reverse_walk"
-    # a VGG-like layout whose forward is its own (it may do more than chain its layers)
-    for own_forward in (Chain(), Chain(scale=2.0), Chain(pooled=True), Residual()):
-        engine = ResponseEngine(own_forward, preprocess=None, target="logit")
-        assert engine.path == "autograd"
-        with pytest.raises(ValueError, match="not a chain of layers"):
-            ResponseEngine(own_forward, preprocess=None, path="reverse_walk")
-    assert_rel_close(walked.responses(x, target="logit"),
-                     ResponseEngine(Chain(), preprocess=None).responses(x, target="logit"),
-                     "the same layers through their own forward")
+    for model in (Chain(), Chain(scale=2.0), Chain(pooled=True)):
+        walked = ResponseEngine(model, preprocess=None, target="logit")
+        assert (walked.path, walked.fallback) == ("reverse_walk", None)
+        assert_rel_close(walked.responses(x), ResponseEngine(
+            model, preprocess=None, path="autograd", target="logit").responses(x),
+            f"scale {model.scale} pooled {model.pooled}")
+    for model in (Residual(), DigitsCNN()):
+        assert ResponseEngine(model, preprocess=None).path == "reverse_walk"
+    assert ResponseEngine(Chain(), preprocess=None, path="autograd").fallback is None
 
 
 def test_numpy_images_and_one_class_for_all(vgg11):
@@ -498,11 +504,6 @@ def test_bf16_weights_are_cast_once_and_again_after_a_change():
             model[0].weight.mul_(-1)
 
 
-def test_bf16_needs_the_reverse_walk():
-    with pytest.raises(ValueError, match="precision='bf16' needs the reverse walk, but Residual"):
-        ResponseEngine(Residual(), preprocess=None, precision="bf16")
-
-
 def test_tf32_setting_is_restored(vgg11):
     """The engine turns cuDNN's TF32 off while it computes, and restores the caller's setting."""
     before = torch.backends.cudnn.allow_tf32
@@ -589,7 +590,7 @@ def test_observe_gives_the_classifiers_own_pass(vgg11, monkeypatch, name, rule, 
     torch.testing.assert_close(seen.scores["square3"],
                                engine.scores(x.double(), np.ones((3, 3))), rtol=0, atol=0)
     walk = engine._walk.run(x.double(), None if target == "conv_max" else
-                            torch.full((len(x),), -1), engine.tap_indices(layers))
+                            torch.full((len(x),), -1), layers)
     assert_rel_close(walk.responses, engine.responses(x.double()), "responses", rtol=1e-10)
     assert_rel_close(walk.logits, logits, "logits", rtol=1e-10)
 
@@ -606,14 +607,17 @@ def test_taps_the_walk_cannot_give_are_refused():
     and a bfloat16 forward pass give none either."""
     net = small_cnn()
     engine = ResponseEngine(net, preprocess=None)
-    assert engine.tap_indices(["5", "11"]) == [5, 11]  # the pool, and dropout after a ReLU
-    assert engine.tap_indices(["4"]) is None
+    assert engine.observes(["5", "11"])  # the pool, and dropout after a ReLU
+    assert not engine.observes(["4"])
     with pytest.raises(ValueError, match="cannot give"):
         engine.observe(images((1, 1, 16, 16)), {}, ["4"])
-    assert ResponseEngine(net, preprocess=None, path="autograd").tap_indices(["5"]) is None
-    assert ResponseEngine(net, preprocess=None, precision="bf16").tap_indices(["5"]) is None
-    assert ResponseEngine(net, preprocess=None,
-                          precision="bf16-backward").tap_indices(["5"]) == [5]
+    assert not ResponseEngine(net, preprocess=None, path="autograd").observes(["5"])
+    assert not ResponseEngine(net, preprocess=None, precision="bf16").observes(["5"])
+    assert ResponseEngine(net, preprocess=None, precision="bf16-backward").observes(["5"])
+    # a module called twice has no one output to give
+    twice = nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU())
+    reused = nn.Sequential(twice[0], twice[1], nn.Conv2d(2, 2, 3), twice[1])
+    assert not ResponseEngine(reused, preprocess=None, target="logit").observes(["1"])
 
 
 @pytest.mark.parametrize("rule", RULES)
