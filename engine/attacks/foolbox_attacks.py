@@ -27,15 +27,22 @@ def _foolbox_model(model: nn.Module, x0: torch.Tensor) -> foolbox.PyTorchModel:
     return foolbox.PyTorchModel(model, bounds=(0, 1), device=x0.device)
 
 
-def _unbounded_l2(attack: foolbox.attacks.base.Attack, model: nn.Module, x0: torch.Tensor,
-                  labels: torch.Tensor) -> Perturbation:
-    """A foolbox minimal-perturbation attack, unbounded; epsilon is the L2 distance."""
-    _, adversarial, found = attack(_foolbox_model(model, x0), x0, labels, epsilons=None)
-    return adversarial, found, _l2_distance(adversarial, x0)
+class _UnboundedL2:
+    """A foolbox minimal-perturbation attack (`_attack`), unbounded; epsilon is the L2
+    distance."""
+
+    def _attack(self) -> foolbox.attacks.base.Attack:
+        raise NotImplementedError
+
+    def perturb(self, model: nn.Module, x0: torch.Tensor, labels: torch.Tensor,
+                rng: np.random.Generator, progress: bool) -> Perturbation:
+        _, adversarial, found = self._attack()(_foolbox_model(model, x0), x0, labels,
+                                               epsilons=None)
+        return adversarial, found, _l2_distance(adversarial, x0)
 
 
 @dataclass(frozen=True)
-class DeepFool:
+class DeepFool(_UnboundedL2):
     """foolbox's `L2DeepFoolAttack` (logits loss) over the `candidates` most likely classes."""
 
     name: ClassVar[str] = "deepfool"
@@ -43,18 +50,10 @@ class DeepFool:
     candidates: int = 10
     overshoot: float = 0.02
 
-    def perturb(
-        self,
-        model: nn.Module,
-        x0: torch.Tensor,
-        labels: torch.Tensor,
-        rng: np.random.Generator,
-        progress: bool,
-    ) -> Perturbation:
-        attack = foolbox.attacks.L2DeepFoolAttack(
+    def _attack(self) -> foolbox.attacks.base.Attack:
+        return foolbox.attacks.L2DeepFoolAttack(
             steps=self.steps, candidates=self.candidates, overshoot=self.overshoot
         )
-        return _unbounded_l2(attack, model, x0, labels)
 
 
 @dataclass(frozen=True)
@@ -76,14 +75,8 @@ class Boundary:
     init_directions: int = 100
     init_steps: int = 50
 
-    def perturb(
-        self,
-        model: nn.Module,
-        x0: torch.Tensor,
-        labels: torch.Tensor,
-        rng: np.random.Generator,
-        progress: bool,
-    ) -> Perturbation:
+    def perturb(self, model: nn.Module, x0: torch.Tensor, labels: torch.Tensor,
+                rng: np.random.Generator, progress: bool) -> Perturbation:
         fmodel = _foolbox_model(model, x0)
         init = foolbox.attacks.LinearSearchBlendedUniformNoiseAttack(
             directions=self.init_directions, steps=self.init_steps
@@ -125,14 +118,8 @@ class _LinfIterative:
     def _attack(self) -> foolbox.attacks.base.Attack:
         raise NotImplementedError
 
-    def perturb(
-        self,
-        model: nn.Module,
-        x0: torch.Tensor,
-        labels: torch.Tensor,
-        rng: np.random.Generator,
-        progress: bool,
-    ) -> Perturbation:
+    def perturb(self, model: nn.Module, x0: torch.Tensor, labels: torch.Tensor,
+                rng: np.random.Generator, progress: bool) -> Perturbation:
         _, clipped, success = self._attack()(
             _foolbox_model(model, x0), x0, labels, epsilons=list(self.epsilons))
         # success: [E, N]; clipped: E tensors [N, C, H, W]
@@ -194,7 +181,7 @@ class MIFGSM(_LinfIterative):
 
 
 @dataclass(frozen=True)
-class CarliniWagner:
+class CarliniWagner(_UnboundedL2):
     """foolbox's `L2CarliniWagnerAttack`; epsilon is the L2 distance of the adversarial.
 
     foolbox's defaults (10000 steps, 9 binary-search steps) take hours on a CPU; these defaults
@@ -208,15 +195,11 @@ class CarliniWagner:
     confidence: float = 0.0
     initial_const: float = 0.1
 
-    def perturb(
-        self,
-        model: nn.Module,
-        x0: torch.Tensor,
-        labels: torch.Tensor,
-        rng: np.random.Generator,
-        progress: bool,
-    ) -> Perturbation:
-        attack = foolbox.attacks.L2CarliniWagnerAttack(
+    def _attack(self) -> foolbox.attacks.base.Attack:
+        return foolbox.attacks.L2CarliniWagnerAttack(
             binary_search_steps=self.binary_search_steps, steps=self.steps,
             stepsize=self.stepsize, confidence=self.confidence, initial_const=self.initial_const)
-        return _unbounded_l2(attack, model, x0, labels)
+
+
+# foolbox's attacks, in the order the study reports them
+FOOLBOX_ATTACKS = (DeepFool, Boundary, PGD, BIM, MIFGSM, CarliniWagner)

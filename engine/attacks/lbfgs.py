@@ -76,14 +76,8 @@ class LBFGS:
             raise ValueError(f"{self.name} needs a finite initial_const > 0, got "
                              f"{self.initial_const}")
 
-    def perturb(
-        self,
-        model: nn.Module,
-        x0: torch.Tensor,
-        labels: torch.Tensor,
-        rng: np.random.Generator,
-        progress: bool,
-    ) -> Perturbation:
+    def perturb(self, model: nn.Module, x0: torch.Tensor, labels: torch.Tensor,
+                rng: np.random.Generator, progress: bool) -> Perturbation:
         _, probs = predict(model, x0, BATCH)
         target = probs.scatter(1, labels[:, None], -1.0).argmax(1)
         n = len(x0)

@@ -86,14 +86,8 @@ class OnePixel:
         if not (0 < self.mutation <= 2 and 0 < self.stop_probability < 1):
             raise ValueError("one-pixel attack needs 0 < mutation <= 2, 0 < stop_probability < 1")
 
-    def perturb(
-        self,
-        model: nn.Module,
-        x0: torch.Tensor,
-        labels: torch.Tensor,
-        rng: np.random.Generator,
-        progress: bool,
-    ) -> Perturbation:
+    def perturb(self, model: nn.Module, x0: torch.Tensor, labels: torch.Tensor,
+                rng: np.random.Generator, progress: bool) -> Perturbation:
         n, c, h, w = x0.shape
         low = np.zeros((2 + c) * self.pixels)
         high = np.tile([h, w] + [1.0] * c, self.pixels).astype(np.float64)

@@ -3,21 +3,14 @@
 from __future__ import annotations
 
 from frmap.engine.attacks.base import Attack
-from frmap.engine.attacks.foolbox_attacks import (
-    BIM,
-    MIFGSM,
-    PGD,
-    Boundary,
-    CarliniWagner,
-    DeepFool,
-)
+from frmap.engine.attacks.foolbox_attacks import FOOLBOX_ATTACKS
 from frmap.engine.attacks.lbfgs import LBFGS
 from frmap.engine.attacks.one_pixel import FivePixel, OnePixel, ThreePixel
 from frmap.engine.attacks.single_step import FGSM, GradientAttack
 
 ATTACKS: dict[str, type[Attack]] = {
-    a.name: a for a in (FGSM, GradientAttack, OnePixel, ThreePixel, FivePixel, DeepFool, Boundary,
-                        PGD, BIM, MIFGSM, CarliniWagner, LBFGS)
+    a.name: a for a in (FGSM, GradientAttack, OnePixel, ThreePixel, FivePixel, *FOOLBOX_ATTACKS,
+                        LBFGS)
 }
 
 

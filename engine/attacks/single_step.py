@@ -117,14 +117,8 @@ class _SingleStep:
     def _step(self, grad: torch.Tensor) -> tuple[torch.Tensor, Candidates]:
         raise NotImplementedError
 
-    def perturb(
-        self,
-        model: nn.Module,
-        x0: torch.Tensor,
-        labels: torch.Tensor,
-        rng: np.random.Generator,
-        progress: bool,
-    ) -> Perturbation:
+    def perturb(self, model: nn.Module, x0: torch.Tensor, labels: torch.Tensor,
+                rng: np.random.Generator, progress: bool) -> Perturbation:
         direction, candidates = self._step(_loss_gradient(model, x0, labels))
         grid = torch.tensor(self.epsilons, dtype=x0.dtype, device=x0.device)
         return _min_epsilon(model, x0, labels, direction, grid, candidates)

@@ -76,27 +76,25 @@ def _check(*tensors: torch.Tensor) -> None:
             raise ValueError("the triton relu kernels take tensors on one device")
 
 
+def _launch(kernel: triton.JITFunction, first: torch.Tensor, *tensors: torch.Tensor,
+            **meta: object) -> None:
+    """Launch a kernel over the `first.numel()` elements (and their mask bytes, one per 8) of
+    flat tensors; nothing for none."""
+    n = first.numel()
+    if n == 0:
+        return
+    block, programs = grid(n, first.device, _BLOCK_GPU, least=8)
+    wrap_triton(kernel)[(programs,)](first, *tensors, n, triton.cdiv(n, 8), **meta, BLOCK=block)
+
+
 def relu_forward(x: torch.Tensor, y: torch.Tensor, bits: torch.Tensor | None) -> None:
     """y = relu(x) and, unless `bits` is None, bits = packed (x > 0); y may be x."""
     _check(x, y, *([] if bits is None else [bits]))
-    n = x.numel()
-    if n == 0:
-        return
-    block, programs = grid(n, x.device, _BLOCK_GPU, least=8)
-    wrap_triton(_relu_mask_fwd_kernel)[(programs,)](
-        x, y, x if bits is None else bits, n, triton.cdiv(n, 8),
-        WRITE_MASK=bits is not None, BLOCK=block,
-    )
+    _launch(_relu_mask_fwd_kernel, x, y, x if bits is None else bits,
+            WRITE_MASK=bits is not None)
 
 
 def relu_backward(g: torch.Tensor, bits: torch.Tensor | None, out: torch.Tensor, rule: str) -> None:
     """out = the rule's R_in from the signal `g` and the packed mask; `out` may be `g`."""
     _check(g, out, *([] if bits is None else [bits]))
-    n = g.numel()
-    if n == 0:
-        return
-    block, programs = grid(n, g.device, _BLOCK_GPU, least=8)
-    wrap_triton(_relu_rule_bwd_kernel)[(programs,)](
-        g, g if bits is None else bits, out, n, triton.cdiv(n, 8),
-        RULE=RULE_CODES[rule], BLOCK=block,
-    )
+    _launch(_relu_rule_bwd_kernel, g, g if bits is None else bits, out, RULE=RULE_CODES[rule])
