@@ -255,29 +255,40 @@ def bench_screen_precisions(output: dict, env: dict) -> Lines:
     return _table(["entropy screen", *precisions], rows)
 
 
+def _screen_costs(before: dict | None, after: dict, sets: dict[str, list[str]]) -> Lines:
+    """Each set's screen (label -> [detectors, precision]) as a multiple of the forward pass,
+    per model and batch, "baseline -> frmap" where a baseline run is given."""
+    columns = _screen_columns(after)
+    runs = (before, after) if before else (after,)
+    head = ["screen (x the forward pass)", *(f"{_SCREEN_MODELS.get(m, m)}, batch {b}"
+                                             for m, b in columns)]
+    forward = ["forward pass alone, ms per image" + (" (baseline / frmap)" if before else "")]
+    for m, b in columns:
+        forward.append(" / ".join(f"{c['ms_per_image']:.3g}" for c in
+                                  (_screen_cell(x, m, b, "forward", "float32") for x in runs) if c))
+    rows = [forward]
+    for label, (detectors, precision) in sets.items():
+        row = [label]
+        for m, b in columns:
+            cells = [_screen_cell(x, m, b, detectors, precision) for x in runs]
+            row.append(" -> ".join(f"{c['forward_passes']:.2f}x" for c in cells if c) or "-")
+        rows.append(row)
+    return _table(head, rows)
+
+
+def bench_screen(output: dict, env: dict) -> Lines:
+    """`frmap bench screen --json F`: each detector set's screen (float32, and the entropy
+    detector's other precisions) as a multiple of the forward pass."""
+    sets = {(d if p == "float32" else f"{d}, {p}"): [d, p] for d, p in dict.fromkeys(
+        (r["detectors"], r["precision"]) for r in output["rows"]) if d != "forward"}
+    return _screen_costs(None, output, sets)
+
+
 def bench_screen_change(output: dict, env: dict) -> Lines:
     """Two `frmap bench screen --json F` runs, {"before": a baseline, "after": frmap}: each
     detector set's screen as a multiple of the forward pass, baseline -> frmap, and the forward
-    pass itself.
-    Option "sets": the detector sets to show (rows), in order."""
-    before, after = output["before"], output["after"]
-    columns = _screen_columns(after)
-    head = ["screen (x the forward pass)", *(f"{_SCREEN_MODELS.get(m, m)}, batch {b}"
-                                             for m, b in columns)]
-    forward = ["forward pass alone, ms per image (baseline / frmap)"]
-    for m, b in columns:
-        old, new = (_screen_cell(x, m, b, "forward", "float32") for x in (before, after))
-        forward.append(f"{old['ms_per_image']:.3g} / {new['ms_per_image']:.3g}" if old
-                       else f"{new['ms_per_image']:.3g}")
-    rows = [forward]
-    for label, (detectors, precision) in env["sets"].items():
-        row = [label]
-        for m, b in columns:
-            old, new = (_screen_cell(x, m, b, detectors, precision) for x in (before, after))
-            cell = f"{new['forward_passes']:.2f}x" if new else "-"
-            row.append(f"{old['forward_passes']:.2f}x -> {cell}" if old else cell)
-        rows.append(row)
-    return _table(head, rows)
+    pass itself. Option "sets": the rows, label -> [detectors, precision], in order."""
+    return _screen_costs(output["before"], output["after"], env["sets"])
 
 
 def bench_scale(output: dict, env: dict) -> Lines:
@@ -355,6 +366,7 @@ RENDERERS: dict[tuple[str, str], Renderer] = {
     ("bench-entropy", ""): bench_entropy,
     ("pytest-benchmark", ""): pytest_benchmark,
     ("bench-responses", ""): bench_responses,
+    ("bench-screen", ""): bench_screen,
     ("bench-screen", "precisions"): bench_screen_precisions,
     ("bench-screen-change", ""): bench_screen_change,
     ("bench-screen-change", "precisions"): lambda out, env: bench_screen_precisions(
