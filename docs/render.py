@@ -118,24 +118,26 @@ def detection(output: list[dict], env: dict) -> Lines:
 
 def comparison(output: list[dict], env: dict) -> Lines:
     """`comparison.json` of `frmap evaluate --detectors ...`: AUC / detection rate at FPR 5% per
-    detector and attack. Options: "attacks" (the columns, default all), "mean" (a last column,
-    the mean over the measured attacks shown; default true)."""
-    names = list(dict.fromkeys(r["attack"] for r in output))
-    shown = env.get("attacks", names)
+    detector and attack. Options: "detectors" and "attacks" (the rows and columns to show,
+    default all, in the file's order), "mean" (a last column, the mean over the measured attacks
+    shown; default true)."""
+    shown = env.get("attacks") or list(dict.fromkeys(r["attack"] for r in output))
     cells = {(r["detector"], r["attack"]): r for r in output}
     count = {a: next(r["n_adversarial"] for r in output if r["attack"] == a) for a in shown}
     head = ["detector", *(f"{a} ({count[a]})" for a in shown)]
     if env.get("mean", True):
         head.append("mean (measured)")
     rows = []
-    for detector in dict.fromkeys(r["detector"] for r in output):
-        mine = [cells[(detector, a)] for a in shown if (detector, a) in cells]
+    for detector in env.get("detectors") or dict.fromkeys(r["detector"] for r in output):
         row: list[object] = [detector]
-        for r in mine:
-            row.append(f"{_f(r['auc'])} / {_f(r['detection_rate']['5%'])}" if _measured(r)
-                       else f"too few ({r['n_adversarial']})")
+        for a in shown:
+            r = cells.get((detector, a))
+            row.append("" if r is None else f"too few ({r['n_adversarial']})"
+                       if not _measured(r) else
+                       f"{_f(r['auc'])} / {_f(r['detection_rate']['5%'])}")
         if env.get("mean", True):
-            measured = [r for r in mine if _measured(r)]
+            measured = [cells[(detector, a)] for a in shown
+                        if (detector, a) in cells and _measured(cells[(detector, a)])]
             row.append(f"{_f(sum(r['auc'] for r in measured) / len(measured))} / "
                        f"{_f(sum(r['detection_rate']['5%'] for r in measured) / len(measured))}")
         rows.append(row)
