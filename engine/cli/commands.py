@@ -464,7 +464,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if importlib.util.find_spec(f"frmap.bench.{name}") is None:
         raise ValueError(f"`frmap bench {args.target}` has no --device {args.device} rows")
     bench = importlib.import_module(f"frmap.bench.{name}")
-    result = bench.run(quick=args.quick)
+    if args.model is not None and name != "responses":
+        raise ValueError(f"`frmap bench {name.replace('_', ' --device ')}` has no --model "
+                         "option")
+    options = {} if args.model is None else {"model": args.model}
+    result = bench.run(quick=args.quick, **options)
     print(bench.table(result))
     if args.json:
         write_json(args.json, result)

@@ -13,6 +13,7 @@ import sys
 
 from frmap.engine.cli.options import (
     ATTACKS,
+    BENCH_MODELS,
     BENCHMARKS,
     DEFAULT_OUT,
     DEMO_ATTACKED,
@@ -210,6 +211,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("target", choices=BENCHMARKS)
     p.add_argument("--json", metavar="FILE", help="also write the results as JSON here")
     p.add_argument("--quick", action="store_true", help="small sizes, few repeats")
+    p.add_argument("--model", choices=BENCH_MODELS,
+                   help="responses: the network (default vgg19)")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
                    help="cuda: the GPU rows (entropy, responses); without a GPU they are "
                         "skipped, saying why")

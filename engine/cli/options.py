@@ -27,6 +27,8 @@ STUDY = ("square3", "square5", "disk2", "disk3", "disk5")
 MAX_PIXELS = 40_000_000
 # the modules of frmap.bench that `frmap bench` runs
 BENCHMARKS = ("entropy", "responses", "attacks", "detectors", "screen", "serve", "scale")
+# frmap.bench.responses.MODELS: the networks `frmap bench responses --model` times
+BENCH_MODELS = ("vgg19", "resnet18", "resnet50")
 DEFAULT_OUT = Path("frmap-out")
 DEMO_ATTACKED = 200  # test digits attacked by `frmap demo`: keeps the whole study under 10 min
 

@@ -13,6 +13,7 @@ import torchvision
 from test_responses import assert_rel_close, images, randomize_batch_norm
 from torch import nn
 
+from frmap.bench.responses import METHODS, accuracy, runner
 from frmap.engine import ResponseEngine
 from frmap.engine.responses import reverse_walk
 from frmap.kernels import RULES
@@ -263,3 +264,12 @@ def test_refused_ops_take_the_autograd_path_and_say_why(model, reason):
     with pytest.raises(ValueError, match=f"precision='bf16' needs the reverse walk, but .*"
                                          f"{reason}"):
         ResponseEngine(model, preprocess=None, precision="bf16")
+
+
+def test_the_resnet_benchmark_computes_one_response_four_ways(resnets):
+    """`frmap bench responses --model resnet50` compares the walk, bf16, autograd and Captum:
+    each as accurate as the benchmark demands against Captum in float64 (it raises if not)."""
+    model = resnets["resnet18"]
+    x = images((2, 3, 32, 32), 23)
+    errors = accuracy(model, x, {m: runner(model, m, len(x))(x) for m in METHODS})
+    assert errors["reverse_walk"]["l2_rel"] < 1e-5
