@@ -101,6 +101,7 @@ def docs_folder(tmp_path_factory):
     return tmp_path_factory.mktemp("docs"), set()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("page", PAGES, ids=_name)
 def test_code_blocks_run(page, docs_folder):
     folder, done = docs_folder
