@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import types
 from collections.abc import Callable
 
@@ -203,3 +206,29 @@ class NamespacedArray(DLPackArray):
     def __array_namespace__(self, api_version=None):
         return types.SimpleNamespace(
             from_dlpack=lambda x: NamespacedArray(self.importer(x), self.importer))
+
+
+def frmap(*args: str, stdin: str | None = None, env: dict[str, str] | None = None,
+              timeout: float | None = None) -> subprocess.CompletedProcess:
+    """`python -m frmap.engine.cli ARGS` in a fresh process, its output captured as text; `env`
+    adds to this process's environment."""
+    return subprocess.run([sys.executable, "-m", "frmap.engine.cli", *args], capture_output=True,
+                          text=True, input=stdin, timeout=timeout,
+                          env={**os.environ, **(env or {})})
+
+
+def digits_split(name: str):
+    """(images, labels) of the embedded digits split `name`."""
+    from frmap.engine.models.digits import load_digits_split
+
+    split = load_digits_split(name)
+    return split.images, split.labels
+
+
+def layer_features(layers: dict[str, np.ndarray], predicted: np.ndarray, classes: int):
+    """`Features` of the given layers whose logits predict `predicted` (5 for that class, else
+    0)."""
+    from frmap.engine.detectors.features import Features
+
+    logits = np.eye(classes, dtype=np.float32)[predicted] * 5
+    return Features({k: v.astype(np.float32) for k, v in layers.items()}, logits)

@@ -20,6 +20,7 @@ def python(code: str) -> subprocess.CompletedProcess:
                           timeout=120)
 
 
+@pytest.mark.slow
 @pytest.mark.needs_extension
 def test_numpy_path_imports_neither_torch_nor_triton():
     result = python(
@@ -37,6 +38,7 @@ def test_numpy_path_imports_neither_torch_nor_triton():
     assert result.stdout.strip() == "[]"
 
 
+@pytest.mark.slow
 def test_torch_names_without_torch_name_the_extra():
     result = python(
         "import sys\n"
@@ -49,6 +51,7 @@ def test_torch_names_without_torch_name_the_extra():
     assert "pip install 'frmap[engine]'" in result.stderr
 
 
+@pytest.mark.slow
 def test_reference_backend_without_scikit_image_names_the_extra():
     result = python(
         "import sys\n"
@@ -63,6 +66,7 @@ def test_reference_backend_without_scikit_image_names_the_extra():
     assert "pip install 'frmap[engine]'" in result.stderr
 
 
+@pytest.mark.slow
 def test_command_without_the_engine_extra_says_what_to_install():
     result = python(
         "import sys\n"
@@ -76,6 +80,7 @@ def test_command_without_the_engine_extra_says_what_to_install():
                         result.stderr), result.stderr
 
 
+@pytest.mark.slow
 def test_installed_command_in_the_core_install():
     """The `frmap` script itself, where the engine extra is not installed (the core CI run)."""
     if importlib.util.find_spec("torch") is not None:

@@ -15,12 +15,16 @@ from frmap.engine.models.digits import load_digits_model, load_digits_split
 from frmap.engine.models.runtime import torch_settings
 
 
-@pytest.fixture
-def one_thread():
-    """One torch thread inside the test: tiny models run fastest, and least disturbed by other
-    processes, on one thread; the caller's count is restored afterwards."""
+def _one_thread():
+    """One torch thread: tiny models run fastest, and least disturbed by other processes, on one
+    thread; the caller's count is restored afterwards."""
     with torch_settings(1):
         yield
+
+
+# inside one test; and from its first use to the end of a module (its module fixtures included)
+one_thread = pytest.fixture(_one_thread, name="one_thread")
+module_one_thread = pytest.fixture(_one_thread, scope="module", name="module_one_thread")
 
 
 @dataclass(frozen=True)

@@ -33,9 +33,8 @@ from helpers import screen_pass
 
 
 @pytest.fixture(scope="module")
-def fitted(digits_examples):
+def fitted(digits_examples, module_one_thread):
     """Detectors fitted on 300 digits; the "adversarial" examples are noisy digits."""
-    torch.set_num_threads(1)
     model, layers = digits_examples.model, digits_examples.layers
     features, labels = digits_examples.features, digits_examples.labels
     examples = digits_examples.examples

@@ -19,12 +19,7 @@ from frmap.engine.cli import build_parser, main
 from frmap.engine.data import load_digits_split
 from frmap.engine.detectors import load_detector
 
-
-def frmap(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "frmap.engine.cli", *args], capture_output=True, text=True,
-        input=stdin,
-    )
+from helpers import frmap
 
 
 @pytest.fixture(scope="module")
@@ -40,6 +35,7 @@ def digit_files(tmp_path_factory) -> Path:
     return folder
 
 
+@pytest.mark.slow
 def test_help_lists_the_commands(capsys):
     result = frmap("--help")
     assert result.returncode == 0
@@ -52,12 +48,14 @@ def test_help_lists_the_commands(capsys):
         assert "usage: frmap " + command in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_unknown_command_fails():
     result = frmap("no-such-command")
     assert result.returncode != 0
     assert "invalid choice" in result.stderr
 
 
+@pytest.mark.slow
 def test_score_reports_and_skips_bad_files(digit_files):
     result = frmap("score", str(digit_files))
     assert result.returncode == 1
@@ -69,6 +67,7 @@ def test_score_reports_and_skips_bad_files(digit_files):
     assert "colour.png: colour image" in result.stderr
 
 
+@pytest.mark.slow
 def test_score_paths_on_stdin_match_arguments(digit_files):
     files = sorted(str(p) for p in digit_files.glob("d*.png"))
     by_args = frmap("score", *files)
@@ -77,6 +76,7 @@ def test_score_paths_on_stdin_match_arguments(digit_files):
     assert by_args.stdout == by_stdin.stdout
 
 
+@pytest.mark.slow
 def test_calibrate_then_score_with_screener(digit_files, tmp_path):
     out = tmp_path / "s.frmap"
     result = frmap("calibrate", "--fpr", "0.1", "--footprint", "disk2", "--detectors",
@@ -93,6 +93,7 @@ def test_calibrate_then_score_with_screener(digit_files, tmp_path):
         assert line["flagged"] == any(line["scores"][k] > t for k, t in thresholds.items())
 
 
+@pytest.mark.slow
 def test_an_entropy_detector_file_still_screens(digit_files, tmp_path):
     from frmap.engine.data import parse_footprint
     from frmap.engine.detectors import EntropyDetector
@@ -112,6 +113,7 @@ def test_an_entropy_detector_file_still_screens(digit_files, tmp_path):
         assert line["flagged"] == (line["scores"]["entropy"] > threshold)
 
 
+@pytest.mark.slow
 def test_detector_from_another_model_is_refused(digit_files, tmp_path):
     det = tmp_path / "det.npz"
     assert frmap("calibrate", "--out", str(det)).returncode == 0
@@ -135,6 +137,7 @@ def test_detector_from_another_model_is_refused(digit_files, tmp_path):
         assert result.returncode == 1 and match in result.stderr
 
 
+@pytest.mark.slow
 def test_bad_arguments_fail_clearly(tmp_path):
     assert "no such file or folder" in frmap("score", str(tmp_path / "nope")).stderr
     (tmp_path / "empty").mkdir()
@@ -151,6 +154,7 @@ def test_a_user_error_is_one_clean_line(tmp_path, capsys):
     assert "Traceback" not in err and len(err.splitlines()) == 1
 
 
+@pytest.mark.slow
 def test_a_bug_keeps_its_traceback():
     """An internal TypeError is a bug: not printed as bad input, but raised with its traceback."""
     code = ("import sys\n"
@@ -165,6 +169,7 @@ def test_a_bug_keeps_its_traceback():
     assert "Traceback" in result.stderr and "TypeError: an internal bug" in result.stderr
 
 
+@pytest.mark.slow
 def test_attack_is_resumable_and_visualize_draws(tmp_path, digit_files):
     out = tmp_path / "fgsm"
     first = frmap("attack", "--attack", "fgsm", "--limit", "12", "--out", str(out))
@@ -182,6 +187,7 @@ def test_attack_is_resumable_and_visualize_draws(tmp_path, digit_files):
     assert result.returncode == 0, result.stderr
 
 
+@pytest.mark.slow
 def test_a_bf16_screener_scores_in_bf16(tmp_path, digit_files):
     """`calibrate --precision bf16` records the precision; `score --screener` computes in it, and
     refuses a --precision that would void the threshold."""
@@ -220,6 +226,7 @@ def test_a_bf16_screener_scores_in_bf16(tmp_path, digit_files):
         "--footprint" in result.stderr
 
 
+@pytest.mark.slow
 def test_precision_auto_records_what_the_cpu_runs(tmp_path):
     """`calibrate --precision auto` writes the precision it resolved to, never "auto"."""
     from frmap.engine.models import load_digits_model
@@ -234,6 +241,7 @@ def test_precision_auto_records_what_the_cpu_runs(tmp_path):
     assert detector.precision == expected
 
 
+@pytest.mark.slow
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_score_on_cuda_gives_the_cpus_scores(tmp_path, digit_files):
@@ -251,6 +259,7 @@ def test_score_on_cuda_gives_the_cpus_scores(tmp_path, digit_files):
                                    [r["scores"][name] for r in cpu], rtol=0, atol=atol)
 
 
+@pytest.mark.slow
 @pytest.mark.needs_extension
 def test_bench_entropy_quick_writes_json(tmp_path):
     out = tmp_path / "sub" / "bench.json"
@@ -263,6 +272,7 @@ def test_bench_entropy_quick_writes_json(tmp_path):
     assert not list(out.parent.glob(".*.tmp")), "temporary file left behind"
 
 
+@pytest.mark.slow
 def test_bench_entropy_cuda_rows_or_why_not(tmp_path):
     """On a GPU host the Triton rows with their operation-count estimates; elsewhere the
     command says that the CUDA rows are skipped, and why. Other targets have no CUDA rows."""
@@ -283,6 +293,7 @@ def test_bench_entropy_cuda_rows_or_why_not(tmp_path):
         result.stderr
 
 
+@pytest.mark.slow
 def test_bench_responses_cuda_rows_or_why_not(tmp_path):
     """On a GPU host every method's rows and the screening throughput; elsewhere the command
     says that the CUDA rows are skipped, and why, and exits 0."""
@@ -300,6 +311,7 @@ def test_bench_responses_cuda_rows_or_why_not(tmp_path):
         assert data["rows"] == [] and data["screening"] == []
 
 
+@pytest.mark.slow
 def test_bench_responses_and_detectors_quick(tmp_path):
     """The smoke runs: every method measured and checked against float64 Captum."""
     out = tmp_path / "responses.json"
@@ -318,6 +330,7 @@ def test_bench_responses_and_detectors_quick(tmp_path):
     assert "images/s" in result.stdout
 
 
+@pytest.mark.slow
 def test_imagenet_path_end_to_end_with_random_weights(tmp_path):
     """Mechanics, not accuracy: VGG11 with random weights on foolbox's ImageNet samples."""
     samples = sorted((Path(foolbox.__file__).parent / "data").glob("imagenet_0[0-3]_*.jpg"))
@@ -336,6 +349,7 @@ def test_imagenet_path_end_to_end_with_random_weights(tmp_path):
     assert (out / "roc.png").exists() and (out / "detector.npz").exists()
 
 
+@pytest.mark.slow
 def test_demo_quick_end_to_end(tmp_path):
     out = tmp_path / "demo"
     result = frmap("demo", "--quick", "--out", str(out))
@@ -348,6 +362,7 @@ def test_demo_quick_end_to_end(tmp_path):
     assert not list(out.rglob(".*.tmp")), "temporary file left behind"
 
 
+@pytest.mark.slow
 def test_bench_screen_quick(tmp_path):
     """The smoke run: every set in every offered precision, as multiples of the forward pass."""
     from frmap.engine.responses import PRECISIONS
@@ -366,6 +381,7 @@ def test_bench_screen_quick(tmp_path):
     assert "x forward" in result.stdout and data["machine"]["cpu"]
 
 
+@pytest.mark.slow
 def test_help_answers_without_the_engine():
     """`frmap --help` and every `frmap CMD --help` build the parser without importing torch or
     the engine's heavy modules; the names the parser offers are the engine's own."""
@@ -397,3 +413,6 @@ def test_help_answers_without_the_engine():
     assert options.MODELS == tuple(MODELS) and options.STUDY == STUDY
     assert options.MAX_PIXELS == MAX_PIXELS
     assert all(importlib.util.find_spec(f"frmap.bench.{name}") for name in options.BENCHMARKS)
+    from frmap.bench.responses import MODELS as BENCH_MODELS
+
+    assert options.BENCH_MODELS == BENCH_MODELS

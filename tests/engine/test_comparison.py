@@ -3,15 +3,11 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from dataclasses import replace
 from itertools import product
 
 import numpy as np
 import pytest
-import torch
 
 import frmap.engine.evaluation.comparison.run as comparison_run
 from frmap.engine.detectors.distance_evolution import DistanceEvolutionDetector, EvolutionConfig
@@ -32,19 +28,18 @@ from frmap.engine.evaluation.comparison.rows import best_layers
 from frmap.engine.evaluation.costs import cheapest_within, detector_sets, set_cost
 from frmap.engine.evaluation.metrics import MIN_ADVERSARIALS, TOO_FEW, AttackEvaluation
 from frmap.engine.evaluation.metrics import table as metrics_table
-from frmap.engine.models.digits import load_digits_model, load_digits_split
+from frmap.engine.models.digits import load_digits_model
+from frmap.engine.models.runtime import torch_settings
 from frmap.engine.screening import Screener
+
+from helpers import digits_split, frmap
 
 ATTACKS = ("fgsm", "deepfool")
 ADAPTIVE = ("pgd-fixed", *(f"adaptive-{d}" for d in ("entropy", "knn", "mahalanobis", "lid",
                                                      "squeeze", "all")))
 EVALUATED = (*ATTACKS, *ADAPTIVE)
 NETWORKS = ("distance-lstm", "distance-mlp")
-
-
-def _split(name: str) -> tuple[torch.Tensor, torch.Tensor]:
-    s = load_digits_split(name)
-    return s.images, s.labels
+ONE_THREAD = {"OMP_NUM_THREADS": "1"}
 
 
 @pytest.fixture(scope="module")
@@ -93,23 +88,18 @@ def run(tmp_path_factory):
         return best(subject, detectors, combiners, aucs, scores, *args)
 
     out = tmp_path_factory.mktemp("comparison")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        with pytest.MonkeyPatch.context() as mp:
-            mp.setattr(KNNDetector, "fit", classmethod(record_knn))
-            mp.setattr(DistanceEvolutionDetector, "fit", classmethod(record_network))
-            mp.setattr(MahalanobisDetector, "fit", classmethod(record_mahalanobis))
-            mp.setattr(LIDDetector, "fit", classmethod(record_lid))
-            mp.setattr(comparison_run, "combiner_inputs", record_combiner)
-            mp.setattr(comparison_run, "best_screener", record_best)
-            report = compare_detectors(
-                model, train=_split("train"), calibration=_split("calibration"),
-                test=_split("test"), out_dir=out, config=config, progress=False,
-                screener_path=out / "screener.frmap",
-            )
-    finally:
-        torch.set_num_threads(threads)
+    with torch_settings(1), pytest.MonkeyPatch.context() as mp:
+        mp.setattr(KNNDetector, "fit", classmethod(record_knn))
+        mp.setattr(DistanceEvolutionDetector, "fit", classmethod(record_network))
+        mp.setattr(MahalanobisDetector, "fit", classmethod(record_mahalanobis))
+        mp.setattr(LIDDetector, "fit", classmethod(record_lid))
+        mp.setattr(comparison_run, "combiner_inputs", record_combiner)
+        mp.setattr(comparison_run, "best_screener", record_best)
+        report = compare_detectors(
+            model, train=digits_split("train"), calibration=digits_split("calibration"),
+            test=digits_split("test"), out_dir=out, config=config, progress=False,
+            screener_path=out / "screener.frmap",
+        )
     return report, out, calls, layers
 
 
@@ -155,10 +145,10 @@ def test_no_image_on_both_sides(run):
     for n_clean, examples in calls["layered"]:
         assert n_clean in (None, len(fit)) and set(examples.image) <= fit
     # The train images used share no image with the calibration and test images evaluated.
-    train_images = _split("train")[0]
+    train_images = digits_split("train")[0]
     used = {train_images[i].numpy().tobytes() for i in fit | validation | combiner}
     for name in ("calibration", "test"):
-        images = _split(name)[0]
+        images = digits_split(name)[0]
         assert not used & {images[i].numpy().tobytes() for i in report.images[name]}
 
 
@@ -171,7 +161,7 @@ def test_a_saved_screener_scores_as_the_comparison(run, tmp_path):
     model = load_digits_model()
     screener = Screener(model, detectors, combiner=combiner)
     loaded = Screener.load(screener.save(tmp_path / "all.frmap"), model)
-    test = _split("test")[0][report.images["test"]]
+    test = digits_split("test")[0][report.images["test"]]
     _, got = loaded.scores(test)
     for name in DETECTORS:
         np.testing.assert_allclose(got[name], scores[name]["clean"], rtol=1e-5, atol=1e-5,
@@ -231,15 +221,10 @@ def test_config_rejects_bad_values(kwargs):
         ComparisonConfig(**kwargs)
 
 
-def _frmap(*args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, "-m", "frmap.engine.cli", *args],
-                          capture_output=True, text=True, env=env)
-
-
+@pytest.mark.slow
 def test_cli_evaluate_compares_detectors(tmp_path):
-    result = _frmap("evaluate", "--detectors", "entropy,knn,squeeze", "--attacks", "fgsm",
-                    "--limit", "20", "--out", str(tmp_path))
+    result = frmap("evaluate", "--detectors", "entropy,knn,squeeze", "--attacks", "fgsm",
+                   "--limit", "20", "--out", str(tmp_path), env=ONE_THREAD)
     assert result.returncode == 0, result.stderr
     table = result.stdout.split("Detector comparison")[1].splitlines()
     assert table[1].split() == ["detector", "fgsm", "mean", "cost"]
@@ -252,8 +237,10 @@ def test_cli_evaluate_compares_detectors(tmp_path):
     assert np.isfinite([r["auc"] for r in rows]).all()
 
 
+@pytest.mark.slow
 def test_cli_rejects_unknown_detector(tmp_path):
-    result = _frmap("evaluate", "--detectors", "entropy,nope", "--out", str(tmp_path))
+    result = frmap("evaluate", "--detectors", "entropy,nope", "--out", str(tmp_path),
+                   env=ONE_THREAD)
     assert result.returncode == 1
     assert "unknown detectors ['nope']" in result.stderr
     assert not any(tmp_path.iterdir())
@@ -300,8 +287,9 @@ def test_table_cost_column():
     assert lines[2].split()[-1] == "1.25x" and lines[3].split()[-1] == "-"
 
 
+@pytest.mark.slow
 def test_cli_max_cost_needs_a_screener(tmp_path):
-    result = _frmap("evaluate", "--detectors", "entropy,knn", "--max-cost", "2",
-                    "--out", str(tmp_path))
+    result = frmap("evaluate", "--detectors", "entropy,knn", "--max-cost", "2",
+                   "--out", str(tmp_path), env=ONE_THREAD)
     assert result.returncode == 1
     assert "--max-cost chooses the saved screener's detectors" in result.stderr

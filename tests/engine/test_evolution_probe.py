@@ -7,7 +7,6 @@ from dataclasses import asdict, fields, replace
 
 import numpy as np
 import pytest
-import torch
 from sklearn.metrics import roc_auc_score
 
 import frmap.engine.evaluation.evolution_probe as probe
@@ -16,7 +15,9 @@ from frmap.engine.evaluation.comparison import ComparisonConfig
 from frmap.engine.evaluation.comparison.data import prepare
 from frmap.engine.evaluation.evolution_probe import DEFAULT, evolution_variants, probe_evolution
 from frmap.engine.evaluation.subject import Subject
-from frmap.engine.models.digits import load_digits_model, load_digits_split
+from frmap.engine.models.digits import load_digits_model
+
+from helpers import digits_split
 
 LAYERS = ("a", "b", "c")
 
@@ -37,13 +38,8 @@ def test_each_variant_changes_one_setting():
     assert variants["only b"].layers == ("b",)
 
 
-def _split(name: str) -> tuple[torch.Tensor, torch.Tensor]:
-    s = load_digits_split(name)
-    return s.images, s.labels
-
-
-def test_probe_trains_every_variant_and_seed_and_reports_their_aucs(tmp_path, monkeypatch):
-    torch.set_num_threads(1)
+def test_probe_trains_every_variant_and_seed_and_reports_their_aucs(tmp_path, monkeypatch,
+                                                                     module_one_thread):
     model = load_digits_model()
     layers = default_layers(model)
     knn = KNNConfig(layers[-1], components=16, k=10)
@@ -60,7 +56,7 @@ def test_probe_trains_every_variant_and_seed_and_reports_their_aucs(tmp_path, mo
 
     trained_scores: list[dict[str, np.ndarray]] = []
     monkeypatch.setattr(probe, "train_network", record)
-    splits = {k: _split(k) for k in ("train", "calibration", "test")}
+    splits = {k: digits_split(k) for k in ("train", "calibration", "test")}
     rows = probe_evolution(model, **splits, out_dir=tmp_path, config=config, seeds=(0, 1),
                            networks=("mlp",))
 
@@ -92,6 +88,6 @@ def test_probe_trains_every_variant_and_seed_and_reports_their_aucs(tmp_path, mo
 
 def test_probe_needs_a_seed(tmp_path):
     with pytest.raises(ValueError, match="seed"):
-        probe_evolution(load_digits_model(), train=_split("train"),
-                        calibration=_split("calibration"), test=_split("test"),
+        probe_evolution(load_digits_model(), train=digits_split("train"),
+                        calibration=digits_split("calibration"), test=digits_split("test"),
                         out_dir=tmp_path, seeds=())

@@ -11,10 +11,11 @@ from frmap.engine.detectors.features import Features
 from frmap.engine.detectors.knn import WEIGHTS, KNNConfig, KNNDetector
 from frmap.engine.detectors.screen_pass import ScreenPass
 
+from helpers import layer_features
+
 
 def _features(x: np.ndarray, predicted: np.ndarray, classes: int = 2) -> Features:
-    logits = np.eye(classes, dtype=np.float32)[predicted] * 5
-    return Features({"f": x.astype(np.float32)}, logits)
+    return layer_features({"f": x}, predicted, classes)
 
 
 def _gaussians(rng: np.random.Generator, n: int, dim: int = 8) -> tuple[np.ndarray, np.ndarray]:

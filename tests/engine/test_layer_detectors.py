@@ -11,7 +11,7 @@ from sklearn.neighbors import NearestNeighbors
 
 from frmap.engine.detectors import load_detector
 from frmap.engine.detectors.examples import CLEAN, Examples
-from frmap.engine.detectors.features import Features, collect_features, default_layers
+from frmap.engine.detectors.features import collect_features, default_layers
 from frmap.engine.detectors.lid import LIDConfig, LIDDetector, lid_mle
 from frmap.engine.detectors.mahalanobis import (
     MahalanobisConfig,
@@ -25,12 +25,9 @@ from frmap.engine.models.digits import load_digits_model, load_digits_split
 from frmap.engine.models.runtime import model_identity
 from frmap.engine.screening import Screener
 
+from helpers import layer_features
+
 LAYERS = ("a", "b")
-
-
-def _features(layers: dict[str, np.ndarray], predicted: np.ndarray, classes: int = 3) -> Features:
-    logits = np.eye(classes, dtype=np.float32)[predicted] * 5
-    return Features({k: v.astype(np.float32) for k, v in layers.items()}, logits)
 
 
 def _problem(rng: np.random.Generator, n: int, classes: int = 3, dim: int = 6):
@@ -41,9 +38,9 @@ def _problem(rng: np.random.Generator, n: int, classes: int = 3, dim: int = 6):
     clean = {k: centres[labels] + rng.normal(size=(n, dim)) for k in LAYERS}
     adv = {k: v + rng.normal(scale=4, size=(n, dim)) for k, v in clean.items()}
     examples = Examples.concat([
-        Examples.of(_features(clean, labels, classes), CLEAN, np.arange(n)),
-        Examples.of(_features(adv, labels, classes), "attack", np.arange(n))])
-    return _features(clean, labels, classes), labels, examples
+        Examples.of(layer_features(clean, labels, classes), CLEAN, np.arange(n)),
+        Examples.of(layer_features(adv, labels, classes), "attack", np.arange(n))])
+    return layer_features(clean, labels, classes), labels, examples
 
 
 def test_distance_equals_scipy_on_a_hand_made_covariance():

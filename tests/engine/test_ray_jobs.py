@@ -16,6 +16,7 @@ import pytest
 import torch
 
 pytest.importorskip("ray")
+pytestmark = pytest.mark.slow  # Ray and subprocesses
 
 import ray  # noqa: E402
 

@@ -15,6 +15,7 @@ import pytest
 from PIL import Image
 
 pytest.importorskip("ray")
+pytestmark = pytest.mark.slow  # Ray and subprocesses
 
 from frmap.engine.data import load_digits_split  # noqa: E402
 

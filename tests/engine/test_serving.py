@@ -310,6 +310,7 @@ def _frmap(*args: str, **popen) -> subprocess.Popen:
                             env={**os.environ, "RAY_ADDRESS": ""}, **popen)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc/net/tcp").exists(), reason="needs Linux /proc")
 def test_frmap_serve_listens_on_loopback_only_and_stops_on_sigterm(screener_file, pngs):
     port = _free_port()
@@ -334,6 +335,7 @@ def test_frmap_serve_listens_on_loopback_only_and_stops_on_sigterm(screener_file
     assert "frmap serve: stopped" in out and "Traceback" not in err
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("host", ["0.0.0.0", "192.0.2.1", "::"])
 def test_frmap_serve_refuses_another_address_without_a_token(host, tmp_path):
     proc = _frmap("serve", "--screener", str(tmp_path / "never-read.frmap"), "--host", host)
@@ -367,6 +369,7 @@ def on_ray(screener_file):
         ray.shutdown()
 
 
+@pytest.mark.slow
 def test_on_ray_results_equal_the_library_and_the_token_holds(on_ray, pngs, expected):
     with ThreadPoolExecutor(8) as pool:
         replies = list(pool.map(lambda b: _post(on_ray, b, **AUTH), pngs[:8]))
@@ -376,6 +379,7 @@ def test_on_ray_results_equal_the_library_and_the_token_holds(on_ray, pngs, expe
     assert _post(on_ray, pngs[0]).status_code == 401
 
 
+@pytest.mark.slow
 def test_on_ray_a_killed_replica_fails_no_request_silently(on_ray, pngs):
     """Load from 6 clients for at most 20 s; the replica is killed after 2 s: every request
     gets its result or an error status (none hangs), and results come again within 30 s."""

@@ -85,8 +85,7 @@ def test_smooth_response_gradient_matches_finite_differences():
 
 
 @pytest.fixture(scope="module")
-def digits():
-    torch.set_num_threads(1)
+def digits(module_one_thread):
     model = load_digits_model().eval()
     for p in model.parameters():
         p.requires_grad_(False)
