@@ -7,9 +7,11 @@ as a command in each ingress mode:
 
 - `uvicorn`: the default on one machine, one process, no Ray;
 - `ray-proxy`: Ray Serve on a local instance (`--ray`), its Python proxy in front;
+- `ray-direct`: the same with `RAY_SERVE_ENABLE_DIRECT_INGRESS=1`: the replica serves HTTP on a
+  port of its own (30000-30999), which the clients call directly (the proxy stays, unused);
 - `ray-haproxy`: the same with `RAY_SERVE_ENABLE_HA_PROXY=1` (HAProxy in front, direct ingress);
-- `ray-throughput`: the same with `RAY_SERVE_THROUGHPUT_OPTIMIZED=1` (direct ingress, gRPC
-  between deployments, user code in the replica's main loop).
+- `ray-throughput`: the same with `RAY_SERVE_THROUGHPUT_OPTIMIZED=1` (direct ingress, called
+  directly as above, gRPC between deployments, user code in the replica's main loop).
 
 Against each: latency at 1 client (p50, p99), throughput at saturation with one image per
 request (closed loop, the best of several client counts) and with 16-image multipart requests,
@@ -54,10 +56,13 @@ from frmap.engine.serving.access import listening_sockets
 MODES = {
     "uvicorn": ((), {}),
     "ray-proxy": (("--ray",), {}),
+    "ray-direct": (("--ray",), {"RAY_SERVE_ENABLE_DIRECT_INGRESS": "1"}),
     "ray-haproxy": (("--ray",), {"RAY_SERVE_ENABLE_HA_PROXY": "1"}),
     "ray-throughput": (("--ray",), {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}),
 }
 PER_REQUEST = 16  # images per multipart request
+DIRECT = ("ray-direct", "ray-throughput")  # modes whose clients call the replica's own port
+DIRECT_PORTS = range(30000, 31000)  # Ray Serve's default for direct-ingress HTTP ports
 
 
 @dataclass(frozen=True)
@@ -265,6 +270,9 @@ def _mode(case: Case, mode: str, screener: Path, bodies: list[bytes]) -> dict:
     try:
         asyncio.run(_wait_ready(port, proc, 300))
         sockets = listening_sockets(proc.pid)
+        if mode in DIRECT:
+            port = next((p for _, p in sockets if p in DIRECT_PORTS), port)
+            asyncio.run(_wait_ready(port, proc, 60))
         single, multi = _Load(port, bodies, 1), _Load(port, bodies, PER_REQUEST)
         asyncio.run(_closed(_Load(port, bodies, 1), 2, min(case.seconds, 3.0)))  # warm-up
         one = asyncio.run(_closed(single, 1, case.seconds))
@@ -274,7 +282,7 @@ def _mode(case: Case, mode: str, screener: Path, bodies: list[bytes]) -> dict:
         batches = asyncio.run(_closed(multi, 4, case.seconds))
         half = asyncio.run(_open(_Load(port, bodies, 1), saturation / 2, case.seconds))
         exposed = [f"{a}:{p}" for a, p in sockets if not ipaddress.ip_address(a).is_loopback]
-        return {"mode": mode, "one_client": one, "saturation": loads,
+        return {"mode": mode, "port": port, "one_client": one, "saturation": loads,
                 "saturation_images_per_s": saturation, "multipart": batches,
                 "half_load": half, "listening": len(sockets), "exposed": exposed}
     except (RuntimeError, OSError, ValueError) as err:

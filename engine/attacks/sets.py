@@ -11,17 +11,17 @@ for byte (the archives carry no time stamps).
 job in `frmap.engine.jobs`) that runs `attack_shard` on each elsewhere and gives back the
 shard files' bytes in any order; the set is the same.
 
-Safeguards: the manifest records each finished shard's SHA-256, so a truncated or corrupt shard
-is recomputed by `generate` and refused by `load_adversarial_set`; every shard records the
-attack, model and seed that made it, checked on load; `generate` holds an exclusive lock on the
-directory (`.frmap.lock`, with `filelock`) while it writes, so a second run on the same directory
-fails at once; and it only ever removes files frmap wrote itself (temporary files named
-`.frmap-*.tmp`): a non-empty directory that holds no set is refused, not cleaned.
+Safeguards (the shard store of `frmap.engine.data.shards`, shared with the score jobs): the
+manifest records each finished shard's SHA-256, so a truncated or corrupt shard is recomputed by
+`generate` and refused by `load_adversarial_set`; every shard records the attack, model and seed
+that made it, checked on load; `generate` holds an exclusive lock on the directory
+(`.frmap.lock`) while it writes, so a second run on the same directory fails at once; and it
+only ever removes files frmap wrote itself (temporary files named `.frmap-*.tmp`): a non-empty
+directory that holds no set is refused, not cleaned.
 """
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import math
@@ -32,18 +32,16 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from filelock import FileLock, Timeout
 from torch import nn
 from tqdm.auto import tqdm
 
 from frmap.engine.attacks.base import Attack, check_inputs, run_attack
 from frmap.engine.attacks.registry import make_attack
-from frmap.engine.data.files import atomic_write_bytes, is_temporary, write_json
+from frmap.engine.data.shards import ShardStore, checksums, read_manifest, sha256
 from frmap.engine.models.runtime import tensors_digest
 
 _FORMAT = "frmap.adversarial-set/1"
-_MANIFEST = "manifest.json"
-_LOCK = ".frmap.lock"
+_NOUN = "adversarial set"
 # What each shard records of the run that made it (checked against the manifest on load).
 _MADE_BY = ("attack", "model_sha256", "seed")
 _ARRAYS = (
@@ -124,42 +122,6 @@ def _npz_bytes(arrays: dict[str, np.ndarray]) -> bytes:
             with archive.open(info, "w", force_zip64=True) as f:
                 np.lib.format.write_array(f, np.asanyarray(array), allow_pickle=False)
     return buf.getvalue()
-
-
-def _sha256(path: Path) -> str | None:
-    try:
-        return hashlib.sha256(path.read_bytes()).hexdigest()
-    except OSError:
-        return None
-
-
-def _read_manifest(out: Path) -> dict | None:
-    """The manifest of the set in `out`, None where there is none.
-
-    Raises:
-        ValueError: the manifest is not a JSON object of this format.
-    """
-    path = out / _MANIFEST
-    if not path.exists():
-        return None
-    try:
-        manifest = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ValueError(f"{path}: unreadable adversarial set manifest ({err})") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != _FORMAT:
-        raise ValueError(f"{path}: not an adversarial set manifest (format {_FORMAT} expected)")
-    return manifest
-
-
-def _checksums(manifest: dict, shards: int) -> list[str | None]:
-    sums = manifest.get("shard_sha256")
-    if isinstance(sums, list) and len(sums) == shards:
-        return [s if isinstance(s, str) else None for s in sums]
-    return [None] * shards
-
-
-def _shard_path(out_dir: Path, shard: int) -> Path:
-    return out_dir / f"shard-{shard:05d}.npz"
 
 
 def _shard_seed(seed: int, shard: int) -> int:
@@ -270,73 +232,29 @@ def generate(
     check_inputs(model, images, labels)
     if shard_size < 1:
         raise ValueError(f"shard_size must be >= 1, got {shard_size}")
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     identity = _identity(attack, model, images, labels, shard_size, seed)
-    if not (out / _MANIFEST).exists():
-        _refuse_foreign(out)  # before the lock file is made in it
-    try:
-        with FileLock(out / _LOCK, timeout=0):
-            _generate_locked(attack, model, images, labels, out, identity, progress, executor)
-    except Timeout:
-        raise ValueError(f"{out}: another frmap run is writing this set (it holds {_LOCK}); "
-                         "wait for it to finish or use another directory") from None
-    return load_adversarial_set(out)
+    store = _store(Path(out_dir), identity)
+    with store.writing() as finished:
+        made_by = _made_by(identity)
+        todo = [AttackShard(k, k * shard_size, images[k * shard_size:(k + 1) * shard_size],
+                            labels[k * shard_size:(k + 1) * shard_size],
+                            _shard_seed(seed, k), made_by)
+                for k in range(store.shards) if not finished[k]]
+        if executor is None:
+            done = ((s.number, attack_shard(attack, model, s, progress)) for s in todo)
+        else:
+            done = executor(attack, todo)
+        with tqdm(total=store.shards, initial=sum(finished), desc=attack.name, unit="shard",
+                  disable=not progress) as bar:
+            for k, data in done:
+                store.write(k, data)
+                bar.update()
+        store.complete()
+    return load_adversarial_set(out_dir)
 
 
-def _refuse_foreign(out: Path) -> None:
-    """Raise ValueError where `out` holds files (no set) that frmap did not write."""
-    foreign = sorted(p.name for p in out.iterdir() if not (is_temporary(p) or p.name == _LOCK))
-    if foreign:
-        shown = ", ".join(foreign[:5]) + (", ..." if len(foreign) > 5 else "")
-        raise ValueError(f"{out} is not empty and holds no adversarial set (no {_MANIFEST}; "
-                         f"it holds {shown}); use an empty or new directory")
-
-
-def _generate_locked(attack: Attack, model: nn.Module, images: torch.Tensor,
-                     labels: torch.Tensor, out: Path, identity: dict, progress: bool,
-                     executor: ShardExecutor | None) -> None:
-    shards, shard_size = identity["shards"], identity["shard_size"]
-    previous = _read_manifest(out)
-    if previous is not None:
-        changed = sorted(k for k in identity if previous.get(k) != identity[k])
-        if changed:
-            raise ValueError(
-                f"{out} holds another adversarial set (differs in {', '.join(changed)}); "
-                "use an empty directory"
-            )
-        checksums = _checksums(previous, shards)
-    else:
-        _refuse_foreign(out)
-        checksums = [None] * shards
-    for stray in out.iterdir():
-        if is_temporary(stray):
-            stray.unlink()
-    manifest_path = out / _MANIFEST
-    checksums = [c if c is not None and _sha256(_shard_path(out, k)) == c else None
-                 for k, c in enumerate(checksums)]
-    valid = [c is not None for c in checksums]
-    write_json(manifest_path, {**identity, "complete": False, "shard_sha256": checksums})
-    made_by = _made_by(identity)
-    todo = [AttackShard(k, k * shard_size, images[k * shard_size:(k + 1) * shard_size],
-                        labels[k * shard_size:(k + 1) * shard_size],
-                        _shard_seed(identity["seed"], k), made_by)
-            for k in range(shards) if not valid[k]]
-    if executor is None:
-        done = ((s.number, attack_shard(attack, model, s, progress)) for s in todo)
-    else:
-        done = executor(attack, todo)
-    with tqdm(total=shards, initial=sum(valid), desc=attack.name, unit="shard",
-              disable=not progress) as bar:
-        for k, data in done:
-            atomic_write_bytes(_shard_path(out, k), data)
-            checksums[k] = hashlib.sha256(data).hexdigest()
-            write_json(manifest_path, {**identity, "complete": False, "shard_sha256": checksums})
-            bar.update()
-    missing = [k for k, c in enumerate(checksums) if c is None]
-    if missing:
-        raise RuntimeError(f"{out}: shards {missing} were not attacked; run generate again")
-    write_json(manifest_path, {**identity, "complete": True, "shard_sha256": checksums})
+def _store(out: Path, identity: dict) -> ShardStore:
+    return ShardStore(out, identity, suffix=".npz", noun=_NOUN, short="set")
 
 
 def load_adversarial_set(out_dir: str | Path) -> AdversarialSet:
@@ -348,21 +266,22 @@ def load_adversarial_set(out_dir: str | Path) -> AdversarialSet:
             missing, corrupt, malformed or made by another attack, model or seed.
     """
     out = Path(out_dir)
-    manifest = _read_manifest(out)
+    manifest = read_manifest(out, _FORMAT, _NOUN)
     if manifest is None:
-        raise FileNotFoundError(f"no adversarial set in {out} ({_MANIFEST} missing)")
+        raise FileNotFoundError(f"no adversarial set in {out} (manifest.json missing)")
     if manifest.get("complete") is not True:
         raise ValueError(f"{out}: the set is incomplete; run generate again to finish it")
     shards = manifest.get("shards")
     if not isinstance(shards, int) or isinstance(shards, bool) or shards < 0:
-        raise ValueError(f"{out / _MANIFEST}: field 'shards' must be a count, got {shards!r}")
-    checksums = _checksums(manifest, shards)
+        raise ValueError(f"{out / 'manifest.json'}: field 'shards' must be a count, got "
+                         f"{shards!r}")
+    sums = checksums(manifest, shards)
     made_by = {k: manifest.get(k) for k in _MADE_BY}
     parts: dict[str, list[np.ndarray]] = {name: [] for name in _ARRAYS}
     attacked = 0
     for k in range(shards):
-        path = _shard_path(out, k)
-        if checksums[k] is None or _sha256(path) != checksums[k]:
+        path = _store(out, manifest).path(k)
+        if sums[k] is None or sha256(path) != sums[k]:
             raise ValueError(f"{path}: missing, truncated or corrupt shard (its SHA-256 is not "
                              "the manifest's); run generate again to recompute it")
         try:

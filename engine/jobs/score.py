@@ -4,8 +4,9 @@ The inputs are cut into groups of `batch_size` files in input order, the groups 
 `shard_groups` groups. The pool's actors (each loads the model and the screener once) read,
 decode and screen a group per call, in one pass, exactly as
 `frmap score` batches the same files in one process, so the results are the same bit for bit.
-The driver writes each shard as soon as all its groups are in, atomically
-(`<out>.shards/shard-NNNNN.jsonl`); a rerun after any failure skips the finished shards, and the
+The driver writes each shard as soon as all its groups are in, atomically, into a shard store
+(`<out>.shards/shard-NNNNN.jsonl`, `frmap.engine.data.shards`, the one the adversarial sets use);
+a rerun after any failure skips the finished shards (their checksums hold), and the
 merged output, one JSON line per input in input order (bad files as `{"path", "error"}`), holds
 every input exactly once.
 """
@@ -21,13 +22,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from frmap.engine.data.files import atomic_write_bytes, write_json
+from frmap.engine.data.files import atomic_write_bytes
 from frmap.engine.data.images import ImageFileError, ImageSpec, load_image
+from frmap.engine.data.shards import ShardStore
 from frmap.engine.jobs.pool import WorkerPool, run_shards
 from frmap.engine.models.named import NamedModel
 from frmap.engine.remote import check_positive, load_screener
-
-_MANIFEST = "manifest.json"
 
 
 @dataclass(frozen=True)
@@ -97,67 +97,44 @@ def run_score_job(paths: Sequence[Path], screener: Path, out: Path, job: ScoreJo
     Args:
         paths: the image files, in order.
         screener: the screener file.
-        out: the merged output; the shards go to `<out>.shards/`.
+        out: the merged output; the shards go to `<out>.shards/` (a `ShardStore`).
         job: the workers, batching and sharding.
         spec: how the model takes image files.
         on_shard: called with (finished shards, all shards) after each shard is written.
 
     Raises:
-        ValueError: a shard folder left by a job over other inputs, screener or settings.
+        ValueError: a shard folder left by a job over other inputs, screener or settings, or
+            holding files frmap did not write; or another run writing it.
     """
     data = screener.read_bytes()
-    folder = out.with_name(out.name + ".shards")
     groups = [list(map(str, paths[i:i + job.batch_size]))
               for i in range(0, len(paths), job.batch_size)]
     per_shard = job.shard_groups
-    shards = -(-len(groups) // per_shard)
-    _claim(folder, paths, data, job)
-    reused = [k for k in range(shards) if _shard(folder, k).exists()]
-    todo = [k for k in range(shards) if k not in reused]
-    rows = [{"shard": g // per_shard, "part": g % per_shard, "paths": groups[g]}
-            for k in todo for g in range(k * per_shard, min((k + 1) * per_shard, len(groups)))]
-    finished = len(reused)
-    for k, results in run_shards(rows, job.pool, _Screening, (data, job.batch_size),
-                                 prepare=_decode_group, prepare_kwargs={"spec": spec}):
-        text = "".join(str(line) + "\n" for row in results for line in row["lines"])
-        atomic_write_bytes(_shard(folder, k), text.encode())
-        finished += 1
-        if on_shard is not None:
-            on_shard(finished, shards)
-    lines = [line for k in range(shards) for line in _shard(folder, k).read_text().splitlines()]
+    pool = job.pool
+    identity = {"format": "frmap.score-job/2", "shards": -(-len(groups) // per_shard),
+                "inputs_sha256": hashlib.sha256("\n".join(map(str, paths)).encode()).hexdigest(),
+                "screener_sha256": hashlib.sha256(data).hexdigest(),
+                "model": pool.model, "weights": pool.weights, "seed": pool.seed,
+                "batch_size": job.batch_size, "shard_groups": per_shard}
+    store = ShardStore(out.with_name(out.name + ".shards"), identity, suffix=".jsonl",
+                       noun="frmap score job", short="job")
+    with store.writing() as finished:
+        reused = [k for k in range(store.shards) if finished[k]]
+        todo = [k for k in range(store.shards) if not finished[k]]
+        done = len(reused)
+        rows = [{"shard": g // per_shard, "part": g % per_shard, "paths": groups[g]}
+                for k in todo
+                for g in range(k * per_shard, min((k + 1) * per_shard, len(groups)))]
+        for k, results in run_shards(rows, pool, _Screening, (data, job.batch_size),
+                                     prepare=_decode_group, prepare_kwargs={"spec": spec}):
+            store.write(k, "".join(str(line) + "\n" for row in results
+                                   for line in row["lines"]).encode())
+            done += 1
+            if on_shard is not None:
+                on_shard(done, store.shards)
+        store.complete()
+        lines = [line for k in range(store.shards)
+                 for line in store.read(k).decode().splitlines()]
     atomic_write_bytes(out, ("\n".join(lines) + "\n").encode() if lines else b"")
     failed = sum("error" in json.loads(line) for line in lines)
-    return ScoreReport(len(paths), failed, shards, todo, reused)
-
-
-def _shard(folder: Path, k: int) -> Path:
-    return folder / f"shard-{k:05d}.jsonl"
-
-
-def _claim(folder: Path, paths: Sequence[Path], screener: bytes, job: ScoreJob) -> None:
-    """Create the shard folder with its manifest, or check that it is this job's.
-
-    Raises:
-        ValueError: the folder holds another job's shards, or files frmap did not write.
-    """
-    pool = job.pool
-    identity = {"format": "frmap.score-job/1",
-                "inputs_sha256": hashlib.sha256("\n".join(map(str, paths)).encode()).hexdigest(),
-                "screener_sha256": hashlib.sha256(screener).hexdigest(),
-                "model": pool.model, "weights": pool.weights, "seed": pool.seed,
-                "batch_size": job.batch_size, "shard_groups": job.shard_groups}
-    manifest = folder / _MANIFEST
-    if manifest.exists():
-        try:
-            found = json.loads(manifest.read_text())
-        except (OSError, json.JSONDecodeError) as err:
-            raise ValueError(f"{manifest}: unreadable manifest ({err})") from None
-        if found != identity:
-            changed = sorted(k for k in identity if not isinstance(found, dict)
-                             or found.get(k) != identity[k])
-            raise ValueError(f"{folder} holds the shards of another job (different {changed});"
-                             " remove it or choose another --out")
-        return
-    if folder.exists() and any(folder.iterdir()):
-        raise ValueError(f"{folder} exists and is not a frmap score job's shard folder")
-    write_json(manifest, identity)
+    return ScoreReport(len(paths), failed, store.shards, todo, reused)

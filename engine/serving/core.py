@@ -8,10 +8,11 @@ Routes:
   object per part in order, each with the part's `name`. The response header `X-Batch-Sizes`
   gives the size of the model batch each image went through.
 - `GET /healthz`: 200 once the model is loaded, with the model's identity and torch's threads.
-- `GET /metrics`: the Prometheus text format: `frmap_requests_total{route,status}`,
-  `frmap_request_duration_seconds` (histogram, `POST /screen`), `frmap_batch_size` (histogram,
-  images per model pass), `frmap_queue_depth` (images waiting for a pass),
-  `frmap_rejected_requests_total{reason}`.
+- `GET /metrics`: the Prometheus text format: `frmap_requests_total{route,status}` (route
+  "other" for unknown paths), `frmap_request_duration_seconds` (histogram, `POST /screen`),
+  `frmap_batch_size` (histogram, images per model pass), `frmap_queue_depth` (images waiting
+  for a pass), `frmap_rejected_requests_total{reason}`; on Ray Serve, of the replica that
+  answers.
 
 Batching follows Triton's dynamic batcher: an image that reaches an idle service starts its
 model pass at once; the images that arrive while a pass runs wait, and the next pass takes up to
@@ -42,6 +43,7 @@ from frmap.engine.models.named import NamedModel, load_model
 from frmap.engine.remote import check_positive, load_screener
 
 IMAGE_TYPES = ("image/png", "image/jpeg")
+_ROUTES = ("/screen", "/healthz", "/metrics")
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 _SECONDS_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
                     10.0, 30.0)
@@ -271,7 +273,8 @@ class ScreeningApp:
                                     status_code=500)
         if route == "/screen":
             self.metrics.duration.observe(time.perf_counter() - start)
-        self.metrics.requests.labels(route, str(response.status_code)).inc()
+        known = route if route in _ROUTES else "other"  # a label per path would grow unbounded
+        self.metrics.requests.labels(known, str(response.status_code)).inc()
         return response
 
     def _authorize(self, request: Request) -> None:
@@ -283,7 +286,8 @@ class ScreeningApp:
                               {"WWW-Authenticate": 'Bearer realm="frmap"'})
 
     def _refused(self, err: ClientError) -> Response:
-        reason = {401: "unauthorized", 413: "too_large", 503: "overloaded",
+        reason = {401: "unauthorized", 404: "not_found", 413: "too_large",
+                  415: "unsupported_type", 503: "overloaded",
                   504: "timeout"}.get(err.status, "bad_request")
         self.metrics.rejected.labels(reason).inc()
         return JSONResponse({"error": str(err)}, status_code=err.status, headers=err.headers)

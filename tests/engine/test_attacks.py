@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-import frmap.engine.attacks.sets as adversarial_sets
+import frmap.engine.data.shards as shard_store
 from frmap.bench.attacks import check_same_index, foolbox_minimal_index, minimal_index
 from frmap.engine.attacks import (
     ATTACKS,
@@ -256,7 +256,7 @@ def test_resume_after_interruption_gives_the_same_set(tmp_path, monkeypatch):
 
     out = tmp_path / "resumed"
     written = []
-    original = adversarial_sets.atomic_write_bytes
+    original = shard_store.atomic_write_bytes
 
     def killed_after_two(path, data):
         if len(written) == 2:
@@ -264,7 +264,7 @@ def test_resume_after_interruption_gives_the_same_set(tmp_path, monkeypatch):
         written.append(path)
         original(path, data)
 
-    monkeypatch.setattr(adversarial_sets, "atomic_write_bytes", killed_after_two)
+    monkeypatch.setattr(shard_store, "atomic_write_bytes", killed_after_two)
     with pytest.raises(KeyboardInterrupt):
         generate(attack, model, x, y, out, **kwargs)
     monkeypatch.undo()

@@ -21,8 +21,8 @@ pytestmark = pytest.mark.slow  # Ray and subprocesses
 import ray  # noqa: E402
 
 from frmap.engine.attacks import PGD, generate, load_adversarial_set  # noqa: E402
-from frmap.engine.attacks import sets as adversarial_sets  # noqa: E402
 from frmap.engine.data import load_digits_split  # noqa: E402
+from frmap.engine.data import shards as shard_store  # noqa: E402
 from frmap.engine.data.footprints import parse_footprint  # noqa: E402
 from frmap.engine.evaluation.study import StudyConfig  # noqa: E402
 from frmap.engine.jobs.attack import ray_attacks  # noqa: E402
@@ -157,7 +157,7 @@ def test_killed_driver_resumes_the_unfinished_shards(ray_address, one_thread, tm
     model = load_digits_model()
     generate("fgsm", model, images, labels, tmp_path / "single", shard_size=8)
     written: list[str] = []
-    original = adversarial_sets.atomic_write_bytes
+    original = shard_store.atomic_write_bytes
 
     def killed_after_two_shards(path, data):
         if Path(path).suffix == ".npz":
@@ -166,7 +166,7 @@ def test_killed_driver_resumes_the_unfinished_shards(ray_address, one_thread, tm
             written.append(Path(path).name)
         return original(path, data)
 
-    monkeypatch.setattr(adversarial_sets, "atomic_write_bytes", killed_after_two_shards)
+    monkeypatch.setattr(shard_store, "atomic_write_bytes", killed_after_two_shards)
     with pytest.raises(KeyboardInterrupt):
         generate("fgsm", model, images, labels, tmp_path / "ray", shard_size=8,
                  executor=ray_attacks(POOL))

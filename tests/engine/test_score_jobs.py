@@ -90,5 +90,5 @@ def test_a_foreign_shard_folder_is_refused(folder, tmp_path):
     out.with_name("results.jsonl.shards").mkdir()
     (tmp_path / "results.jsonl.shards" / "notes.txt").write_text("mine")
     result = frmap(*_ray_args(folder, out))
-    assert result.returncode == 1 and "is not a frmap score job's shard folder" in result.stderr
+    assert result.returncode == 1 and "is not empty and holds no frmap score job" in result.stderr
     assert (tmp_path / "results.jsonl.shards" / "notes.txt").read_text() == "mine"

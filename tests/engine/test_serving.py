@@ -32,7 +32,11 @@ from frmap.engine.models import load_digits_model  # noqa: E402
 from frmap.engine.screening import Screener  # noqa: E402
 from frmap.engine.screening.build import clean_detectors  # noqa: E402
 from frmap.engine.serving import ScreeningApp, ServiceConfig  # noqa: E402
-from frmap.engine.serving.access import listening_sockets  # noqa: E402
+from frmap.engine.serving.access import (  # noqa: E402
+    check_exposure,
+    listening_sockets,
+    read_token,
+)
 from frmap.engine.serving.core import Batcher, ClientError, Metrics  # noqa: E402
 from frmap.engine.serving.local import local_server  # noqa: E402
 
@@ -336,12 +340,31 @@ def test_frmap_serve_listens_on_loopback_only_and_stops_on_sigterm(screener_file
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("host", ["0.0.0.0", "192.0.2.1", "::"])
-def test_frmap_serve_refuses_another_address_without_a_token(host, tmp_path):
-    proc = _frmap("serve", "--screener", str(tmp_path / "never-read.frmap"), "--host", host)
+def test_frmap_serve_refuses_another_address_without_a_token(tmp_path):
+    proc = _frmap("serve", "--screener", str(tmp_path / "never-read.frmap"), "--host", "0.0.0.0")
     out, err = proc.communicate(timeout=TIMEOUT)
     assert proc.returncode == 1 and "Traceback" not in err
-    assert f"--host {host}" in err and "--token-file" in err and "--insecure" in err, err
+    assert "--host 0.0.0.0" in err and "--token-file" in err and "--insecure" in err, err
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "::", "192.0.2.1", "10.0.0.1", "example.org"])
+def test_only_loopback_goes_without_a_token(host, tmp_path):
+    for loopback in ("127.0.0.1", "127.0.0.2", "::1", "localhost"):
+        check_exposure(loopback, None, False)
+    with pytest.raises(ValueError, match="--token-file FILE .* or --insecure"):
+        check_exposure(host, None, False)
+    check_exposure(host, str(tmp_path / "token"), False)
+    check_exposure(host, None, True)
+
+
+@pytest.mark.parametrize(("text", "message"), [("", "holds no token"), ("a b", "without spaces"),
+                                               ("caf\u00e9", "printable ASCII")])
+def test_a_token_file_must_hold_one_token(tmp_path, text, message):
+    (tmp_path / "token").write_text(text + "\n")
+    with pytest.raises(ValueError, match=message):
+        read_token(tmp_path / "token")
+    (tmp_path / "token").write_text(f"  {TOKEN}\n")
+    assert read_token(tmp_path / "token") == TOKEN
 
 
 # --- the same application on Ray Serve -----------------------------------------------------
