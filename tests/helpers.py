@@ -134,6 +134,16 @@ def assert_close(actual, expected, atol: float, what: str = "values") -> None:
         )
 
 
+def assert_identical(actual, expected, what: str = "values") -> None:
+    """Exact equality of two torch tensors (for ops that only select values) that says how many
+    and which elements differ."""
+    assert actual.shape == expected.shape, f"{what}: shape {actual.shape} != {expected.shape}"
+    bad = actual.double() != expected.double()
+    if bad.any():
+        idx = bad.nonzero()[:5].tolist()
+        raise AssertionError(f"{what}: {int(bad.sum())} of {bad.numel()} differ; first at {idx}")
+
+
 def unrounded_levels(responses: np.ndarray) -> np.ndarray:
     """[N, C, H, W] responses -> METHOD step 4's float64 levels before truncation to uint8."""
     r = responses.astype(np.float64)

@@ -17,6 +17,8 @@ from frmap.kernels import (
 )
 from frmap.kernels.eager.relu import CHUNK
 
+from helpers import assert_identical
+
 
 def oracle(x: torch.Tensor, grad: torch.Tensor, rule: str) -> torch.Tensor:
     """R_in of `rule` by plain autograd on float64 copies: a tensor hook, no custom Function."""
@@ -27,15 +29,6 @@ def oracle(x: torch.Tensor, grad: torch.Tensor, rule: str) -> torch.Tensor:
         y.register_hook(lambda g: g.clamp(min=0))  # (R > 0) * R
     y.backward(grad.double())
     return x.grad
-
-
-def assert_equal(actual: torch.Tensor, expected: torch.Tensor, what: str) -> None:
-    """Exact equality (the rules only select values) that says which elements differ."""
-    assert actual.shape == expected.shape, f"{what}: shape {actual.shape} != {expected.shape}"
-    bad = actual.double() != expected.double()
-    if bad.any():
-        idx = bad.nonzero()[:5].tolist()
-        raise AssertionError(f"{what}: {int(bad.sum())} of {bad.numel()} differ; first at {idx}")
 
 
 def sample(shape: tuple[int, ...], seed: int, dtype=torch.float32) -> torch.Tensor:
@@ -69,9 +62,9 @@ def test_rule_matches_autograd_oracle(rule, layout, dtype, backend):
     x = LAYOUTS[layout](sample((2, 5, 6, 7), 0, dtype)).requires_grad_()
     grad = sample(x.shape, 1, dtype)
     y = relu_rule(x, rule, backend=backend)
-    assert_equal(y, torch.relu(x.detach()), "forward")
+    assert_identical(y, torch.relu(x.detach()), "forward")
     y.backward(grad)
-    assert_equal(x.grad, oracle(x, grad, rule).to(dtype), f"{rule} backward")
+    assert_identical(x.grad, oracle(x, grad, rule).to(dtype), f"{rule} backward")
 
 
 @pytest.mark.parametrize("rule", RULES)
@@ -81,7 +74,7 @@ def test_module_matches_oracle_across_chunks(rule, backend):
     x = sample((CHUNK + 13,), 2).requires_grad_()
     grad = sample(x.shape, 3)
     ReLURule(rule, backend)(x).backward(grad)
-    assert_equal(x.grad, oracle(x, grad, rule).float(), f"{rule} backward")
+    assert_identical(x.grad, oracle(x, grad, rule).float(), f"{rule} backward")
 
 
 @pytest.mark.parametrize("backend", ["torch", CPU])
@@ -91,7 +84,7 @@ def test_mask_is_bit_packed_lsb_first(backend):
     assert isinstance(mask, ReLUMask) and mask.shape == x.shape and not mask.channels_last
     assert mask.bits.dtype == torch.uint8
     assert mask.bits.tolist() == [0b00011001, 0b00000101]
-    assert_equal(y, torch.relu(x), "forward")
+    assert_identical(y, torch.relu(x), "forward")
     assert relu_forward(x, "deconvnet")[1] is None
 
 
@@ -108,7 +101,7 @@ def test_inplace_pair(rule, backend):
     r = grad.contiguous(memory_format=torch.channels_last)
     out = relu_backward(r, mask, rule, inplace=True, backend=backend)
     assert out.data_ptr() == r.data_ptr()
-    assert_equal(out, expected, f"{rule} in place")
+    assert_identical(out, expected, f"{rule} in place")
 
 
 def check_matches_torch(shape: tuple[int, ...], rule: str, backend: str,
@@ -120,11 +113,11 @@ def check_matches_torch(shape: tuple[int, ...], rule: str, backend: str,
     grad = sample(shape, 7, dtype).to(device)
     y_t, m_t = relu_forward(x, rule, backend="torch")
     y_k, m_k = relu_forward(x, rule, backend=backend)
-    assert_equal(y_k, y_t, f"{backend} forward")
+    assert_identical(y_k, y_t, f"{backend} forward")
     if m_t is not None:
         assert m_k.channels_last == m_t.channels_last
         assert torch.equal(m_k.bits, m_t.bits), f"{backend} mask bytes differ"
-    assert_equal(relu_backward(grad, m_k, rule, backend=backend),
+    assert_identical(relu_backward(grad, m_k, rule, backend=backend),
                  relu_backward(grad, m_t, rule, backend="torch"), f"{backend} backward")
 
 
@@ -149,7 +142,7 @@ def test_triton_through_autograd(triton_device):
     x = sample((4, 3, 8, 8), 8).to(triton_device).requires_grad_()
     grad = sample(x.shape, 9).to(triton_device)
     relu_rule(x, "guided", backend="triton").backward(grad)
-    assert_equal(x.grad, oracle(x, grad, "guided").float(), "triton guided")
+    assert_identical(x.grad, oracle(x, grad, "guided").float(), "triton guided")
 
 
 class Net(nn.Module):
@@ -174,10 +167,10 @@ def test_swap_relus_swaps_all_and_restores():
         assert set(names) == {"shared", "body.1", "body.2.1", "head.act"}
         assert not any(type(m) is nn.ReLU for m in net.modules())
         assert all(m.rule == "deconvnet" for m in net.modules() if isinstance(m, ReLURule))
-        assert_equal(net(x), expected, "forward while swapped")
+        assert_identical(net(x), expected, "forward while swapped")
     after = list(net.named_modules(remove_duplicate=False))
     assert [(n, id(m)) for n, m in after] == [(n, id(m)) for n, m in before]
-    assert_equal(net(x), expected, "forward after")
+    assert_identical(net(x), expected, "forward after")
 
 
 def test_swap_relus_restores_on_error():

@@ -23,7 +23,7 @@ from skimage.morphology import disk
 import frmap.kernels as K
 from frmap.kernels import torch_ops
 
-from helpers import SLIDING, random_image
+from helpers import SLIDING, assert_identical, random_image
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 CPU = pytest.param("cpu", marks=pytest.mark.needs_extension)
@@ -78,7 +78,7 @@ def _scores(images: torch.Tensor, mask: torch.Tensor, footprint: np.ndarray, bac
 def assert_same(got, expected) -> None:
     for g, e in zip(got, expected, strict=True):
         assert g.dtype == e.dtype and g.device == e.device
-        assert torch.equal(g, e), f"{int((g != e).sum())} of {g.numel()} values differ"
+        assert_identical(g, e)
 
 
 @pytest.mark.parametrize("device", [pytest.param("cpu", marks=pytest.mark.needs_extension),
