@@ -44,9 +44,9 @@ def surrogates(detectors: dict[str, Detector], subject: Subject) -> dict[str, Su
 
 
 def with_adaptive(data: ComparisonData, subject: Subject, labels: torch.Tensor,
-                   surrogates: dict[str, Surrogate], config: ComparisonConfig,
-                   layers: tuple[str, ...]) -> ComparisonData:
-    """`data` with the adaptive sets among the evaluated ones (see the module docstring)."""
+                  surrogates: dict[str, Surrogate], config: ComparisonConfig,
+                  layers: tuple[str, ...]) -> ComparisonData:
+    """`data` with the adaptive sets among the evaluated ones (see the package docstring)."""
     clean = data.evaluated["clean"]
     clean = clean.take(np.arange(len(clean.image)) < (config.attack_limit or len(clean.image)))
     y = labels[torch.from_numpy(clean.image)]

@@ -17,10 +17,10 @@ DetectorSet = tuple[str, ...]
 
 
 def candidate_sets(detectors: dict[str, Detector], combiner: Combiner,
-                    combined_on: tuple[dict[str, np.ndarray], np.ndarray],
-                    scores: dict[str, dict[str, np.ndarray]], data: ComparisonData,
-                    config: ComparisonConfig
-                    ) -> tuple[dict[DetectorSet, float], dict[DetectorSet, Combiner | None]]:
+                   combined_on: tuple[dict[str, np.ndarray], np.ndarray],
+                   scores: dict[str, dict[str, np.ndarray]], data: ComparisonData,
+                   config: ComparisonConfig
+                   ) -> tuple[dict[DetectorSet, float], dict[DetectorSet, Combiner | None]]:
     """Every detector set's mean AUC over the measured attacks (all attacks where none is), and
     its combination: none for one detector alone, else a logistic regression fitted on the
     combiner images' scores `combined_on` (`combiner_inputs`; `combiner` for all of them)."""
@@ -44,9 +44,9 @@ def candidate_sets(detectors: dict[str, Detector], combiner: Combiner,
 
 
 def best_screener(subject: Subject, detectors: dict[str, Detector],
-                   combiners: dict[DetectorSet, Combiner | None], aucs: dict[DetectorSet, float],
-                   scores: dict[str, dict[str, np.ndarray]],
-                   costs: dict[str, float], config: ComparisonConfig) -> Screener:
+                  combiners: dict[DetectorSet, Combiner | None], aucs: dict[DetectorSet, float],
+                  scores: dict[str, dict[str, np.ndarray]],
+                  costs: dict[str, float], config: ComparisonConfig) -> Screener:
     """The set with the best mean AUC among those costing at most `config.max_cost` forward
     passes (`candidate_sets`), as a calibrated screener."""
     best = cheapest_within(aucs, costs, config.max_cost)

@@ -37,8 +37,8 @@ def train_network(data: ComparisonData, config: EvolutionConfig, identity: str, 
 
 
 def make_detector(name: str, subject: Subject, data: ComparisonData, config: ComparisonConfig,
-              knn: KNNConfig, evolution: EvolutionConfig, training: dict, progress: bool
-              ) -> Detector:
+                  knn: KNNConfig, evolution: EvolutionConfig, training: dict, progress: bool
+                  ) -> Detector:
     """The detector `name`, fitted on the fit images (uncalibrated)."""
     if name == "entropy":
         return EntropyDetector(config.footprint, config.rule, config.target, subject.identity,

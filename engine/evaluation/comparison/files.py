@@ -12,8 +12,8 @@ from frmap.engine.evaluation.metrics import AttackEvaluation, roc, write_results
 
 
 def write_files(out: Path, results: list[AttackEvaluation], per_layer: list[AttackEvaluation],
-           unseen: list[AttackEvaluation], scores: dict[str, dict[str, np.ndarray]],
-           attacks: Sequence[str]) -> dict[str, str]:
+                unseen: list[AttackEvaluation], scores: dict[str, dict[str, np.ndarray]],
+                attacks: Sequence[str]) -> dict[str, str]:
     """The results (JSON, CSV) and one ROC figure per attack; returns what was written."""
     write_results([*results, *per_layer, *unseen], out / "comparison.json",
                   out / "comparison.csv")

@@ -33,8 +33,8 @@ def attack_rows(name: str, scores: dict[str, np.ndarray], attacks: Sequence[str]
 
 
 def per_layer_rows(data: ComparisonData, layers: Sequence[str], knn: KNNConfig,
-                    subject: Subject, config: ComparisonConfig, detectors: dict[str, Detector]
-                    ) -> list[AttackEvaluation]:
+                   subject: Subject, config: ComparisonConfig, detectors: dict[str, Detector]
+                   ) -> list[AttackEvaluation]:
     """kNN, Mahalanobis and LID on each feature layer alone ("knn:<layer>", ...)."""
     rows = []
     if "knn" in detectors:
@@ -65,8 +65,8 @@ def best_layers(per_layer: Sequence[AttackEvaluation]) -> dict[str, str]:
 
 
 def unseen_rows(data: ComparisonData, evolution: EvolutionConfig, identity: str,
-                 config: ComparisonConfig, training: dict, progress: bool
-                 ) -> list[AttackEvaluation]:
+                config: ComparisonConfig, training: dict, progress: bool
+                ) -> list[AttackEvaluation]:
     """Each distance-evolution network trained without one attack and tested on it."""
     trained_on = sorted({p.attack for p in data.fit} - {CLEAN})
     left_out = [a for a in data.attacks if a in trained_on] if len(trained_on) > 1 else []

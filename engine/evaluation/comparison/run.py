@@ -49,7 +49,7 @@ def compare_detectors(
     screener_path: str | Path | None = None,
     progress: bool = False,
 ) -> ComparisonReport:
-    """Run every detector of `config` on the same adversarial sets; see the module docstring.
+    """Run every detector of `config` on the same adversarial sets; see the package docstring.
 
     Args:
         model: classifier of [N, C, H, W] images in [0, 1] (ImageNet normalisation inside when
