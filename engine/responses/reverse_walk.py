@@ -13,7 +13,8 @@ keeping just that, freeing each activation after its last use, then walks back:
 
     conv        R_in = conv_transpose2d(R, W)          (the input gradient of the conv)
     linear      R_in = R @ W
-    batch norm  R_in = R * gamma / sqrt(running_var + eps)
+    batch norm  R_in = R * gamma / sqrt(running_var + eps), or folded into the convolution
+                whose output it alone reads (one linear map, forward and back)
     max-pool    R_in = R routed to each window's maximum
     ReLU        R_in = the rule, from the mask
     a sum       R to each term, summed where a tensor fans out (a residual block's input)
@@ -138,23 +139,65 @@ class _Weights:
 
 
 class _Conv(_Step):
-    """Convolution; its transpose is its input gradient."""
+    """Convolution; its transpose is its input gradient.
+
+    A 1x1 convolution (a ResNet's bottlenecks and shortcuts) is a matrix product over the
+    channels of each position: run as one, on channels-last activations, where torch's CPU
+    convolution would take its slow path and reorder copies. A batch norm that alone reads the
+    convolution's output is folded into its weights (`norm`): one linear map, forward and back.
+    """
 
     def __init__(self, slot, inputs, layer: nn.Conv2d, weights: _Weights,
-                 back_weights: _Weights) -> None:
+                 back_weights: _Weights, norm: nn.BatchNorm2d | None = None) -> None:
         super().__init__(slot, inputs)
-        self.layer, self.padding = layer, conv_padding(layer)
+        self.layer, self.padding, self.norm = layer, conv_padding(layer), norm
         self.weights, self.back_weights = weights, back_weights
+        self.pointwise = (tuple(layer.kernel_size) == (1, 1) and self.padding == (0, 0)
+                          and layer.groups == 1)
+        self._fold: tuple | None = None
+
+    def folded(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The weight and bias of the convolution followed by `norm` (made again only when one
+        of their tensors changes)."""
+        c, bn = self.layer, self.norm
+        if bn is None:
+            return c.weight, c.bias
+        parts = (c.weight, c.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var)
+        stamp = (*((t._version, t.data_ptr()) for t in parts if t is not None), bn.eps)
+        if self._fold is None or self._fold[0] != stamp:
+            with torch.no_grad():
+                scale = torch.rsqrt(bn.running_var + bn.eps)
+                if bn.weight is not None:
+                    scale = scale * bn.weight
+                shift = -bn.running_mean if c.bias is None else c.bias - bn.running_mean
+                bias = shift * scale if bn.bias is None else shift * scale + bn.bias
+                self._fold = (stamp, c.weight * scale.view(-1, 1, 1, 1), bias)
+        return self._fold[1], self._fold[2]
 
     def forward(self, env):
         x = env[self.src]
-        c, w = self.layer, self.weights(self.layer.weight)
-        y = F.conv2d(x.to(w.dtype), w, self.weights(c.bias), c.stride, self.padding, c.dilation,
-                     c.groups)
+        c = self.layer
+        w, b = self.folded()
+        w, b = self.weights(w), self.weights(b)
+        if self.pointwise:
+            sh, sw = c.stride
+            picked = x if (sh, sw) == (1, 1) else x[:, :, ::sh, ::sw]
+            y = F.linear(picked.to(w.dtype).permute(0, 2, 3, 1), w.flatten(1),
+                         b).permute(0, 3, 1, 2)
+            return y.to(x.dtype), x.shape[-2:]
+        y = F.conv2d(x.to(w.dtype), w, b, c.stride, self.padding, c.dilation, c.groups)
         return y.to(x.dtype), x.shape[-2:]
 
     def backward(self, r, in_size):
-        c, w = self.layer, self.back_weights(self.layer.weight)
+        c, w = self.layer, self.back_weights(self.folded()[0])
+        if self.pointwise:
+            g = (r.to(w.dtype).permute(0, 2, 3, 1) @ w.flatten(1)).permute(0, 3, 1, 2)
+            if tuple(c.stride) == (1, 1):
+                return (g.to(r.dtype),)
+            out = torch.empty(len(r), g.shape[1], *in_size, dtype=r.dtype, device=r.device,
+                              memory_format=torch.channels_last).zero_()
+            out[:, :, ::c.stride[0], ::c.stride[1]] = g
+            return (out,)
         # conv_transpose2d's output size is ambiguous for strides > 1: output_padding fixes it.
         extra = [size - ((out - 1) * s - 2 * p + d * (k - 1) + 1) for size, out, s, p, d, k in
                  zip(in_size, r.shape[-2:], c.stride, self.padding, c.dilation, c.kernel_size,
@@ -452,6 +495,12 @@ def _program(traced: TracedModel, rule: str, weights: _Weights, back_weights: _W
             users[j] += 1
         for n in op.node.all_input_nodes:
             readers[position[n]].append(i)
+    # conv position -> the batch norm that alone reads its output, folded into the conv where
+    # the walk computes in the weights' own dtype (in bfloat16 the batch norm stays exact)
+    norms = {i: readers[i][0] for i, op in enumerate(ops) if op.kind == "conv"
+             and len(readers[i]) == 1 and ops[readers[i][0]].kind == "batch_norm"
+             and weights.dtype is None and back_weights.dtype is None}
+    normed = {j: i for i, j in norms.items()}
     fused: dict[int, int] = {}  # pool position -> the position of the ReLU walked after it
     for i, op in enumerate(ops):
         if op.kind == "relu" and i != keep and len(readers[i]) == 1:
@@ -473,9 +522,13 @@ def _program(traced: TracedModel, rule: str, weights: _Weights, back_weights: _W
             steps.append(_ReLU(i, (fused[i],), rule, inplace=True))
         elif kind == "meta":
             steps.append(_Meta(i, call(op)))
-        elif kind in ("conv", "linear"):
-            step = _Conv if kind == "conv" else _Linear
-            steps.append(step(i, inputs, op.module, weights, back_weights))
+        elif kind == "conv":
+            norm = ops[norms[i]].module if i in norms else None
+            steps.append(_Conv(i, inputs, op.module, weights, back_weights, norm))
+        elif kind == "linear":
+            steps.append(_Linear(i, inputs, op.module, weights, back_weights))
+        elif i in normed:  # folded into the convolution before it
+            steps.append(_Identity(i, inputs))
         elif kind == "batch_norm":
             steps.append(_BatchNorm(i, inputs, op.module))
         elif kind == "relu":
@@ -559,9 +612,11 @@ class ReverseWalk:
         for i, op in enumerate(traced.ops):
             if op.module is not None:
                 calls.setdefault(op.name, []).append(i)
-        # a ReLU walked after its max-pool: its slot holds the pooled values before the ReLU
+        # a ReLU walked after its max-pool: its slot holds the pooled values before the ReLU;
+        # a convolution with a batch norm folded in: its slot holds the normalised values
         fused = {s.slot for s in self._full.steps
-                 if isinstance(s, _MaxPool) and traced.ops[s.slot].kind == "relu"}
+                 if isinstance(s, _MaxPool) and traced.ops[s.slot].kind == "relu"} | {
+            s.slot for s in self._full.steps if isinstance(s, _Conv) and s.norm is not None}
         # layer name -> the slot of its output, for layers called once whose output the walk
         # holds
         self._taps = {name: slots[0] for name, slots in calls.items()
@@ -670,30 +725,36 @@ def _cat(parts: list[torch.Tensor]) -> torch.Tensor:
 def _head(program: _Program, target: int, x: torch.Tensor) -> tuple[int, int]:
     """The number of head steps and the images per chunk they run on (see the module text).
 
-    The head ends after the last max-pool (and the ReLU walked after it) whose input for the
-    whole batch exceeds the budget (`HEAD_BYTES` on the CPU, else `HEAD_BYTES_GPU`) where the
-    head's last value is the only one read after it (a cut of the graph); a chunk holds as many
-    images as keep the head's largest activation within it. No head: (0, len(x)).
+    The head is the shortest run of first steps that holds every activation larger, for the
+    whole batch, than the budget (`HEAD_BYTES` on the CPU, else `HEAD_BYTES_GPU`) and after
+    which one value alone is read (a cut of the graph: after a max-pool and the ReLU walked
+    after it, a residual block's output); a chunk holds as many images as keep the head's
+    largest activation within it. No head: (0, len(x)).
     """
     steps = program.steps[:target + 1]
     budget = HEAD_BYTES if x.device.type == "cpu" else HEAD_BYTES_GPU
+    per_image = budget // (len(x) * x.element_size())  # elements of one image's over-budget size
     shapes: list[tuple[int, ...] | None] = [tuple(x.shape[1:])]  # one image's, per slot
-    for step in steps[1:]:
+    big = -1  # the last step reading or writing an over-budget activation
+    for i, step in enumerate(steps[1:], 1):
         shape = shapes[step.src] if step.signal else None
         shapes.append(None if shape is None else step.out_shape(shape))
-    reach = list(accumulate(program.last, max))  # the last step reading any slot up to i
-    head = 0
-    for i, step in enumerate(steps):
-        source = shapes[step.src]
-        if not isinstance(step, (_MaxPool, _IndexedMaxPool)) or source is None or \
-                math.prod(source) * len(x) * x.element_size() <= budget:
+        if shape is None:
+            if step.signal:
+                break
             continue
-        end = i + 2 if i + 1 < len(steps) and isinstance(steps[i + 1], _ReLU) and \
-            steps[i + 1].src == i else i + 1
-        if end < len(steps) and reach[end - 2] < end:
-            head = end
-    if not head:
+        if math.prod(shape) > per_image or (shapes[i] and math.prod(shapes[i]) > per_image):
+            big = i
+    if big < 0 or big + 1 >= len(shapes):
         return 0, len(x)
-    largest = max(math.prod(s) for s in shapes[:head] if s is not None)
+    reach = list(accumulate(program.last, max))  # the last step reading any slot up to i
+    end = next((e for e in range(big + 1, len(shapes)) if reach[e - 2] < e
+                and shapes[e - 1] is not None), None)
+    if end is None:
+        return 0, len(x)
+    if end < len(steps) and isinstance(steps[end], _ReLU) and steps[end].src == end - 1 \
+            and reach[end - 1] <= end:  # the ReLU walked after the head's last max-pool
+        end += 1
+    largest = max(math.prod(s) for s in shapes[:end] if s is not None)
     chunk = max(1, budget // (largest * x.element_size()))
-    return (head, chunk) if chunk < len(x) else (0, len(x))
+    return (end, chunk) if chunk < len(x) and end < len(steps) else (0, len(x))
