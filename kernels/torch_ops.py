@@ -25,13 +25,14 @@ them dozens of times per image, and a registered call costs microseconds more.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import numpy as np
 import torch
 from torch.library import custom_op, triton_op
 
-from ._dispatch import backend_module, implementation, resolve_for
+from ._dispatch import backend_module, interpreting, resolve_for
 from ._rank_input import rank_footprint
 
 
@@ -156,4 +157,12 @@ def kernel(family: str, op: str, backend: str, data: torch.Tensor) -> Callable[.
     if torch.compiler.is_compiling():
         name = backend_constant(backend, family, str(data.device), str(data.dtype))
         return getattr(torch.ops.frmap, f"{op}_{name}")
-    return getattr(implementation(family, backend, data)[1], op)
+    return _direct(family, op, backend, str(data.device), str(data.dtype), interpreting())
+
+
+@functools.cache
+def _direct(family: str, op: str, backend: str, device: str, dtype: str,
+            interpret: bool) -> Callable[..., None]:
+    """The backend's function of `op` for data of `dtype` on `device`, looked up once: the
+    reverse walk calls these kernels dozens of times per image."""
+    return getattr(backend_module(family, resolve_for(backend, family, device, dtype)), op)

@@ -292,13 +292,13 @@ class ResponseEngine:
                              f"(shape {tuple(images.shape)}){hint}")
         if h == 0 or w == 0:
             raise ValueError(f"images have an empty spatial shape {(h, w)}")
-        bad = ~torch.isfinite(images)
-        if bad.any():
-            where = bad.flatten(1).any(1).nonzero().flatten().tolist()
-            raise ValueError(
-                f"images hold {int(bad.sum())} NaN or Inf values (images {where[:10]})")
-        low, high = float(images.min()), float(images.max())
-        if low < 0 or high > 1:
+        low, high = (float(v) for v in torch.aminmax(images))
+        if not 0 <= low <= high <= 1:  # also false for NaN
+            bad = ~torch.isfinite(images)
+            if bad.any():
+                where = bad.flatten(1).any(1).nonzero().flatten().tolist()
+                raise ValueError(
+                    f"images hold {int(bad.sum())} NaN or Inf values (images {where[:10]})")
             raise ValueError(f"images must lie in [0, 1], got values in [{low:.4g}, {high:.4g}]")
         return images, target_classes(self.config.target if target is None else target, n)
 

@@ -294,7 +294,8 @@ class _MaxPool(_Step):
 
 class _IndexedMaxPool(_Step):
     """Any other max-pool (overlapping windows, padding, dilation): torch's argmax indices,
-    the signal summed back into them as autograd does."""
+    the signal summed back into them by torch's own max-pool backward (which reads only the
+    shape and layout of the input it is given)."""
 
     def __init__(self, slot, inputs, params: dict) -> None:
         super().__init__(slot, inputs)
@@ -303,14 +304,17 @@ class _IndexedMaxPool(_Step):
     def forward(self, env):
         x = env[self.src]
         y, indices = F.max_pool2d(x, **self.params, return_indices=True)
-        return y, (indices, x.shape)
+        layout = torch.channels_last if x.ndim == 4 and \
+            x.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
+        return y, (indices, x.shape, layout)
 
     def backward(self, r, saved):
-        indices, shape = saved
-        out = r.new_zeros(*shape[:-2], shape[-2] * shape[-1])
-        out.scatter_add_(-1, indices.flatten(-2), r.flatten(-2))
-        return (out.view(shape).contiguous(memory_format=torch.channels_last)
-                if len(shape) == 4 else out.view(shape),)
+        indices, shape, layout = saved
+        p = self.params
+        like = torch.empty(shape, dtype=r.dtype, device=r.device, memory_format=layout)
+        return (torch.ops.aten.max_pool2d_with_indices_backward(
+            r, like, p["kernel_size"], p["stride"], p["padding"], p["dilation"], p["ceil_mode"],
+            indices),)
 
     def out_shape(self, shape):
         p = self.params
@@ -373,18 +377,29 @@ class _Identity(_Step):
 
 
 class _Sum(_Step):
-    """A sum or difference of two signals: R to each term (the second term's is a copy, or -R
-    for a difference), summed back to a term's shape where it was broadcast."""
+    """A sum or difference of two signals: R to each term (-R to a subtracted one), summed back
+    to a term's shape where it was broadcast.
 
-    def __init__(self, slot, inputs, call: OpCall, minus: bool) -> None:
+    With `into_first`, a sum is added into its first term (a new tensor only this sum reads).
+    With `shared`, both terms get R itself: the later term's step reads R without writing or
+    keeping it, and only this sum reads that term, so R is done with before anything writes
+    into it; otherwise the second term gets a copy.
+    """
+
+    def __init__(self, slot, inputs, call: OpCall, minus: bool, into_first: bool,
+                 shared: bool) -> None:
         super().__init__(slot, inputs)
         self.call, self.minus = call, minus
+        self.into_first, self.shared = into_first, shared
 
     def forward(self, env):
-        return self.call(env), tuple(env[i].shape for i in self.inputs)
+        a, b = (env[i] for i in self.inputs)
+        if self.into_first and not self.minus and a.shape == b.shape and a.dtype == b.dtype:
+            return a.add_(b), (a.shape, b.shape)
+        return self.call(env), (a.shape, b.shape)
 
     def backward(self, r, shapes):
-        second = -r if self.minus else r.clone()
+        second = -r if self.minus else r if self.shared else r.clone()
         return tuple(g if g.shape == s else g.sum_to_size(s)
                      for g, s in zip((r, second), shapes, strict=True))
 
@@ -468,6 +483,19 @@ def _offsets_pool(params: dict) -> bool:
             and params["dilation"] == (1, 1) and not params["ceil_mode"])
 
 
+# Steps whose walk back reads R without writing into it or returning a view of it.
+_READ_ONLY_BACK = (_Conv, _Linear, _MaxPool, _IndexedMaxPool, _LinearMap)
+
+
+
+def _reads_only(steps: list[_Step], slot: int, readers: list[list[int]]) -> bool:
+    """Whether R at `slot` is only read on its way back: one reader of the slot, and a step
+    in `_READ_ONLY_BACK` (through identities, as a folded batch norm) writes it."""
+    while isinstance(steps[slot], _Identity) and slot and len(readers[slot]) == 1:
+        slot = steps[slot].src
+    return len(readers[slot]) == 1 and isinstance(steps[slot], _READ_ONLY_BACK)
+
+
 # Ops whose output is a new tensor (a ReLU may then rectify it in place).
 _FRESH = ("conv", "linear", "batch_norm", "max_pool", "linear_map", "add", "sub", "shift",
           "scale", "cat")
@@ -546,7 +574,11 @@ def _program(traced: TracedModel, rule: str, weights: _Weights, back_weights: _W
         elif kind == "linear_map":
             steps.append(_LinearMap(i, inputs, call(op)))
         elif kind in ("add", "sub"):
-            steps.append(_Sum(i, inputs, call(op), minus=kind == "sub"))
+            first, later = inputs[0], max(inputs)
+            steps.append(_Sum(
+                i, inputs, call(op), minus=kind == "sub",
+                into_first=len(readers[first]) == 1 and ops[first].kind in _FRESH,
+                shared=inputs[0] != inputs[1] and _reads_only(steps, later, readers)))
         elif kind in ("scale", "shift"):
             c = call(op)
             steps.append(_Constant(i, inputs, c, _factor(op, c)))
@@ -621,6 +653,7 @@ class ReverseWalk:
         # holds
         self._taps = {name: slots[0] for name, slots in calls.items()
                       if len(slots) == 1 and slots[0] not in fused}
+        self._heads: dict[tuple, tuple[int, int]] = {}  # `_head` of each batch shape
 
     def tappable(self, name: str) -> bool:
         """Whether the walk's forward pass holds the output of the layer called `name` (every
@@ -646,7 +679,10 @@ class ReverseWalk:
             wanted.setdefault(self._taps[name], []).append(name)
         pooled: dict[str, list[torch.Tensor]] = {name: [] for name in taps or ()}
         steps = program.steps[:target + 1]
-        head, chunk = _head(program, target, x)
+        key = (id(program), tuple(x.shape), x.dtype, x.device.type, HEAD_BYTES, HEAD_BYTES_GPU)
+        if key not in self._heads:
+            self._heads[key] = _head(program, target, x)
+        head, chunk = self._heads[key]
         for step in steps[:head]:
             if isinstance(step, _MaxPool):
                 step.reuse = isinstance(steps[step.src], _Conv) and program.users[step.src] == 1

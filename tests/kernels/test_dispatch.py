@@ -11,7 +11,7 @@ from skimage.filters.rank import entropy as skimage_entropy
 from skimage.morphology import disk
 
 import frmap.kernels as K
-from frmap.kernels import _dispatch
+from frmap.kernels import _dispatch, torch_ops
 
 from helpers import assert_close, random_image
 
@@ -45,6 +45,7 @@ def test_auto_falls_back_only_where_the_cpu_backend_is_missing(monkeypatch):
                         lambda backend, family="entropy": "not built" if backend == "cpu" else None)
     # the resolution is cached per process; this test fakes what is installed
     monkeypatch.setattr(_dispatch, "_resolved", _dispatch._resolved.__wrapped__)
+    monkeypatch.setattr(torch_ops, "_direct", torch_ops._direct.__wrapped__)
     image = np.zeros((4, 4), np.uint8)
     assert K.resolve_backend("auto", image) == "reference"
     assert K.resolve_backend("auto", torch.zeros(4), family="relu") == "torch"
