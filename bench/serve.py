@@ -1,9 +1,10 @@
 """`frmap bench serve`: the screening service under load, per ingress mode, beside the library.
 
 For the digits screener (entropy, kNN, squeezing) and an entropy screener on VGG19 at 224
-(random weights): the library's `Screener.screen` latency at batch 1 and its throughput at its
-best batch size, on as many torch threads as the service gets; then `frmap serve` itself, started
-as a command in each ingress mode:
+(random weights): the library's `Screener.screen` throughput at its best batch size and its
+latency at batch 1 (measured again just before each mode starts, so that the two latencies see
+the same machine), on as many torch threads as the service gets; then `frmap serve` itself,
+started as a command in each ingress mode:
 
 - `uvicorn`: the default on one machine, one process, no Ray;
 - `ray-proxy`: Ray Serve on a local instance (`--ray`), its Python proxy in front;
@@ -107,8 +108,8 @@ def _screener(name: str) -> tuple[Screener, list[bytes], torch.Tensor]:
     return screener, bodies, images
 
 
-def _library(screener: Screener, images: torch.Tensor, batches: tuple[int, ...]) -> dict:
-    """Batch-1 latency (median of repeated calls) and images/s at each batch size."""
+def _batch1_ms(screener: Screener, images: torch.Tensor) -> float:
+    """The library's latency at batch 1: the median of repeated calls (2 s at most)."""
     with torch_settings(CPUS):
         one = images[:1]
         screener.batch_size = 1
@@ -116,13 +117,19 @@ def _library(screener: Screener, images: torch.Tensor, batches: tuple[int, ...])
         calls, start = [], time.perf_counter()
         while len(calls) < 5 or (time.perf_counter() - start < 2.0 and len(calls) < 200):
             calls.append(_timed(lambda: screener.screen(one)))
-        rates = {}
+    return float(np.median(calls)) * 1e3
+
+
+def _library(screener: Screener, images: torch.Tensor, batches: tuple[int, ...]) -> dict:
+    """Images/s at each batch size (the best of two calls each)."""
+    rates = {}
+    with torch_settings(CPUS):
         for batch in batches:
             x = images.repeat(-(-batch // len(images)), 1, 1, 1)[:batch]
             screener.batch_size = batch
             screener.screen(x)
             rates[batch] = batch / min(_timed(lambda x=x: screener.screen(x)) for _ in range(2))
-    return {"batch1_ms": float(np.median(calls)) * 1e3, "images_per_s": rates,
+    return {"batch1_ms": _batch1_ms(screener, images), "images_per_s": rates,
             "best_images_per_s": max(rates.values())}
 
 
@@ -162,7 +169,18 @@ class _Load:
     async def connect(self):
         return await asyncio.open_connection("127.0.0.1", self.port)
 
-    async def send(self, stream, i: int, since: float) -> None:
+    async def send(self, stream, i: int, since: float):
+        """Send request `i` on `stream`; the stream to go on with (a new one after a broken
+        connection, which counts as an error)."""
+        try:
+            await self._exchange(stream, i, since)
+            return stream
+        except (OSError, EOFError, ValueError, IndexError, asyncio.IncompleteReadError):
+            self.errors += 1
+            stream[1].close()
+            return await self.connect()
+
+    async def _exchange(self, stream, i: int, since: float) -> None:
         reader, writer = stream
         writer.write(self.requests[i % len(self.requests)])
         status = int((await reader.readline()).split()[1])
@@ -200,7 +218,7 @@ async def _closed(load: _Load, clients: int, seconds: float) -> dict:
         stream, i = await load.connect(), k
         try:
             while time.monotonic() < deadline:
-                await load.send(stream, i, time.perf_counter())
+                stream = await load.send(stream, i, time.perf_counter())
                 i += clients
         finally:
             stream[1].close()
@@ -221,10 +239,7 @@ async def _open(load: _Load, rate: float, seconds: float) -> dict:
         scheduled = start + i / rate
         await asyncio.sleep(max(0.0, scheduled - time.perf_counter()))
         stream = await pool.get()
-        try:
-            await load.send(stream, i, scheduled)
-        finally:
-            pool.put_nowait(stream)
+        pool.put_nowait(await load.send(stream, i, scheduled))
 
     await asyncio.gather(*(at(i) for i in range(max(1, int(rate * seconds)))))
     wall = time.perf_counter() - start
@@ -261,8 +276,9 @@ async def _wait_ready(port: int, proc: subprocess.Popen, timeout: float) -> None
     raise RuntimeError("the service did not become ready")
 
 
-def _mode(case: Case, mode: str, screener: Path, bodies: list[bytes]) -> dict:
-    """One ingress mode under every load; an error recorded where the mode does not start."""
+def _mode(case: Case, mode: str, screener: Path, bodies: list[bytes], library: float) -> dict:
+    """One ingress mode under every load, beside the library's batch-1 latency measured just
+    before it starts (`library`, ms); an error recorded where the mode does not start."""
     port = _free_port()
     log = screener.with_name(f"{case.model}-{mode}.log")
     with log.open("w") as f:
@@ -282,11 +298,11 @@ def _mode(case: Case, mode: str, screener: Path, bodies: list[bytes]) -> dict:
         batches = asyncio.run(_closed(multi, 4, case.seconds))
         half = asyncio.run(_open(_Load(port, bodies, 1), saturation / 2, case.seconds))
         exposed = [f"{a}:{p}" for a, p in sockets if not ipaddress.ip_address(a).is_loopback]
-        return {"mode": mode, "port": port, "one_client": one, "saturation": loads,
-                "saturation_images_per_s": saturation, "multipart": batches,
+        return {"mode": mode, "port": port, "library_batch1_ms": library, "one_client": one,
+                "saturation": loads, "saturation_images_per_s": saturation, "multipart": batches,
                 "half_load": half, "listening": len(sockets), "exposed": exposed}
-    except (RuntimeError, OSError, ValueError) as err:
-        return {"mode": mode, "error": f"{err}; {_tail(log)}"}
+    except (RuntimeError, OSError, ValueError, IndexError) as err:
+        return {"mode": mode, "error": f"{type(err).__name__}: {err}; {_tail(log)}"}
     finally:
         if proc.poll() is None:
             proc.send_signal(signal.SIGTERM)
@@ -312,7 +328,8 @@ def _case(case: Case, tmp: Path) -> dict:
     library = _library(screener, images, case.library_batches)
     path = screener.save(tmp / f"{case.model}.frmap")
     return {"model": case.model, "library": library,
-            "modes": [_mode(case, mode, path, bodies) for mode in case.modes]}
+            "modes": [_mode(case, mode, path, bodies, _batch1_ms(screener, images))
+                      for mode in case.modes]}
 
 
 def run(quick: bool = False) -> dict:
@@ -324,8 +341,8 @@ def run(quick: bool = False) -> dict:
 
 # (what, model or None for every model, the value from a row and a mode, goal)
 _GOALS = (
-    ("p50 at 1 client - library batch 1 (ms)", None,
-     lambda r, m: m["one_client"]["p50_ms"] - r["library"]["batch1_ms"], "<=", 3.0),
+    ("p50 at 1 client - library batch 1 just before (ms)", None,
+     lambda r, m: m["one_client"]["p50_ms"] - m["library_batch1_ms"], "<=", 3.0),
     ("saturation, 1 image/request / library best", "vgg19",
      lambda r, m: m["saturation_images_per_s"] / r["library"]["best_images_per_s"], ">=", 0.85),
     ("saturation, 1 image/request / library best", "digits",
@@ -347,7 +364,8 @@ def _targets(rows: list[dict]) -> list[dict]:
                 if model in (None, r["model"]):
                     v = float(value(r, m))
                     ok = v >= goal if op == ">=" else v <= goal
-                    out.append({"model": r["model"], "mode": m["mode"], "target": what,
+                    out.append({"model": r["model"], "mode": m["mode"],
+                                "target": f"{m['mode']}, {what}",
                                 "value": v, "goal": f"{op} {goal:g}",
                                 "ok": bool(np.isfinite(v) and ok)})
     return out
@@ -362,7 +380,7 @@ def table(result: dict) -> str:
                   f"{lib['best_images_per_s']:.1f} images/s ("
                   + ", ".join(f"batch {b}: {v:.1f}" for b, v in lib["images_per_s"].items())
                   + ")",
-                  f"{'mode':15} {'1 client p50/p99 ms':>20} {'sat. img/s':>10} "
+                  f"{'mode':15} {'lib. b1 ms':>10} {'1 client p50/p99 ms':>20} {'sat. img/s':>10} "
                   f"{f'x{PER_REQUEST} img/s':>10} {'half p99/p50':>12} {'listening':>9} "
                   f"{'beyond loopback':>15}"]
         for m in r["modes"]:
@@ -371,7 +389,8 @@ def table(result: dict) -> str:
                 continue
             one, half = m["one_client"], m["half_load"]
             errors = sum(x["errors"] for x in (one, m["multipart"], half, *m["saturation"]))
-            lines.append(f"{m['mode']:15} {one['p50_ms']:9.2f} / {one['p99_ms']:8.2f} "
+            lines.append(f"{m['mode']:15} {m['library_batch1_ms']:10.2f} "
+                         f"{one['p50_ms']:9.2f} / {one['p99_ms']:8.2f} "
                          f"{m['saturation_images_per_s']:10.1f} "
                          f"{m['multipart']['images_per_s']:10.1f} "
                          f"{half['p99_ms'] / half['p50_ms']:12.2f} {m['listening']:9d} "
@@ -379,6 +398,6 @@ def table(result: dict) -> str:
                          + (f"  ({errors} error replies)" if errors else ""))
     lines.append("")
     for t in result["targets"]:
-        lines.append(f"{t['model']:7} {t['mode']:15} {t['target']:44} {t['value']:8.2f} "
+        lines.append(f"{t['model']:7} {t['target']:60} {t['value']:8.2f} "
                      f"{t['goal']:>7} {'ok' if t['ok'] else 'MISSED'}")
     return "\n".join(lines)

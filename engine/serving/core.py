@@ -31,6 +31,7 @@ import hmac
 import json
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 
 import torch
@@ -128,9 +129,10 @@ ScreenBatch = Callable[[torch.Tensor], list[dict]]
 class Batcher:
     """Dynamic batching with Triton's queue semantics, in one asyncio loop.
 
-    One model pass runs at a time, in a worker thread (the loop keeps accepting requests). A
-    pass starts as soon as an image waits and none runs; it takes every image waiting, up to
-    `max_batch`, and waits up to `max_wait_s` for more only while it is not full.
+    One model pass runs at a time, always in the same worker thread (the loop keeps accepting
+    requests; torch's intra-op threads stay one team). A pass starts as soon as an image waits
+    and none runs; it takes every image waiting, up to `max_batch`, and waits up to
+    `max_wait_s` for more only while it is not full.
     """
 
     def __init__(self, screen: ScreenBatch, max_batch: int, max_wait_s: float, max_queued: int,
@@ -139,6 +141,7 @@ class Batcher:
         self.max_queued, self.metrics = max_queued, metrics
         self._queue: asyncio.Queue[tuple[torch.Tensor, asyncio.Future]] | None = None
         self._worker: asyncio.Task | None = None
+        self._thread = ThreadPoolExecutor(1, thread_name_prefix="frmap-screen")
 
     async def submit(self, images: list[torch.Tensor]) -> list[tuple[dict, int]]:
         """Each image's record and the size of the pass it went through, in order.
@@ -190,8 +193,8 @@ class Batcher:
                 continue
             self.metrics.batch_size.observe(len(live))
             try:
-                records = await asyncio.to_thread(
-                    self.screen, torch.stack([image for image, _ in live]))
+                records = await asyncio.get_running_loop().run_in_executor(
+                    self._thread, self.screen, torch.stack([image for image, _ in live]))
             except Exception as err:  # the pass failed: its requests fail, the service goes on
                 for _, future in live:
                     if not future.done():
