@@ -316,18 +316,22 @@ def _frmap(*args: str, **popen) -> subprocess.Popen:
 
 @pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc/net/tcp").exists(), reason="needs Linux /proc")
-def test_frmap_serve_listens_on_loopback_only_and_stops_on_sigterm(screener_file, pngs):
+def test_frmap_serve_listens_on_loopback_only_and_stops_on_sigterm(screener_file, pngs,
+                                                                    tmp_path):
     port = _free_port()
+    (tmp_path / "token").write_text(TOKEN + "\n")
     proc = _frmap("serve", "--screener", str(screener_file), "--port", str(port),
-                  "--cpus-per-replica", "1", "--max-batch", "4")
+                  "--cpus-per-replica", "1", "--max-batch", "4", "--token-file",
+                  str(tmp_path / "token"))
     try:
         for line in proc.stdout:  # the service is up, its signal handlers in place
             if line.startswith("frmap serve:"):
                 break
         url = f"http://127.0.0.1:{port}"
-        _wait_healthy(url, time.monotonic() + TIMEOUT)
-        assert httpx.get(f"{url}/healthz", timeout=30).json()["threads"] == 1
-        reply = _post(url, pngs[0])
+        _wait_healthy(url, time.monotonic() + TIMEOUT, AUTH)
+        assert httpx.get(f"{url}/healthz", headers=AUTH, timeout=30).json()["threads"] == 1
+        assert _post(url, pngs[0]).status_code == 401
+        reply = _post(url, pngs[0], **AUTH)
         assert reply.status_code == 200 and "flagged" in reply.json()
         sockets = listening_sockets(proc.pid)
         assert ("127.0.0.1", port) in sockets
@@ -337,9 +341,9 @@ def test_frmap_serve_listens_on_loopback_only_and_stops_on_sigterm(screener_file
         out, err = proc.communicate(timeout=TIMEOUT)
     assert proc.returncode == 0, err
     assert "frmap serve: stopped" in out and "Traceback" not in err
+    assert TOKEN not in out + err
 
 
-@pytest.mark.slow
 def test_frmap_serve_refuses_another_address_without_a_token(tmp_path):
     proc = _frmap("serve", "--screener", str(tmp_path / "never-read.frmap"), "--host", "0.0.0.0")
     out, err = proc.communicate(timeout=TIMEOUT)
