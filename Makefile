@@ -25,7 +25,7 @@ demo: install
 	$(BIN)/frmap demo
 
 test: install
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=30
 	$(BIN)/lint-imports
 
 # The wheel alone with the op's test tools (scikit-image is the oracle): tests/core must pass
