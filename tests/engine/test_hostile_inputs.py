@@ -382,34 +382,47 @@ RECTIFIERS = {
 }
 
 
+# rectifiers the reverse walk reads as ReLUs (tests/engine/test_traced_walk.py checks their
+# responses against nn.ReLU modules); the others it refuses, naming them
+WALKED = ("clamp(min=0)", "Tensor.relu")
+
+
 @pytest.mark.parametrize("name", RECTIFIERS)
 @pytest.mark.parametrize("target", ["conv_max", "logit", 1])
 def test_rectifiers_that_are_not_relu_modules_raise(name, target):
+    """Never silently a plain gradient: the walk takes a rectifier as a ReLU or refuses it, and
+    the autograd path, where no rule can act on one, raises naming it."""
     act, op = RECTIFIERS[name]
     x = torch.rand(2, 1, 8, 8)
-    with pytest.raises(ValueError, match=op):
-        ResponseEngine(_Net(act), preprocess=None, target=target).responses(x)
     chain = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(),
                           act if isinstance(act, nn.Module) else _Lambda(act),
                           nn.Flatten(), nn.Linear(144, 3))
-    with pytest.raises(ValueError, match="not a chain of layers"):
-        ResponseEngine(chain, preprocess=None, path="reverse_walk")
-    with pytest.raises(ValueError, match=op):
-        ResponseEngine(chain, preprocess=None, target=target).responses(x)
+    for model in (_Net(act), chain):
+        with pytest.raises(ValueError, match=op):
+            ResponseEngine(model, preprocess=None, target=target, path="autograd").responses(x)
+        engine = ResponseEngine(model, preprocess=None, target=target)
+        if name in WALKED:
+            assert engine.path == "reverse_walk"
+            continue
+        assert engine.path == "autograd" and "the reverse walk does not support" in \
+            engine.fallback
+        with pytest.raises(ValueError, match=op):
+            engine.responses(x)
+        with pytest.raises(ValueError, match="the reverse walk does not support"):
+            ResponseEngine(model, preprocess=None, path="reverse_walk")
 
 
-class _Linear(nn.Sequential):
-    def forward(self, x):  # its own forward: not a chain, so the autograd path
-        return super().forward(x)
-
-
-def test_a_forward_without_relu_modules_raises_for_the_rules():
-    model = _Linear(nn.Conv2d(1, 2, 3), nn.Flatten(), nn.Linear(72, 3))
+def test_a_forward_without_relus():
+    """No ReLU runs: the autograd path cannot tell a rule's work from a missed rectifier and
+    raises; the walk, which refuses every rectifier it does not read, gives the gradient."""
+    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten(), nn.Linear(72, 3))
     x = torch.rand(2, 1, 8, 8)
     with pytest.raises(ValueError, match="no nn.ReLU module runs"):
-        ResponseEngine(model, preprocess=None, target="logit").responses(x)
-    assert ResponseEngine(model, preprocess=None, target="logit", rule="gradient").responses(
-        x).shape == x.shape
+        ResponseEngine(model, preprocess=None, target="logit", path="autograd").responses(x)
+    guided = ResponseEngine(model, preprocess=None, target="logit").responses(x)
+    gradient = ResponseEngine(model, preprocess=None, target="logit", rule="gradient",
+                              path="autograd").responses(x)
+    torch.testing.assert_close(guided, gradient, rtol=1e-5, atol=1e-7)
 
 
 def _weights(tmp_path: Path, change) -> Path:
