@@ -84,7 +84,7 @@ def test_command_without_the_engine_extra_says_what_to_install():
 def test_installed_command_in_the_core_install():
     """The `frmap` script itself, where the engine extra is not installed (the core CI run)."""
     if importlib.util.find_spec("torch") is not None:
-        pytest.skip("torch is installed: tests/engine/test_cli.py runs the command")
+        pytest.skip("torch is installed: tests/engine/cli/test_cli.py runs the command")
     script = Path(sys.executable).with_name("frmap")
     result = subprocess.run([str(script), "--help"], capture_output=True, text=True, timeout=60)
     assert result.returncode == 2
