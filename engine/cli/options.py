@@ -26,7 +26,8 @@ MODELS = ("digits", "vgg11", "vgg11_bn", "vgg13", "vgg13_bn", "vgg16", "vgg16_bn
 STUDY = ("square3", "square5", "disk2", "disk3", "disk5")
 MAX_PIXELS = 40_000_000
 # the modules of frmap.bench that `frmap bench` runs
-BENCHMARKS = ("entropy", "responses", "attacks", "detectors", "screen", "serve", "scale")
+BENCHMARKS = ("entropy", "responses", "attacks", "detectors", "screen", "serve", "scale",
+              "overhead")
 # frmap.bench.responses.MODELS: the networks `frmap bench responses --model` times
 BENCH_MODELS = ("vgg19", "resnet18", "resnet50")
 DEFAULT_OUT = Path("frmap-out")
