@@ -163,6 +163,21 @@ def test_each_supported_op_equals_autograd_in_float64(name, rule, target):
                      rtol=1e-10)
 
 
+@pytest.mark.parametrize("precision", ["bf16", "bf16-backward"])
+def test_the_common_layouts_take_bf16(resnets, precision):
+    """The features + classifier layout and both ResNets run the bf16 precisions on the walk,
+    near their float32 responses."""
+    x = images((2, 3, 32, 32), 24)
+    for model, preprocess in ((FeaturesClassifier().eval(), None),
+                              (resnets["resnet18"], "imagenet"),
+                              (resnets["resnet50"], "imagenet")):
+        engine = ResponseEngine(model, preprocess=preprocess, precision=precision)
+        assert engine.path == "reverse_walk"
+        reference = ResponseEngine(model, preprocess=preprocess).responses(x)
+        got = engine.responses(x)
+        assert float((got - reference).norm() / reference.norm()) < 0.1
+
+
 def resnet(arch: str) -> nn.Module:
     model = torchvision.models.get_model(arch)
     randomize_batch_norm(model)
