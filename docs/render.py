@@ -319,35 +319,27 @@ def _load(c: dict) -> str:
 
 
 def bench_serve(output: dict, env: dict) -> Lines:
-    """`frmap bench serve --json F`: per model, images/s and p50 / p99 latency from 1 to 64
-    closed-loop clients, several images per request, max-batch 1, and open loop at half the
-    saturating rate, beside the library's own throughput; then Ray Serve's ceiling and the
-    targets."""
+    """`frmap bench serve --json F`: per model and ingress mode, p50 / p99 at 1 client beside the
+    library's batch-1 latency, images/s at saturation (1 and 16 images per request), p99 / p50 at
+    half load and the ports beyond loopback; then the targets."""
     lines: Lines = []
     for r in output["rows"]:
-        best = max(r["library_images_per_s"], key=lambda b: r["library_images_per_s"][b])
-        multi = r["multipart"]
-        per = multi[0]["per_request"] if multi else 0
-        head = [f"{r['model']}", "library, best batch",
-                *(f"{c['clients']} client{'s' * (c['clients'] > 1)}" for c in r["closed_loop"]),
-                f"{per} images / request, " + " / ".join(str(c["clients"]) for c in multi)
-                + " clients", "16 clients, max-batch 1", "open loop at half load"]
-        half = r["half_load"]
-        speed = ["images/s", f"{r['library_images_per_s'][best]:.1f} (batch {best})",
-                 *(_load(c) for c in r["closed_loop"]), " / ".join(_load(c) for c in multi),
-                 _load(r["max_batch_1"]), f"{_load(half)} at {half['rate']:.1f}/s"]
-
-        def latency(c: dict) -> str:
-            return f"{c['p50_ms']:.0f} / {c['p99_ms']:.0f}"
-
-        latencies = ["p50 / p99 ms", "", *(latency(c) for c in r["closed_loop"]),
-                     ", ".join(latency(c) for c in multi), latency(r["max_batch_1"]),
-                     latency(half)]
-        lines += [*_table(head, [speed, latencies]), ""]
-    ceiling = output["ray_serve_ceiling"]
-    lines.append(f"Ray Serve alone (a deployment that answers at once, {ceiling['clients']} "
-                 f"clients): {ceiling['images_per_s']:.1f} requests/s, p50 "
-                 f"{ceiling['p50_ms']:.0f} ms.")
+        lib, rows = r["library"], []
+        for m in r["modes"]:
+            if "error" in m:
+                rows.append([m["mode"], "did not start", "", "", "", "", ""])
+                continue
+            one, half = m["one_client"], m["half_load"]
+            rows.append([m["mode"], f"{m['library_batch1_ms']:.1f}",
+                         f"{one['p50_ms']:.1f} / {one['p99_ms']:.1f}",
+                         _load({"images_per_s": m["saturation_images_per_s"]}),
+                         _load(m["multipart"]), f"{half['p99_ms'] / half['p50_ms']:.2f}",
+                         f"{len(m['exposed'])} of {m['listening']}"])
+        lines += [f"{r['model']}: the library {lib['batch1_ms']:.1f} ms at batch 1, "
+                  f"{lib['best_images_per_s']:.1f} images/s at its best batch.", "",
+                  *_table(["mode", "library batch 1, ms", "1 client p50 / p99 ms",
+                           "images/s, 1 / request", "images/s, 16 / request",
+                           "p99 / p50 at half load", "ports beyond loopback"], rows), ""]
     return lines + _targets(output.get("targets", []))
 
 
