@@ -114,9 +114,6 @@ class _Meta(_Step):
     def forward(self, env):
         return self.call(env), None
 
-    def out_shape(self, shape):
-        return shape
-
 
 class _Weights:
     """A layer's weights in the compute dtype: copies made once per weight, and again only
@@ -430,8 +427,7 @@ class _Cat(_Step):
         self.call = call
         tensors = call.args[0] if call.args else call.kwargs["tensors"]
         self.parts = [t.slot if isinstance(t, Ref) else None for t in tensors]
-        dim = call.args[1] if len(call.args) > 1 else call.kwargs.get("dim", 0)
-        self.dim = dim
+        self.dim = call.args[1] if len(call.args) > 1 else call.kwargs.get("dim", 0)
 
     def forward(self, env):
         tensors = fill(self.call.args[0] if self.call.args else self.call.kwargs["tensors"],

@@ -158,15 +158,15 @@ def trace_ops(net: nn.Module) -> TracedModel:
                                   "the images")
             output = position[out]
             continue
-        inputs = tuple(position[n] for n in node.all_input_nodes if n in signal)
+        inputs = _signal_args(node, signal, position)
         if not inputs or _meta_only(node, signal):
-            kind = "meta"
+            kind, inputs = "meta", ()
         else:
-            kind = _kind(node, modules, signal)
+            kind = _kind(node, modules, signal, len(inputs))
             signal.add(node)
         position[node] = len(ops)
-        ops.append(Op(node, kind, _signal_args(node, signal, position) if kind != "meta"
-                      else (), modules.get(node.target) if node.op == "call_module" else None))
+        ops.append(Op(node, kind, inputs,
+                      modules.get(node.target) if node.op == "call_module" else None))
     return TracedModel(net, ops, output)
 
 
@@ -197,8 +197,10 @@ def _where(node: fx.Node) -> str:
     return f" ({code[-1]})" if code else ""
 
 
-def _kind(node: fx.Node, modules: dict[str, nn.Module], signal: set[fx.Node]) -> str:
-    """The kind of a signal node, or Untraceable naming it."""
+def _kind(node: fx.Node, modules: dict[str, nn.Module], signal: set[fx.Node],
+          signals: int) -> str:
+    """The kind of a signal node with `signals` signal arguments (repeats counted), or
+    Untraceable naming it."""
     if node.op == "call_module":
         module = modules[node.target]
         cls, kind = next(((c, k) for c, k in _MODULE_KINDS if isinstance(module, c)),
@@ -219,7 +221,6 @@ def _kind(node: fx.Node, modules: dict[str, nn.Module], signal: set[fx.Node]) ->
         kind, what = None, f"{node.op} {node.target!r}"
     if kind is None:
         raise Untraceable(f"the reverse walk does not support {what}")
-    signals = len(_signal_args(node, signal, {n: 0 for n in signal}))  # repeats counted
     if kind == "relu" and node.target in (torch.clamp, torch.clamp_min, "clamp", "clamp_",
                                           "clamp_min", "clamp_min_"):
         low = node.kwargs.get("min", node.args[1] if len(node.args) > 1 else None)
