@@ -23,6 +23,7 @@ from ._dispatch import BACKENDS, POOL_BACKENDS, RULE_BACKENDS, resolve_backend
 from ._threads import get_num_threads, set_num_threads
 from .denoise import nl_means
 from .entropy import local_entropy, mean_local_entropy
+from .errors import FrmapError
 from .scoring import response_score, response_to_image
 
 # The torch-only names and the module that defines each.
@@ -34,6 +35,7 @@ _TORCH_NAMES = {
 
 __all__ = [
     "BACKENDS",
+    "FrmapError",
     "POOL_BACKENDS",
     "RULES",
     "RULE_BACKENDS",

@@ -18,7 +18,7 @@
    the data's device) for relu and pooling.
 
 A backend named explicitly runs or raises, and never falls back: ValueError when it does not take
-the data, RuntimeError when it is not installed or built here. A backend's module is imported only
+the data, FrmapError when it is not installed or built here. A backend's module is imported only
 when it is chosen, so torch and triton are imported only for tensors or for a backend that needs
 them.
 """
@@ -31,6 +31,7 @@ import os
 from types import ModuleType
 
 from ._arrays import is_tensor
+from .errors import FrmapError
 
 # family -> backend -> the module that implements it; the first backend is the fallback.
 _TABLE = {
@@ -112,7 +113,7 @@ def resolve_backend(backend: str, data: object, *, family: str = "entropy") -> s
 
     Raises:
         ValueError: unknown backend, or a named backend that does not take `data`.
-        RuntimeError: a named backend that is not installed or built here.
+        FrmapError: a named backend that is not installed or built here.
     """
     device = str(data.device) if is_tensor(data) else None
     return resolve_for(backend, family, device, str(data.dtype))
@@ -140,7 +141,7 @@ def _resolved(backend: str, family: str, device: str | None, dtype: str,
     if reason := _refusal(family, backend, device, dtype):
         raise ValueError(reason)
     if reason := unavailable_reason(backend, family):
-        raise RuntimeError(f"the {backend} backend is unavailable: {reason}")
+        raise FrmapError(f"the {backend} backend is unavailable: {reason}")
     return backend
 
 

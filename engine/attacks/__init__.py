@@ -8,9 +8,9 @@ configs following the `Attack` protocol:
   smallest successful epsilon on a grid (`single_step`).
 - `OnePixel`, `ThreePixel`, `FivePixel`: differential evolution over the positions and values
   of 1, 3 or 5 pixels (`one_pixel`).
-- `DeepFool`, `Boundary`, `PGD`, `BIM`, `MIFGSM` and `CarliniWagner`: foolbox 3's attacks
-  (`foolbox_attacks`); PGD, BIM and MI-FGSM with each image's smallest successful epsilon on a
-  grid.
+- `DeepFool`, `Boundary` (from a `BlendedNoiseStart`), `PGD`, `BIM`, `MIFGSM` and
+  `CarliniWagner`: foolbox 3's attacks (`foolbox_attacks`); PGD, BIM and MI-FGSM with each
+  image's smallest successful epsilon on a grid.
 - `LBFGS`: Szegedy et al.'s box-constrained L-BFGS on SciPy's L-BFGS-B (`lbfgs`).
 
 Adversarial sets (`sets`) are generated resumably, in shards.
@@ -21,6 +21,7 @@ from frmap.engine.attacks.foolbox_attacks import (
     BIM,
     MIFGSM,
     PGD,
+    BlendedNoiseStart,
     Boundary,
     CarliniWagner,
     DeepFool,
@@ -51,6 +52,7 @@ __all__ = [
     "Attack",
     "AttackResult",
     "AttackStats",
+    "BlendedNoiseStart",
     "Boundary",
     "CarliniWagner",
     "DeepFool",

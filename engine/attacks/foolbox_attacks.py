@@ -57,14 +57,27 @@ class DeepFool(_UnboundedL2):
 
 
 @dataclass(frozen=True)
-class Boundary:
-    """foolbox's decision-based `BoundaryAttack` for `steps` steps.
+class BlendedNoiseStart:
+    """foolbox's `LinearSearchBlendedUniformNoiseAttack`, which finds the boundary attack's
+    starting points: `directions` uniform-noise draws, `steps` blending steps each."""
 
-    It starts from `LinearSearchBlendedUniformNoiseAttack` (`init_directions` uniform-noise
-    draws, `init_steps` blending steps); images for which no start is found fail. The step
-    sizes and the interval of the step-size adaptation differ from foolbox's defaults (0.01,
-    0.01, 10) to make a short run count: on 31 digits after 1000 steps the median L2 distance
-    is 3.9 with these and 11.1 with foolbox's.
+    directions: int = 100
+    steps: int = 50
+
+    def __post_init__(self) -> None:
+        if self.directions < 1 or self.steps < 1:
+            raise ValueError("the boundary attack's start needs directions >= 1 and steps >= 1, "
+                             f"got {self.directions} and {self.steps}")
+
+
+@dataclass(frozen=True)
+class Boundary:
+    """foolbox's decision-based `BoundaryAttack` for `steps` steps, from `start`.
+
+    Images for which `start` finds no adversarial fail. The step sizes and the interval of the
+    step-size adaptation differ from foolbox's defaults (0.01, 0.01, 10) to make a short run
+    count: on 31 digits after 1000 steps the median L2 distance is 3.9 with these and 11.1
+    with foolbox's.
     """
 
     name: ClassVar[str] = "boundary"
@@ -72,14 +85,13 @@ class Boundary:
     spherical_step: float = 0.05
     source_step: float = 0.05
     update_stats_every_k: int = 2
-    init_directions: int = 100
-    init_steps: int = 50
+    start: BlendedNoiseStart = BlendedNoiseStart()
 
     def perturb(self, model: nn.Module, x0: torch.Tensor, labels: torch.Tensor,
                 rng: np.random.Generator, progress: bool) -> Perturbation:
         fmodel = _foolbox_model(model, x0)
         init = foolbox.attacks.LinearSearchBlendedUniformNoiseAttack(
-            directions=self.init_directions, steps=self.init_steps
+            directions=self.start.directions, steps=self.start.steps
         )
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # init warns when some images get no start

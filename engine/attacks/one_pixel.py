@@ -73,18 +73,18 @@ class OnePixel:
     """
 
     name: ClassVar[str] = "one_pixel"
+    pixels: ClassVar[int] = 1
     population: int = 40
     generations: int = 10
     mutation: float = 0.5
     stop_probability: float = 0.05
-    pixels: int = 1
 
     def __post_init__(self) -> None:
-        if self.population < 4 or self.generations < 0 or self.pixels < 1:
-            raise ValueError(
-                "one-pixel attack needs population >= 4, generations >= 0 and pixels >= 1")
+        if self.population < 4 or self.generations < 0:
+            raise ValueError(f"{self.name} attack needs population >= 4 and generations >= 0")
         if not (0 < self.mutation <= 2 and 0 < self.stop_probability < 1):
-            raise ValueError("one-pixel attack needs 0 < mutation <= 2, 0 < stop_probability < 1")
+            raise ValueError(
+                f"{self.name} attack needs 0 < mutation <= 2 and 0 < stop_probability < 1")
 
     def perturb(self, model: nn.Module, x0: torch.Tensor, labels: torch.Tensor,
                 rng: np.random.Generator, progress: bool) -> Perturbation:
@@ -121,7 +121,7 @@ class ThreePixel(OnePixel):
     """The one-pixel attack's differential evolution over 3 pixels."""
 
     name: ClassVar[str] = "three_pixel"
-    pixels: int = 3
+    pixels: ClassVar[int] = 3
 
 
 @dataclass(frozen=True)
@@ -129,4 +129,4 @@ class FivePixel(OnePixel):
     """The one-pixel attack's differential evolution over 5 pixels."""
 
     name: ClassVar[str] = "five_pixel"
-    pixels: int = 5
+    pixels: ClassVar[int] = 5

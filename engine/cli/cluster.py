@@ -11,6 +11,7 @@ from contextlib import contextmanager
 from frmap.engine.jobs.pool import WorkerPool, quiet_ray_data
 from frmap.engine.models import model_device
 from frmap.engine.models.named import NamedModel
+from frmap.kernels.errors import FrmapError
 
 
 @contextmanager
@@ -18,12 +19,13 @@ def ray_session(args: argparse.Namespace) -> Iterator[None]:
     """A local Ray instance (--num-cpus) or the cluster at --address, shut down afterwards.
 
     Raises:
-        RuntimeError: Ray is not installed, or nothing answers at --address.
+        FrmapError: Ray is not installed, or nothing answers at --address.
+        ValueError: an --address that is not auto or HOST:PORT.
     """
     try:
         import ray
     except ImportError as err:
-        raise RuntimeError(f"frmap {args.command} --ray needs Ray ({err}): "
+        raise FrmapError(f"frmap {args.command} --ray needs Ray ({err}): "
                            "pip install 'frmap[serve]'") from None
     if args.address:
         _check_reachable(args.address)
@@ -42,18 +44,19 @@ def _check_reachable(address: str, timeout: float = 10.0) -> None:
     Ray itself retries an unreachable address for minutes. "auto" is left to Ray.
 
     Raises:
-        RuntimeError: nothing listens at the address, or it is not HOST:PORT.
+        FrmapError: nothing listens at the address.
+        ValueError: the address is not HOST:PORT.
     """
     target = address.removeprefix("ray://")
     if target == "auto":
         return
     host, _, port = target.rpartition(":")
     if not host or not port.isdigit():
-        raise RuntimeError(f"--address {address!r}: expected auto or HOST:PORT")
+        raise ValueError(f"--address {address!r}: expected auto or HOST:PORT")
     try:
         socket.create_connection((host, int(port)), timeout=timeout).close()
     except OSError as err:
-        raise RuntimeError(f"--address {address}: no Ray cluster answers there ({err})") from None
+        raise FrmapError(f"--address {address}: no Ray cluster answers there ({err})") from None
 
 
 def worker_pool(args: argparse.Namespace, model: NamedModel) -> WorkerPool:

@@ -25,6 +25,7 @@ from frmap.engine.cli.options import DEMO_ATTACKED
 from frmap.engine.data.files import write_json
 from frmap.engine.models import model_device
 from frmap.engine.models.named import NamedModel
+from frmap.kernels.errors import FrmapError
 
 # the detectors `frmap demo` builds its screener from: those fit in seconds on the digits
 DEMO_DETECTORS = ("entropy", "knn", "squeeze")
@@ -398,7 +399,7 @@ def _serve_on_ray(args: argparse.Namespace, data: bytes, settings: dict,
 
         from frmap.engine.serving.cluster import ray_application
     except ImportError as err:
-        raise RuntimeError(f"frmap serve on Ray needs Ray Serve ({err}): pip install "
+        raise FrmapError(f"frmap serve on Ray needs Ray Serve ({err}): pip install "
                            "'frmap[serve]'") from None
     stop = threading.Event()
     with ray_session(args):

@@ -27,14 +27,15 @@ from frmap.engine.cli.options import (
     positive_int,
     rate,
 )
+from frmap.kernels.errors import FrmapError, out_of_memory
 
 # What a command raises for a person to fix, printed as one line with exit status 1: ValueError
 # for bad input (a file, field, folder, detector, set or setting, named in the message; the
 # loaders turn a malformed file's KeyError and TypeError into it), OSError for files that cannot
-# be read or written, RuntimeError for what the machine lacks (Ray, a cluster, a backend or a
-# device, CUDA out of memory) or a set left incomplete. Anything else (a TypeError, KeyError,
-# AttributeError, ...) is a bug and keeps its traceback.
-EXPECTED_ERRORS = (ValueError, OSError, RuntimeError)
+# be read or written, FrmapError for what the install, machine or cluster lacks (Ray, a cluster,
+# a backend) or a set left incomplete. Running out of memory is said as such. Anything else (a
+# TypeError, KeyError, another RuntimeError, ...) is a bug and keeps its traceback.
+EXPECTED_ERRORS = (ValueError, OSError, FrmapError)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -229,7 +230,9 @@ def main(argv: list[str] | None = None) -> int:
     except EXPECTED_ERRORS as err:
         print(f"frmap {args.command}: error: {err}", file=sys.stderr)
         return 1
-    except MemoryError:
+    except (MemoryError, RuntimeError) as err:
+        if not out_of_memory(err):
+            raise
         print(f"frmap {args.command}: error: out of memory (try a smaller --batch-size)",
               file=sys.stderr)
         return 1

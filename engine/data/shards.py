@@ -21,6 +21,7 @@ from pathlib import Path
 from filelock import FileLock, Timeout
 
 from frmap.engine.data.files import atomic_write_bytes, is_temporary, write_json
+from frmap.kernels.errors import FrmapError
 
 MANIFEST = "manifest.json"
 LOCK = ".frmap.lock"
@@ -137,11 +138,11 @@ class ShardStore:
         """Mark the job complete.
 
         Raises:
-            RuntimeError: shards are missing.
+            FrmapError: shards are missing.
         """
         missing = [k for k, s in enumerate(self._sums) if s is None]
         if missing:
-            raise RuntimeError(f"{self.folder}: shards {missing} were not written; run again")
+            raise FrmapError(f"{self.folder}: shards {missing} were not written; run again")
         self._write_manifest(True)
 
     def read(self, k: int) -> bytes:

@@ -17,8 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from frmap.engine.models.named import NamedModel, load_model
-from frmap.engine.remote import check_positive
+from frmap.engine.remote import ModelHost, check_positive
 
 # Makes a worker's per-row function once per actor, from the loaded model and the job's arguments.
 MakeWorker = Callable[..., Callable[[dict], dict]]
@@ -36,31 +35,18 @@ def quiet_ray_data() -> None:
 
 
 @dataclass(frozen=True)
-class WorkerPool:
-    """The worker actors of a job and the classifier each loads once.
+class WorkerPool(ModelHost):
+    """The worker actors of a job, each a `ModelHost` process.
 
     Attributes:
-        model, weights, seed: the classifier (`frmap.engine.models.named.load_model`); a
-            weights file must be readable on every node.
-        device: where each worker runs the model.
         workers: how many actors.
-        cpus: CPUs each actor takes, and the torch threads it runs (Ray gives a process that
-            asks for none a single thread).
-        gpus: GPUs each actor takes.
     """
 
-    model: str = "digits"
-    weights: str | None = None
-    seed: int = 0
-    device: str = "cpu"
     workers: int = 1
-    cpus: int = 1
-    gpus: float = 0.0
 
     def __post_init__(self) -> None:
-        check_positive(self, "workers", "cpus")
-        if not self.gpus >= 0:
-            raise ValueError(f"gpus must be >= 0, got {self.gpus!r}")
+        super().__post_init__()
+        check_positive(self, "workers")
 
 
 class _Actor:
@@ -68,9 +54,7 @@ class _Actor:
 
     def __init__(self, pool: WorkerPool, make: MakeWorker, args: tuple) -> None:
         torch.set_num_threads(pool.cpus)
-        named: NamedModel = load_model(pool.model, pool.weights, seed=pool.seed,
-                                       device=pool.device)
-        self.work = make(named, *args)
+        self.work = make(pool.load(), *args)
 
     def __call__(self, row: dict) -> dict:
         return self.work(row)

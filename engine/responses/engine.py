@@ -43,6 +43,7 @@ from frmap.engine.responses.reverse_walk import ReverseWalk, WalkOutput
 from frmap.engine.responses.targets import Target, check_target, target_classes
 from frmap.engine.responses.tracing import Untraceable, trace_ops
 from frmap.kernels import RULES, check_footprint, response_score
+from frmap.kernels.errors import out_of_memory
 
 T = TypeVar("T")
 
@@ -311,7 +312,7 @@ class ResponseEngine:
             try:
                 out = fn(images[start:stop], None if classes is None else classes[start:stop])
             except RuntimeError as err:
-                if stop - start == 1 or not _out_of_memory(err):
+                if stop - start == 1 or not out_of_memory(err):
                     raise
                 out = None  # retry outside the handler, so the failed batch's memory is freed
             if out is None:
@@ -341,12 +342,6 @@ class ResponseEngine:
 
 def _device_of(images: object) -> torch.device:
     return images.device if isinstance(images, torch.Tensor) else torch.device("cpu")
-
-
-def _out_of_memory(err: RuntimeError) -> bool:
-    text = str(err)
-    return isinstance(err, torch.OutOfMemoryError) or "can't allocate memory" in text or \
-        "out of memory" in text
 
 
 @contextmanager

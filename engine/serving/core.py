@@ -40,8 +40,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from frmap.engine.data.images import MAX_PIXELS, ImageFileError, decode_image
-from frmap.engine.models.named import NamedModel, load_model
-from frmap.engine.remote import check_positive, load_screener
+from frmap.engine.models.named import NamedModel
+from frmap.engine.remote import ModelHost, check_positive, load_screener
 
 IMAGE_TYPES = ("image/png", "image/jpeg")
 _ROUTES = ("/screen", "/healthz", "/metrics")
@@ -51,13 +51,10 @@ _SECONDS_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0
 
 
 @dataclass(frozen=True)
-class ServiceConfig:
-    """What the service serves and how.
+class ServiceConfig(ModelHost):
+    """What the service serves and how, in each of its `ModelHost` processes.
 
     Attributes:
-        model, weights, seed: the classifier (`frmap.engine.models.named.load_model`); a
-            weights file must be readable on every node of a cluster.
-        device: "cpu", "cuda" or "cuda:N".
         max_batch: images per model pass at most.
         max_wait_ms: how long a pass that is not full waits for more images (0: it starts with
             the images already waiting).
@@ -65,14 +62,9 @@ class ServiceConfig:
         max_pixels: image files of more pixels are refused from their header (400).
         max_queued: images waiting for a pass before 503.
         timeout_s: the longest a request may take, reading its body included, before 504.
-        replicas, cpus, gpus: on Ray Serve, replicas of the service and CPUs and GPUs per
-            replica; `cpus` is also torch's thread count in each process.
+        replicas: on Ray Serve, replicas of the service.
     """
 
-    model: str = "digits"
-    weights: str | None = None
-    seed: int = 0
-    device: str = "cpu"
     max_batch: int = 32
     max_wait_ms: float = 0.0
     max_bytes: int = 10 << 20
@@ -80,18 +72,14 @@ class ServiceConfig:
     max_queued: int = 256
     timeout_s: float = 30.0
     replicas: int = 1
-    cpus: int = 1
-    gpus: float = 0.0
 
     def __post_init__(self) -> None:
-        check_positive(self, "max_batch", "max_bytes", "max_pixels", "max_queued", "replicas",
-                       "cpus")
+        super().__post_init__()
+        check_positive(self, "max_batch", "max_bytes", "max_pixels", "max_queued", "replicas")
         if not 0 <= self.max_wait_ms <= 60_000:
             raise ValueError(f"max_wait_ms must lie in [0, 60000], got {self.max_wait_ms}")
         if not 0 < self.timeout_s <= 3600:
             raise ValueError(f"timeout_s must lie in (0, 3600], got {self.timeout_s}")
-        if self.gpus < 0:
-            raise ValueError(f"gpus must be >= 0, got {self.gpus}")
 
 
 class ClientError(Exception):
@@ -221,8 +209,7 @@ class ScreeningApp:
         self.config = config
         torch.set_num_threads(config.cpus)
         if named is None:
-            named = load_model(config.model, config.weights, seed=config.seed,
-                               device=config.device)
+            named = config.load()
         self.screener = load_screener(screener, named, config.max_batch)
         self.spec = replace(named.spec, max_pixels=config.max_pixels)
         self._token = None if token is None else f"Bearer {token}".encode()

@@ -61,7 +61,7 @@ def test_reference_backend_without_scikit_image_names_the_extra():
         "K.local_entropy(np.zeros((4, 4), np.uint8), np.ones((3, 3)), backend='reference')\n"
     )
     assert result.returncode == 1
-    assert ("RuntimeError: the reference backend is unavailable: it needs scikit-image"
+    assert ("FrmapError: the reference backend is unavailable: it needs scikit-image"
             in result.stderr)
     assert "pip install 'frmap[engine]'" in result.stderr
 

@@ -20,6 +20,7 @@ from frmap.engine.attacks import (
     LBFGS,
     MIFGSM,
     PGD,
+    BlendedNoiseStart,
     Boundary,
     CarliniWagner,
     DeepFool,
@@ -41,7 +42,7 @@ SMALL = {
     "gradient": GradientAttack(epsilons=FINE_L2),
     "one_pixel": OnePixel(population=20, generations=10),
     "deepfool": DeepFool(),
-    "boundary": Boundary(steps=100, init_directions=20, init_steps=20),
+    "boundary": Boundary(steps=100, start=BlendedNoiseStart(directions=20, steps=20)),
     "three_pixel": ThreePixel(population=20, generations=10),
     "five_pixel": FivePixel(population=20, generations=10),
     "pgd": PGD(steps=10),
@@ -331,8 +332,12 @@ def test_bad_inputs_raise(images, labels, error, match, tmp_path):
 def test_bad_configs_raise():
     with pytest.raises(ValueError, match="unknown attack"):
         make_attack("nope")
-    with pytest.raises(ValueError, match="pixels >= 1"):
-        OnePixel(pixels=0)
+    with pytest.raises(TypeError, match="pixels"):  # fixed by the class: three_pixel has 3
+        OnePixel(pixels=3)
+    with pytest.raises(ValueError, match="generations >= 0"):
+        ThreePixel(generations=-1)
+    with pytest.raises(ValueError, match="directions >= 1"):
+        Boundary(start=BlendedNoiseStart(directions=0))
     with pytest.raises(ValueError, match="steps >= 1"):
         PGD(steps=0)
     with pytest.raises(ValueError, match="increasing"):

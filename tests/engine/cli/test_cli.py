@@ -18,6 +18,7 @@ from PIL import Image
 from frmap.engine.cli import build_parser, main
 from frmap.engine.data import load_digits_split
 from frmap.engine.detectors import load_detector
+from frmap.kernels import FrmapError
 
 from helpers import frmap
 
@@ -152,6 +153,33 @@ def test_a_user_error_is_one_clean_line(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith("frmap score: error: ") and "no such screener file" in err
     assert "Traceback" not in err and len(err.splitlines()) == 1
+
+
+@pytest.mark.parametrize(("raised", "said"), [
+    (FrmapError("--address 10.0.0.9:6379: no Ray cluster answers there"), "no Ray cluster"),
+    (RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB"), "out of memory (try a"),
+    (MemoryError(), "out of memory (try a"),
+])
+def test_what_a_person_fixes_is_one_line(monkeypatch, capsys, raised, said):
+    import frmap.engine.cli.commands as commands
+
+    def fail(args):
+        raise raised
+    monkeypatch.setattr(commands, "load_model", fail)
+    assert main(["score", "x.png"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("frmap score: error: ") and said in err and len(err.splitlines()) == 1
+
+
+def test_another_runtime_error_is_a_bug(monkeypatch):
+    """torch's own RuntimeErrors (a shape mismatch deep in a model) are not the user's to fix."""
+    import frmap.engine.cli.commands as commands
+
+    def fail(args):
+        raise RuntimeError("mat1 and mat2 shapes cannot be multiplied")
+    monkeypatch.setattr(commands, "load_model", fail)
+    with pytest.raises(RuntimeError, match="mat1 and mat2"):
+        main(["score", "x.png"])
 
 
 @pytest.mark.slow
