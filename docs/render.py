@@ -320,7 +320,7 @@ def _load(c: dict) -> str:
 
 def bench_serve(output: dict, env: dict) -> Lines:
     """`frmap bench serve --json F`: per model and ingress mode, p50 / p99 at 1 client beside the
-    library's batch-1 latency, images/s at saturation (1 and 16 images per request), p99 / p50 at
+    library's batch-1 latency taking turns with it, images/s at saturation (1 and 16 images per request), p99 / p50 at
     half load and the ports beyond loopback; then the targets."""
     lines: Lines = []
     for r in output["rows"]:
@@ -335,8 +335,9 @@ def bench_serve(output: dict, env: dict) -> Lines:
                          _load({"images_per_s": m["saturation_images_per_s"]}),
                          _load(m["multipart"]), f"{half['p99_ms'] / half['p50_ms']:.2f}",
                          f"{len(m['exposed'])} of {m['listening']}"])
-        lines += [f"{r['model']}: the library {lib['batch1_ms']:.1f} ms at batch 1, "
-                  f"{lib['best_images_per_s']:.1f} images/s at its best batch.", "",
+        lines += [f"{r['model']}: the library {lib['best_images_per_s']:.1f} images/s at its "
+                  f"best batch, {lib['best_batch']}, the service's `--max-batch`; its latency "
+                  "at batch 1 taking turns with the service's 1-client requests.", "",
                   *_table(["mode", "library batch 1, ms", "1 client p50 / p99 ms",
                            "images/s, 1 / request", "images/s, 16 / request",
                            "p99 / p50 at half load", "ports beyond loopback"], rows), ""]

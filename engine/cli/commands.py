@@ -25,6 +25,7 @@ from frmap.engine.cli.options import DEMO_ATTACKED
 from frmap.engine.data.files import write_json
 from frmap.engine.models import model_device
 from frmap.engine.models.named import NamedModel
+from frmap.engine.models.runtime import torch_settings
 from frmap.kernels.errors import FrmapError
 
 # the detectors `frmap demo` builds its screener from: those fit in seconds on the digits
@@ -346,8 +347,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.replicas > 1 and not on_ray:
         raise ValueError("--replicas runs on Ray Serve: add --ray (a local Ray instance) or "
                          "--address (a cluster)")
-    model = load_model(args)
-    Screener.load(args.screener, model.model, preprocess=model.preprocess)  # fail fast, here
+    with torch_settings(1):  # no second team of OpenMP threads beside the service's
+        model = load_model(args)
+        Screener.load(args.screener, model.model, preprocess=model.preprocess)  # fail fast
     data = Path(args.screener).read_bytes()
     settings = {"model": args.model, "weights": args.weights, "seed": args.seed,
                 "device": str(model_device(model.model)), "max_batch": args.max_batch,

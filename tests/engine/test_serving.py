@@ -120,7 +120,7 @@ def _gated_batcher(max_batch: int, max_queued: int = 1000):
         sizes.append(len(images))
         return [{"value": float(x.sum())} for x in images]
 
-    return Batcher(screen, max_batch, 0.0, max_queued, Metrics()), gate, sizes
+    return Batcher(lambda image: image, screen, max_batch, 0.0, max_queued, Metrics()), gate, sizes
 
 
 def test_an_idle_batcher_starts_at_once_and_batches_what_queued_meanwhile():
@@ -140,6 +140,32 @@ def test_an_idle_batcher_starts_at_once_and_batches_what_queued_meanwhile():
     assert first == [({"value": 4.0}, 1)]
     assert [r[0][0]["value"] for r in later] == [4.0 * k for k in range(2, 8)]
     assert [r[0][1] for r in later] == [4, 4, 4, 4, 2, 2]
+
+
+def test_an_image_that_does_not_decode_fails_alone_in_its_pass():
+    """Images are decoded in the pass: one that fails gives its request the error, and the
+    others of the pass their records."""
+    def decode(item: float) -> torch.Tensor:
+        if item < 0:
+            raise ValueError(f"cannot decode {item}")
+        return torch.full((1, 2, 2), item)
+
+    sizes = []
+
+    def screen(images: torch.Tensor) -> list[dict]:
+        sizes.append(len(images))
+        return [{"value": float(x.sum())} for x in images]
+
+    batcher = Batcher(decode, screen, 8, 0.01, 100, Metrics())
+
+    async def scenario():
+        return await asyncio.gather(batcher.submit([1.0]), batcher.submit([-1.0]),
+                                    batcher.submit([2.0, 3.0]), return_exceptions=True)
+
+    good, bad, pair = asyncio.run(scenario())
+    assert good == [({"value": 4.0}, 4)] and sizes == [3]
+    assert isinstance(bad, ValueError) and "cannot decode -1.0" in str(bad)
+    assert [r[0]["value"] for r in pair] == [8.0, 12.0]
 
 
 def test_a_batcher_refuses_beyond_max_queued_and_survives_a_failed_pass():

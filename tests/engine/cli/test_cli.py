@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -180,6 +181,23 @@ def test_another_runtime_error_is_a_bug(monkeypatch):
     monkeypatch.setattr(commands, "load_model", fail)
     with pytest.raises(RuntimeError, match="mat1 and mat2"):
         main(["score", "x.png"])
+
+
+def test_serve_shortens_openmp_spinning_before_torch_loads():
+    """`frmap serve` sets GOMP_SPINCOUNT before torch (and its OpenMP) is imported, unless the
+    caller set it."""
+    code = ("import sys, types, os\n"
+            "fake = types.ModuleType('frmap.engine.cli.commands')\n"
+            "fake.cmd_serve = lambda args: print(os.environ.get('GOMP_SPINCOUNT'),"
+            " 'torch' in sys.modules) or 0\n"
+            "sys.modules['frmap.engine.cli.commands'] = fake\n"
+            "from frmap.engine.cli.main import main\n"
+            "sys.exit(main(['serve', '--screener', 'x.frmap']))\n")
+    env = {k: v for k, v in os.environ.items() if k != "GOMP_SPINCOUNT"}
+    for given, said in ((None, "1000 False"), ("77", "77 False")):
+        result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                                env=env if given is None else {**env, "GOMP_SPINCOUNT": given})
+        assert result.returncode == 0 and result.stdout.strip() == said, result.stderr
 
 
 @pytest.mark.slow
