@@ -6,7 +6,9 @@ Routes:
   `image/jpeg`) -> that image's screen result as one JSON object (the keys of a `frmap score`
   line, `path` aside); or `multipart/form-data` with one image per part -> a JSON list, one
   object per part in order, each with the part's `name`. The response header `X-Batch-Sizes`
-  gives the size of the model batch each image went through.
+  gives the size of the model batch each image went through, and `Server-Timing` the time of
+  the longest of their passes, decoding its images and screening them
+  (`decode;dur=MS, screen;dur=MS`).
 - `GET /healthz`: 200 once the model is loaded, with the model's identity and torch's threads.
 - `GET /metrics`: the Prometheus text format: `frmap_requests_total{route,status}` (route
   "other" for unknown paths), `frmap_request_duration_seconds` (histogram, `POST /screen`),
@@ -17,11 +19,12 @@ Routes:
 Batching follows Triton's dynamic batcher: an image that reaches an idle service starts its
 model pass at once; the images that arrive while a pass runs wait, and the next pass takes up to
 `max_batch` of them together (waiting at most `max_wait_ms` more for a batch to fill; 0 by
-default: never). Bad input is the client's error and never reaches a batch: 400 (not an image,
-wrong mode or size), 413 (a body over `max_bytes`, refused while it is read), 415 (another
-content type). Beyond `max_queued` images waiting the service answers 503 with `Retry-After`; a
-request not answered within `timeout_s` (reading its body included) gets 504; with a token,
-every route answers 401 to a request without `Authorization: Bearer <token>`.
+default: never). Bad input is the client's error and never reaches the model (the pass decodes
+its images first; one that fails, fails alone): 400 (not an image, wrong mode or size), 413 (a
+body over `max_bytes`, refused while it is read), 415 (another content type). Beyond
+`max_queued` images waiting the service answers 503 with `Retry-After`; a request not answered
+within `timeout_s` (reading its body included) gets 504; with a token, every route answers 401
+to a request without `Authorization: Bearer <token>`.
 """
 
 from __future__ import annotations
@@ -142,8 +145,9 @@ class Batcher:
         self._worker: asyncio.Task | None = None
         self._thread = ThreadPoolExecutor(1, thread_name_prefix="frmap-screen")
 
-    async def submit(self, images: list[Any]) -> list[tuple[dict, int]]:
-        """Each image's record and the size of the pass it went through, in order.
+    async def submit(self, images: list[Any]) -> list[tuple[dict, int, tuple[float, float]]]:
+        """Each image's record, the size of the pass it went through and that pass's seconds
+        (decoding, screening), in order.
 
         Raises:
             ClientError: 503 where more than `max_queued` images would wait.
@@ -175,8 +179,10 @@ class Batcher:
         """`fn(*args)` in the thread that runs the passes, from outside the loop."""
         return self._thread.submit(fn, *args).result()
 
-    def _pass(self, items: list[Any]) -> list[dict | Exception]:
-        """Each item's record, or the error that decoding it raised."""
+    def _pass(self, items: list[Any]) -> tuple[list[dict | Exception], tuple[float, float]]:
+        """Each item's record, or the error that decoding it raised; the seconds the pass
+        took to decode and to screen."""
+        start = time.perf_counter()
         images, outcomes = [], []
         for item in items:
             try:
@@ -184,8 +190,10 @@ class Batcher:
                 outcomes.append(None)
             except Exception as err:  # noqa: BLE001 - the item's own error, given back to it
                 outcomes.append(err)
+        decoded = time.perf_counter()
         records = iter(self.screen(torch.stack(images)) if images else ())
-        return [next(records) if outcome is None else outcome for outcome in outcomes]
+        return ([next(records) if outcome is None else outcome for outcome in outcomes],
+                (decoded - start, time.perf_counter() - decoded))
 
     async def _run(self) -> None:
         queue = self._queue
@@ -209,17 +217,17 @@ class Batcher:
                 continue
             self.metrics.batch_size.observe(len(live))
             try:
-                outcomes = await asyncio.get_running_loop().run_in_executor(
+                outcomes, seconds = await asyncio.get_running_loop().run_in_executor(
                     self._thread, self._pass, [item for item, _ in live])
             except Exception as err:  # the pass failed: its requests fail, the service goes on
-                outcomes = [err] * len(live)
+                outcomes, seconds = [err] * len(live), (0.0, 0.0)
             for (_, future), outcome in zip(live, outcomes, strict=True):
                 if future.done():
                     continue
                 if isinstance(outcome, Exception):
                     future.set_exception(outcome)
                 else:
-                    future.set_result((outcome, len(live)))
+                    future.set_result((outcome, len(live), seconds))
 
 
 class ScreeningApp:
@@ -327,14 +335,16 @@ class ScreeningApp:
         if kind == "multipart/form-data":
             parts = await self._parts(request, body)
             results = await self.batcher.submit(parts)
-            content = [{"name": name, **record} for (name, _), (record, _) in
+            content = [{"name": name, **record} for (name, _), (record, *_) in
                        zip(parts, results, strict=True)]
         else:
             results = await self.batcher.submit([("body", body)])
             content = results[0][0]
-        sizes = ",".join(str(size) for _, size in results)
+        sizes = ",".join(str(size) for _, size, _ in results)
+        decode, screen = max((seconds for *_, seconds in results), key=sum)
         return Response(json.dumps(content), media_type="application/json",
-                        headers={"X-Batch-Sizes": sizes})
+                        headers={"X-Batch-Sizes": sizes, "Server-Timing":
+                                 f"decode;dur={decode * 1e3:.3f}, screen;dur={screen * 1e3:.3f}"})
 
     def _decode(self, part: tuple[str, bytes]) -> torch.Tensor:
         name, data = part

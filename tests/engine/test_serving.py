@@ -137,7 +137,8 @@ def test_an_idle_batcher_starts_at_once_and_batches_what_queued_meanwhile():
 
     first, later = asyncio.run(scenario())
     assert sizes == [1, 4, 2]  # 6 images queued during the first pass: passes of 4, then 2
-    assert first == [({"value": 4.0}, 1)]
+    assert [r[:2] for r in first] == [({"value": 4.0}, 1)]
+    assert first[0][2][1] >= 0.05  # the first pass's screening seconds: it waited for the gate
     assert [r[0][0]["value"] for r in later] == [4.0 * k for k in range(2, 8)]
     assert [r[0][1] for r in later] == [4, 4, 4, 4, 2, 2]
 
@@ -163,7 +164,7 @@ def test_an_image_that_does_not_decode_fails_alone_in_its_pass():
                                     batcher.submit([2.0, 3.0]), return_exceptions=True)
 
     good, bad, pair = asyncio.run(scenario())
-    assert good == [({"value": 4.0}, 4)] and sizes == [3]
+    assert [r[:2] for r in good] == [({"value": 4.0}, 4)] and sizes == [3]
     assert isinstance(bad, ValueError) and "cannot decode -1.0" in str(bad)
     assert [r[0]["value"] for r in pair] == [8.0, 12.0]
 
@@ -194,7 +195,7 @@ def test_a_batcher_refuses_beyond_max_queued_and_survives_a_failed_pass():
 
     refused, after = asyncio.run(scenario())
     assert refused.status == 503 and refused.headers["Retry-After"]
-    assert after == [({}, 1)] and calls == [1, 1]
+    assert [r[:2] for r in after] == [({}, 1)] and calls == [1, 1]
 
 
 # --- the single-process service, in a thread of this process -------------------------------
@@ -237,6 +238,11 @@ def test_results_equal_the_library_and_requests_share_batches(local, pngs, expec
         _assert_equal_records(reply.json(), want)
     sizes = [int(s) for r in replies for s in r.headers["X-Batch-Sizes"].split(",")]
     assert max(sizes) > 1, f"no batching: batch sizes {sizes}"
+    for reply in replies:  # the pass's own times, within what the client waited
+        timing = dict(m.split(";dur=") for m in reply.headers["Server-Timing"].split(", "))
+        assert set(timing) == {"decode", "screen"}, timing
+        seconds = [float(v) / 1e3 for v in timing.values()]
+        assert min(seconds) > 0 and sum(seconds) <= reply.elapsed.total_seconds()
 
 
 def test_multipart_gives_one_result_per_part_in_order(local, pngs, expected):
