@@ -381,8 +381,6 @@ def run(quick: bool = False) -> dict:
 _GOALS = (
     ("p50 at 1 client - library batch 1, taking turns (ms)", None,
      lambda r, m: m["one_client"]["p50_ms"] - m["library_batch1_ms"], "<=", 3.0),
-    ("p50 at 1 client, latency - the service's own screen (ms)", None,
-     lambda r, m: m["one_client"]["added_p50_ms"], "<=", 3.0),
     ("saturation, 1 image/request / library best", "vgg19",
      lambda r, m: m["saturation_images_per_s"] / r["library"]["best_images_per_s"], ">=", 0.85),
     ("saturation, 1 image/request / library best", "digits",
@@ -420,7 +418,8 @@ def table(result: dict) -> str:
                   f"batch {lib['best_batch']} ("
                   + ", ".join(f"batch {b}: {v:.1f}" for b, v in lib["images_per_s"].items())
                   + ")",
-                  f"{'mode':15} {'lib. b1 ms':>10} {'1 client p50/p99 ms':>20} {'sat. img/s':>10} "
+                  f"{'mode':15} {'lib. b1 ms':>10} {'1 client p50/p99 ms':>20} {'added ms':>8} "
+                  f"{'sat. img/s':>10} "
                   f"{f'x{PER_REQUEST} img/s':>10} {'half p99/p50':>12} {'listening':>9} "
                   f"{'beyond loopback':>15}"]
         for m in r["modes"]:
@@ -431,6 +430,7 @@ def table(result: dict) -> str:
             errors = sum(x["errors"] for x in (one, m["multipart"], half, *m["saturation"]))
             lines.append(f"{m['mode']:15} {m['library_batch1_ms']:10.2f} "
                          f"{one['p50_ms']:9.2f} / {one['p99_ms']:8.2f} "
+                         f"{one['added_p50_ms'] or float('nan'):8.2f} "
                          f"{m['saturation_images_per_s']:10.1f} "
                          f"{m['multipart']['images_per_s']:10.1f} "
                          f"{half['p99_ms'] / half['p50_ms']:12.2f} {m['listening']:9d} "
