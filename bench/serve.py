@@ -427,10 +427,11 @@ def table(result: dict) -> str:
                 lines.append(f"{m['mode']:15} did not run: {m['error']}")
                 continue
             one, half = m["one_client"], m["half_load"]
+            added = float("nan") if one["added_p50_ms"] is None else one["added_p50_ms"]
             errors = sum(x["errors"] for x in (one, m["multipart"], half, *m["saturation"]))
             lines.append(f"{m['mode']:15} {m['library_batch1_ms']:10.2f} "
                          f"{one['p50_ms']:9.2f} / {one['p99_ms']:8.2f} "
-                         f"{one['added_p50_ms'] or float('nan'):8.2f} "
+                         f"{added:8.2f} "
                          f"{m['saturation_images_per_s']:10.1f} "
                          f"{m['multipart']['images_per_s']:10.1f} "
                          f"{half['p99_ms'] / half['p50_ms']:12.2f} {m['listening']:9d} "

@@ -26,7 +26,7 @@ def ray_session(args: argparse.Namespace) -> Iterator[None]:
         import ray
     except ImportError as err:
         raise FrmapError(f"frmap {args.command} --ray needs Ray ({err}): "
-                           "pip install 'frmap[serve]'") from None
+                         "pip install 'frmap[serve]'") from None
     if args.address:
         _check_reachable(args.address)
     local = {} if args.address else {"num_cpus": args.num_cpus}

@@ -402,7 +402,7 @@ def _serve_on_ray(args: argparse.Namespace, data: bytes, settings: dict,
         from frmap.engine.serving.cluster import ray_application
     except ImportError as err:
         raise FrmapError(f"frmap serve on Ray needs Ray Serve ({err}): pip install "
-                           "'frmap[serve]'") from None
+                         "'frmap[serve]'") from None
     stop = threading.Event()
     with ray_session(args):
         for signum in (signal.SIGINT, signal.SIGTERM):  # after ray.init, which sets its own

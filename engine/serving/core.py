@@ -127,13 +127,13 @@ class Batcher:
     Requests queue their undecoded images. One pass runs at a time, always in the same worker
     thread, which decodes the images it takes and screens them, in one hand-over from the loop,
     and also loads the model (`run`): the loop keeps accepting requests, and the process keeps
-    one team of OpenMP threads. A second team (another thread's torch ops) costs
-    twice: its threads spin for milliseconds after each of its ops on the cores a pass needs
-    (+12-20 ms on a VGG19 pass of 230 ms on 2 cores, after a resize on the loop), and with more
-    OpenMP threads than cores every team's threads sleep between ops instead of spinning (+0.7
-    ms on a digits pass of 4 ms). A pass starts as soon
-    as an image waits and none runs; it takes every image waiting, up to `max_batch`, and waits
-    up to `max_wait_s` for more only while it is not full.
+    one team of OpenMP threads. A second team (another thread's torch ops) costs twice: its
+    threads spin for milliseconds after each of its ops on the cores a pass needs (+12-20 ms on
+    a VGG19 pass of 230 ms on 2 cores, after a resize on the loop), and with more OpenMP threads
+    than cores every team's threads sleep between ops instead of spinning (+0.7 ms on a digits
+    pass of 4 ms). A pass starts as soon as an image waits and none runs; it takes every image
+    waiting, up to `max_batch`, and waits up to `max_wait_s` for more only while it is not
+    full.
     """
 
     def __init__(self, decode: Decode, screen: ScreenBatch, max_batch: int, max_wait_s: float,
@@ -256,7 +256,6 @@ class ScreeningApp:
 
     def _load(self, screener: bytes, named: NamedModel | None) -> NamedModel:
         torch.set_num_threads(self.config.cpus)
-        self.threads = torch.get_num_threads()  # the passes' (torch's count is per thread)
         named = named or self.config.load()
         self.screener = load_screener(screener, named, self.config.max_batch)
         return named
@@ -288,7 +287,7 @@ class ScreeningApp:
                                                   self.config.timeout_s)
             elif route == "/healthz" and request.method == "GET":
                 response = JSONResponse({"status": "ok", "model": self.screener.identity,
-                                         "threads": self.threads})
+                                         "threads": self.config.cpus})
             elif route == "/metrics" and request.method == "GET":
                 response = Response(generate_latest(self.metrics.registry),
                                     media_type="text/plain; version=0.0.4")
