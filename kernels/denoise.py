@@ -19,7 +19,8 @@ def nl_means(images: np.ndarray, *, patch_size: int = 7, patch_distance: int = 1
             does).
         patch_distance: the search radius in pixels.
         h: the cut-off distance, in the images' units.
-        backend: "auto" (the C++ kernels, one image per thread, where built), "cpu" or
+        backend: "auto" (the C++ kernels, where built: small images vectorised across
+            images, equal to the last bit), "cpu" or
             "reference" (scikit-image, one call per image).
 
     Returns:

@@ -96,8 +96,8 @@ def median_smooth(images: torch.Tensor, size: int) -> torch.Tensor:
 
 def nl_means_denoise(images: torch.Tensor, params: NLMeans) -> torch.Tensor:
     """`[N, C, H, W]` in [0, 1] -> non-local means of every image (colour images jointly):
-    scikit-image's fast mode to the last bit, by `frmap.kernels.nl_means` (C++, one image per
-    thread)."""
+    scikit-image's fast mode to the last bit, by `frmap.kernels.nl_means` (C++, small images
+    a SIMD register's width at a time)."""
     out = nl_means(images.detach().cpu().numpy(), patch_size=params.block,
                    patch_distance=params.search // 2, h=params.strength / 255.0)
     return torch.from_numpy(out).to(images.device)

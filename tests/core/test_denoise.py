@@ -26,6 +26,8 @@ def _skimage(images: np.ndarray, patch_size: int, patch_distance: int, h: float)
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize(("shape", "patch_size", "patch_distance", "h"), [
     ((6, 1, 8, 8), 3, 6, 2 / 255),     # the digits' squeezer: the padding exceeds the image
+    ((19, 1, 12, 12), 3, 6, 2 / 255),  # groups of 8 (AVX-512), 4 or 2 images, the last short
+    ((9, 2, 9, 10), 3, 4, 0.08),       # two channels in groups
     ((3, 3, 16, 16), 3, 5, 4 / 255),   # the ImageNet squeezer's settings
     ((2, 3, 20, 17), 4, 3, 0.05),      # an even patch (made odd), a non-square image
     ((2, 2, 5, 7), 7, 11, 0.1),        # two channels, patches larger than the image
@@ -39,6 +41,11 @@ def test_equals_scikit_image(dtype, shape, patch_size, patch_distance, h):
     assert got.dtype == dtype and got.shape == shape
     # the same arithmetic in the same order: equal to the last bit
     np.testing.assert_array_equal(got, _skimage(x, patch_size, patch_distance, h))
+    # each image alone (one lane, no group) gives the same bits
+    np.testing.assert_array_equal(
+        np.concatenate([nl_means(x[i:i + 1], patch_size=patch_size,
+                                 patch_distance=patch_distance, h=h, backend="cpu")
+                        for i in range(len(x))]), got)
     np.testing.assert_array_equal(
         nl_means(x, patch_size=patch_size, patch_distance=patch_distance, h=h,
                  backend="reference"), got)
