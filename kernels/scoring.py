@@ -28,6 +28,15 @@ def _validate_responses(responses: Array) -> None:
         raise ValueError(f"responses must have 1 or 3 channels, got {c} (shape [N, C, H, W])")
     if h == 0 or w == 0:
         raise ValueError(f"responses have an empty spatial shape {(h, w)}")
+    # one reduction first: a finite sum has finite terms (a sum of finite values that
+    # overflows falls through to the element-wise check)
+    if is_tensor(responses):
+        if bool(responses.sum().isfinite()):
+            return
+    else:
+        with np.errstate(over="ignore", invalid="ignore"):
+            if np.isfinite(responses.sum()):
+                return
     finite = responses.isfinite() if is_tensor(responses) else np.isfinite(responses)
     if not finite.all():
         bad_rows = (~finite).reshape(n, -1).any(1)

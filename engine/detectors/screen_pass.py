@@ -12,7 +12,8 @@ detectors and makes one `ScreenPass` per batch:
 - otherwise one forward pass (`collect_features`) gives the features and logits, and each
   response engine runs its own walk;
 - the squeezed copies of every squeezer go through the classifier together, in calls of the
-  batch's size (`MIN_CALL` at least), with the originals where no walk gives their logits.
+  batch's size (`MIN_CALL` at least): through that walk's forward pass alone (its faster
+  steps) where there is one, else with the originals.
 """
 
 from __future__ import annotations
@@ -160,8 +161,8 @@ class PassRunner:
             entropy |= {k: v.cpu().numpy() for k, v in seen.scores.items()}
             features = Features({k: v.numpy() for k, v in seen.layers.items()},
                                 seen.logits.numpy())
-            logits = collect_features(self.classifier, torch.cat(copies), (),
-                                      batch_size=max(n, MIN_CALL)).logits if copies else None
+            logits = self.engines[self.walker].logits(
+                torch.cat(copies), max(n, MIN_CALL)).numpy() if copies else None
         else:
             everything = collect_features(self.classifier,
                                           torch.cat([x, *copies]) if copies else x,

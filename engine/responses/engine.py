@@ -264,6 +264,24 @@ class ResponseEngine:
                            torch.cat([p.logits for p in parts]),
                            {k: torch.cat([p.layers[k] for p in parts]) for k in layers})
 
+    def logits(self, images: torch.Tensor, batch_size: int | None = None) -> torch.Tensor:
+        """`[N, K]` float32 on the CPU: the model's logits for `images` (floats in [0, 1], not
+        checked) from the walk's forward pass alone, `batch_size` images a call (default: the
+        engine's); where `observes(())`.
+
+        Raises:
+            ValueError: where the walk's forward pass is not the classifier's float32 one.
+        """
+        if not self.observes(()):
+            raise ValueError(f"the {self.path} path in {self.config.precision} has no float32 "
+                             "forward pass of its own")
+
+        def batch(b: torch.Tensor, _: None) -> torch.Tensor:
+            with _eval_mode(self.model), _ieee_float32():
+                return self._walk.logits(b.to(self.device, self.dtype)).float().cpu()
+
+        return torch.cat(list(self._map_batches(batch, images, None, batch_size)))
+
     def _input_channels(self) -> int | None:
         if isinstance(self._net, Normalized):
             return self._net.channels
@@ -304,9 +322,11 @@ class ResponseEngine:
         return images, target_classes(self.config.target if target is None else target, n)
 
     def _map_batches(self, fn: Callable[[torch.Tensor, torch.Tensor | None], T],
-                     images: torch.Tensor, classes: torch.Tensor | None) -> Iterator[T]:
-        """fn over fixed-size batches in order; a batch that runs out of memory is split."""
-        size, start = self.config.batch_size, 0
+                     images: torch.Tensor, classes: torch.Tensor | None,
+                     batch_size: int | None = None) -> Iterator[T]:
+        """fn over fixed-size batches in order (the engine's size unless given); a batch that
+        runs out of memory is split."""
+        size, start = batch_size or self.config.batch_size, 0
         while start < len(images):
             stop = min(start + size, len(images))
             try:

@@ -109,3 +109,15 @@ def test_bad_responses_raise_clear_errors(responses, error, match):
         K.response_score(responses, disk(1))
     with pytest.raises(error, match=match):
         K.response_to_image(responses)
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_finite_responses_whose_sum_overflows_are_scored(backend):
+    """Finite values near float32's largest sum to inf: the check still accepts them, and the
+    score is that of the same maps scaled down (the gray image is scale-free)."""
+    responses = random_responses(np.random.default_rng(12), n=2).astype(np.float32)
+    big = responses / np.abs(responses).max() * np.float32(3e38)
+    with np.errstate(over="ignore", invalid="ignore"):
+        assert not np.isfinite(big.sum())
+    expected = K.response_score(big.astype(np.float64) / 3e38, disk(1), backend="reference")
+    assert_close(K.response_score(big, disk(1), backend=backend), expected, 1e-9)

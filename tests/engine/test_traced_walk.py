@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import re
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -288,3 +289,28 @@ def test_the_resnet_benchmark_computes_one_response_four_ways(resnets):
     x = images((2, 3, 32, 32), 23)
     errors = accuracy(model, x, {m: runner(model, m, len(x))(x) for m in METHODS})
     assert errors["reverse_walk"]["l2_rel"] < 1e-5
+
+
+@pytest.mark.parametrize("name", list(OPS))
+def test_the_forward_pass_alone_gives_the_models_logits(name, monkeypatch):
+    """The walk's forward pass alone equals the model's own output, in float64 to 1e-10, and
+    `ResponseEngine.logits` in float32 to its rounding, with the head on chunks of images."""
+    model = OPS[name][0]().eval()
+    x = images((5, 3, 16, 16), 25)
+    with torch.no_grad():
+        expected = copy.deepcopy(model).double()(x.double())
+    walk = ResponseEngine(copy.deepcopy(model).double(), preprocess=None,
+                          path="reverse_walk")._walk
+    assert_rel_close(walk.logits(x.double()), expected, name, rtol=1e-10)
+    monkeypatch.setattr(reverse_walk, "HEAD_BYTES", 1 << 10)  # the head on chunks of images
+    got = ResponseEngine(model, preprocess=None, path="reverse_walk").logits(x, 2)
+    assert got.dtype == torch.float32 and got.shape == expected.shape
+    np.testing.assert_allclose(got.numpy(), expected.numpy(), rtol=1e-4, atol=1e-5)
+
+
+def test_logits_need_the_walks_float32_forward_pass():
+    x = images((2, 3, 16, 16), 26)
+    for engine in (ResponseEngine(Convs().eval(), preprocess=None, path="autograd"),
+                   ResponseEngine(Convs().eval(), preprocess=None, precision="bf16")):
+        with pytest.raises(ValueError, match="no float32 forward pass"):
+            engine.logits(x)
