@@ -10,12 +10,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from scipy.optimize import Bounds, minimize
-from threadpoolctl import threadpool_limits
 from torch import nn
 from tqdm.auto import tqdm
 
 from frmap.engine.attacks.base import BATCH, Perturbation, l2_norms
 from frmap.engine.models.predict import predict
+from frmap.engine.models.runtime import one_blas_thread
 
 _SEARCH_FACTOR = 10.0  # c is multiplied or divided by this until it is bracketed
 
@@ -38,7 +38,7 @@ def _solve(model: nn.Module, x0: torch.Tensor, target: torch.Tensor, c: np.ndarr
 
     # L-BFGS-B's BLAS calls on vectors this size gain nothing from threads; OpenBLAS's
     # waiting threads only contend with torch's (a solve took 9x longer on 2 busy cores)
-    with threadpool_limits(1, user_api="blas"):
+    with one_blas_thread():
         found = minimize(objective, start, jac=True, method="L-BFGS-B",
                          bounds=Bounds(0.0, 1.0), options={"maxiter": maxiter})
     return torch.from_numpy(found.x).view(x0.shape).to(x0.device, x0.dtype)

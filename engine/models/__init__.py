@@ -3,7 +3,12 @@ and where a model runs."""
 
 from frmap.engine.models.digits import DigitsCNN, load_digits_model
 from frmap.engine.models.predict import predict
-from frmap.engine.models.runtime import model_device, model_identity, torch_settings
+from frmap.engine.models.runtime import (
+    model_device,
+    model_identity,
+    one_blas_thread,
+    torch_settings,
+)
 from frmap.engine.models.vgg import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -24,6 +29,7 @@ __all__ = [
     "load_weights",
     "model_device",
     "model_identity",
+    "one_blas_thread",
     "predict",
     "torch_settings",
 ]

@@ -42,7 +42,7 @@ from frmap.engine.detectors.archive import read_archive, versions, write_archive
 from frmap.engine.detectors.base import from_parts
 from frmap.engine.detectors.file_fields import FileFields
 from frmap.engine.detectors.screen_pass import Needs, PassRunner
-from frmap.engine.models import Normalized, model_identity
+from frmap.engine.models import Normalized, model_identity, one_blas_thread
 from frmap.engine.screening.combiner import Combiner
 
 FORMAT = "frmap.screener/1"
@@ -144,9 +144,11 @@ class Screener:
         return all(d.threshold is not None for d in self.detectors.values())
 
     def scores(self, images: torch.Tensor | np.ndarray) -> tuple[Features, dict[str, np.ndarray]]:
-        """The forward pass's logits and every detector's `[N]` scores of `images`."""
+        """The forward pass's logits and every detector's `[N]` scores of `images` (the
+        detectors' numpy products on one BLAS thread: `one_blas_thread`)."""
         p = self.runner.run(self._images(images))
-        return p.features, {name: d.score(p) for name, d in self.detectors.items()}
+        with one_blas_thread():
+            return p.features, {name: d.score(p) for name, d in self.detectors.items()}
 
     def screen(self, images: torch.Tensor | np.ndarray) -> ScreenResult:
         """Classify and screen `images` ([N, C, H, W] floats in [0, 1]), in input order.

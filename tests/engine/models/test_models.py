@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 import torchvision
@@ -125,3 +126,20 @@ def test_normalized_is_a_differentiable_layer():
     assert set(net.state_dict()) == {f"model.{k}" for k in inner.state_dict()}
     with pytest.raises(ValueError, match="one value per channel"):
         Normalized(inner, mean=(0.5,), std=(0.2, 0.2))
+
+
+def test_one_blas_thread_limits_numpys_blas_and_restores_it():
+    from threadpoolctl import threadpool_info, threadpool_limits
+
+    from frmap.engine.models import one_blas_thread
+
+    def blas_threads() -> list[int]:
+        return [i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"]
+
+    with threadpool_limits(2, user_api="blas"):
+        assert blas_threads() and set(blas_threads()) == {2}
+        with one_blas_thread():
+            assert set(blas_threads()) == {1}
+            a = np.random.default_rng(0).random((64, 64))
+            np.testing.assert_allclose(a @ np.eye(64), a)
+        assert set(blas_threads()) == {2}
