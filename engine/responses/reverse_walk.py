@@ -154,12 +154,13 @@ class _Conv(_Step):
                           and layer.groups == 1)
         self._fold: tuple | None = None
         self._flip: tuple | None = None
-        # with stride 1, the transpose is a convolution too (`flipped`): faster than
+        # with stride 1 (and padding within the kernel's reach), the transpose is a convolution
+        # too (`flipped`, padded by `back_padding`; None: conv_transpose2d): faster than
         # conv_transpose2d on oneDNN and on torch's own path (2.3x on a 16-channel 32x32
         # layer of one image, as fast on VGG's layers)
-        self.back_padding = None if tuple(layer.stride) != (1, 1) else tuple(
-            d * (k - 1) - p for d, k, p in zip(layer.dilation, layer.kernel_size, self.padding,
-                                               strict=True))
+        back = tuple(d * (k - 1) - p for d, k, p in zip(layer.dilation, layer.kernel_size,
+                                                         self.padding, strict=True))
+        self.back_padding = back if tuple(layer.stride) == (1, 1) and min(back) >= 0 else None
 
     def folded(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The weight and bias of the convolution followed by `norm` (made again only when one
@@ -215,7 +216,7 @@ class _Conv(_Step):
                               memory_format=torch.channels_last).zero_()
             out[:, :, ::c.stride[0], ::c.stride[1]] = g
             return (out,)
-        if self.back_padding is not None and min(self.back_padding) >= 0:
+        if self.back_padding is not None:
             return (F.conv2d(r.to(w.dtype), self.flipped(w), None, 1, self.back_padding,
                              c.dilation, c.groups).to(r.dtype),)
         # conv_transpose2d's output size is ambiguous for strides > 1: output_padding fixes it.
