@@ -7,7 +7,8 @@ offered precision of the entropy detector. Each screen is reported as a multiple
 model's own forward pass (no grad) on the same images, measured in the same process with the
 variants taking turns (best of the rounds: 50 for one digit, 5 for 256, 3 for VGG19).
 Feature squeezing's three squeezers (bit depth, median, non-local means) each cost one more
-forward pass by design.
+forward pass by design. One digit is also screened with the walk compiled (`Screener`'s
+`compile`, float32; compiled before the timing), the real-time path of a small network.
 
 Detectors: entropy (square3, guided, conv_max), kNN and squeezing built as `frmap calibrate`
 builds them (`clean_detectors`); on the digits also Mahalanobis, LID and the two
@@ -52,6 +53,7 @@ class Row:
     ms_per_image: float
     forward_passes: float
     mean_auc: float | None
+    compiled: bool = False
 
 
 def _sets(names: tuple[str, ...]) -> dict[str, tuple[str, ...]]:
@@ -109,31 +111,36 @@ def _aucs() -> dict[str, float]:
 
 def _rows(name: str, model: torch.nn.Module, detectors: dict[str, Detector],
           images: torch.Tensor, preprocess: str | None, rounds: dict[int, int],
-          aucs: dict[str, float]) -> list[Row]:
-    """The rows of one model: `rounds` maps each batch size to its rounds."""
+          aucs: dict[str, float], compiled: tuple[int, ...] = ()) -> list[Row]:
+    """The rows of one model: `rounds` maps each batch size to its rounds; at the batch sizes
+    in `compiled`, the float32 screens with entropy run compiled too."""
     classifier = Normalized(model) if preprocess == "imagenet" else model
     rows = []
     for batch, turns in rounds.items():
         x = images[:batch]
-        variants: dict[tuple[str, str], Callable[[], object]] = {}
+        variants: dict[tuple[str, str, bool], Callable[[], object]] = {}
 
         def forward(x: torch.Tensor = x) -> object:
             with torch.no_grad():
                 return classifier(x)
 
-        variants[("forward", "float32")] = forward
+        variants[("forward", "float32", False)] = forward
         for label, names in _sets(tuple(detectors)).items():
             for precision in (PRECISIONS if "entropy" in names else ("float32",)):
                 chosen = {n: detectors[n] for n in names}
                 if "entropy" in chosen:
                     chosen["entropy"] = replace(chosen["entropy"], precision=precision)
-                screener = Screener(model, chosen, preprocess=preprocess, batch_size=batch)
-                variants[(label, precision)] = lambda s=screener, x=x: s.scores(x)
+                ways = (False, True) if batch in compiled and "entropy" in names and \
+                    precision == "float32" else (False,)
+                for compile in ways:
+                    screener = Screener(model, chosen, preprocess=preprocess, batch_size=batch,
+                                        compile=compile)
+                    variants[(label, precision, compile)] = lambda s=screener, x=x: s.scores(x)
         seconds = _timed(variants, turns)
-        base = seconds[("forward", "float32")]
+        base = seconds[("forward", "float32", False)]
         rows += [Row(name, label, batch, precision, t, t / batch * 1e3, t / base,
-                     aucs.get(label) if name == "digits" else None)
-                 for (label, precision), t in seconds.items()]
+                     aucs.get(label) if name == "digits" else None, compile)
+                 for (label, precision, compile), t in seconds.items()]
     return rows
 
 
@@ -143,7 +150,7 @@ def run(quick: bool = False) -> dict:
     model, detectors, images, preprocess = _digits(quick)
     # a digits screen of one image takes milliseconds: its best of 5 rounds is still noise
     rounds = {1: 5, 16: 2} if quick else {1: 50, 256: 5}
-    rows = _rows("digits", model, detectors, images, preprocess, rounds, aucs)
+    rows = _rows("digits", model, detectors, images, preprocess, rounds, aucs, compiled=(1,))
     if not quick:
         model, detectors, images, preprocess = _vgg19()
         rows += _rows("vgg19-224", model, detectors, images, preprocess, {1: 3, 8: 3}, aucs)
@@ -154,11 +161,12 @@ def run(quick: bool = False) -> dict:
 
 def table(result: dict) -> str:
     """The cost/accuracy table: each screen as a multiple of the forward pass."""
-    lines = [f"{'model':10} {'batch':>5} {'detectors':34} {'precision':13} {'ms/image':>9} "
+    lines = [f"{'model':10} {'batch':>5} {'detectors':34} {'precision':22} {'ms/image':>9} "
              f"{'x forward':>9} {'mean AUC':>8}"]
     for r in result["rows"]:
         auc = "-" if r["mean_auc"] is None else f"{r['mean_auc']:.3f}"
-        lines.append(f"{r['model']:10} {r['batch']:5d} {r['detectors']:34} {r['precision']:13} "
+        how = r["precision"] + (", compiled" if r.get("compiled") else "")
+        lines.append(f"{r['model']:10} {r['batch']:5d} {r['detectors']:34} {how:22} "
                      f"{r['ms_per_image']:9.3f} {r['forward_passes']:9.2f} {auc:>8}")
     lines.append("\nsqueeze: one forward pass per squeezer, " + "; ".join(
         f"{m}: {', '.join(names)}" for m, names in result["squeezers"].items()))

@@ -237,11 +237,12 @@ def _screen_columns(output: dict) -> list[tuple[str, int]]:
     return sorted(pairs, key=lambda p: (p[1] == 1, p[0] != "vgg19-224"))
 
 
-def _screen_cell(output: dict, model: str, batch: int, detectors: str, precision: str
-                 ) -> dict | None:
-    return next((r for r in output["rows"] if (r["model"], r["batch"], r["detectors"],
-                                               r["precision"]) == (model, batch, detectors,
-                                                                   precision)), None)
+def _screen_cell(output: dict, model: str, batch: int, detectors: str, precision: str,
+                 compiled: bool = False) -> dict | None:
+    return next((r for r in output["rows"]
+                 if (r["model"], r["batch"], r["detectors"], r["precision"],
+                     r.get("compiled", False)) == (model, batch, detectors, precision, compiled)),
+                None)
 
 
 def bench_screen_precisions(output: dict, env: dict) -> Lines:
@@ -257,9 +258,10 @@ def bench_screen_precisions(output: dict, env: dict) -> Lines:
     return _table(["entropy screen", *precisions], rows)
 
 
-def _screen_costs(before: dict | None, after: dict, sets: dict[str, list[str]]) -> Lines:
-    """Each set's screen (label -> [detectors, precision]) as a multiple of the forward pass,
-    per model and batch, "baseline -> frmap" where a baseline run is given."""
+def _screen_costs(before: dict | None, after: dict, sets: dict[str, list]) -> Lines:
+    """Each set's screen (label -> [detectors, precision] or [detectors, precision, compiled])
+    as a multiple of the forward pass, per model and batch, "baseline -> frmap" where a baseline
+    run is given."""
     columns = _screen_columns(after)
     runs = (before, after) if before else (after,)
     head = ["screen (x the forward pass)", *(f"{_SCREEN_MODELS.get(m, m)}, batch {b}"
@@ -269,10 +271,10 @@ def _screen_costs(before: dict | None, after: dict, sets: dict[str, list[str]]) 
         forward.append(" / ".join(f"{c['ms_per_image']:.3g}" for c in
                                   (_screen_cell(x, m, b, "forward", "float32") for x in runs) if c))
     rows = [forward]
-    for label, (detectors, precision) in sets.items():
+    for label, key in sets.items():
         row = [label]
         for m, b in columns:
-            cells = [_screen_cell(x, m, b, detectors, precision) for x in runs]
+            cells = [_screen_cell(x, m, b, *key) for x in runs]
             row.append(" -> ".join(f"{c['forward_passes']:.2f}x" for c in cells if c) or "-")
         rows.append(row)
     return _table(head, rows)
@@ -281,8 +283,9 @@ def _screen_costs(before: dict | None, after: dict, sets: dict[str, list[str]]) 
 def bench_screen(output: dict, env: dict) -> Lines:
     """`frmap bench screen --json F`: each detector set's screen (float32, and the entropy
     detector's other precisions) as a multiple of the forward pass."""
-    sets = {(d if p == "float32" else f"{d}, {p}"): [d, p] for d, p in dict.fromkeys(
-        (r["detectors"], r["precision"]) for r in output["rows"]) if d != "forward"}
+    sets = {", ".join([d] + [p] * (p != "float32") + ["compiled"] * c): [d, p, c]
+            for d, p, c in dict.fromkeys((r["detectors"], r["precision"], r.get("compiled", False))
+                                         for r in output["rows"]) if d != "forward"}
     return _screen_costs(None, output, sets)
 
 

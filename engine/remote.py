@@ -50,10 +50,12 @@ class ModelHost:
         return load_model(self.model, self.weights, seed=self.seed, device=self.device)
 
 
-def load_screener(data: bytes, named: NamedModel, batch_size: int) -> Screener:
-    """The screener of a file's bytes (as sent to a worker or replica), on `named`'s model."""
+def load_screener(data: bytes, named: NamedModel, batch_size: int,
+                  compile: bool = False) -> Screener:
+    """The screener of a file's bytes (as sent to a worker or replica), on `named`'s model
+    (`batch_size` and `compile` as for `Screener`)."""
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "screener.frmap"
         path.write_bytes(data)
         return Screener.load(path, named.model, preprocess=named.preprocess,
-                             batch_size=batch_size)
+                             batch_size=batch_size, compile=compile)

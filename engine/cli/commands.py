@@ -355,7 +355,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
                 "device": str(model_device(model.model)), "max_batch": args.max_batch,
                 "max_wait_ms": args.max_wait_ms, "max_bytes": args.max_bytes,
                 "max_pixels": args.max_pixels, "max_queued": args.max_queued,
-                "timeout_s": args.timeout, "gpus": args.gpus_per_replica}
+                "timeout_s": args.timeout, "gpus": args.gpus_per_replica,
+                "compile": args.compile}
     if on_ray:
         return _serve_on_ray(args, data, settings, token)
     import asyncio

@@ -128,25 +128,23 @@ class KNNDetector(Detector):
     def _nearest(self, z: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         # |z - t|^2 = |z|^2 + |t|^2 - 2 z.t, clipped at 0 against rounding
         d2 = np.maximum((z**2).sum(1)[:, None] + self._train_sq - 2 * z @ self.train.T, 0.0)
-        k = self.config.k
+        k, rows = self.config.k, np.arange(len(z))[:, None]
         part = np.argpartition(d2, k - 1, axis=1)[:, :k] if k < d2.shape[1] else \
             np.broadcast_to(np.arange(k), d2.shape)
-        near = np.take_along_axis(d2, part, 1)
+        near = d2[rows, part]
         order = np.lexsort((part, near), axis=1)
-        indices = np.take_along_axis(part, order, 1)
-        return np.sqrt(np.take_along_axis(near, order, 1)), indices
+        return np.sqrt(near[rows, order]), part[rows, order]
 
     def share(self, features: Features) -> np.ndarray:
         """`[N]` the weighted share of the predicted class among the k neighbours' labels."""
         distances, indices = self.neighbours(features)
-        if self.config.weights == "uniform":
-            w = np.ones_like(distances)
-        elif self.config.weights == "rank":
-            w = np.broadcast_to(1.0 / np.arange(1, self.config.k + 1), distances.shape)
-        else:  # a neighbour at distance 0 counts as if at 1e-12
-            w = 1.0 / np.maximum(distances, 1e-12) ** 2
         agree = self.labels[indices] == features.predictions[:, None]
-        return (w * agree).sum(1) / w.sum(1)
+        if self.config.weights == "distance":  # a neighbour at distance 0 counts as at 1e-12
+            w = 1.0 / np.maximum(distances, 1e-12) ** 2
+            return (w * agree).sum(1) / w.sum(1)
+        w = np.ones(self.config.k) if self.config.weights == "uniform" else \
+            1.0 / np.arange(1, self.config.k + 1)
+        return (w * agree).sum(1) / w.sum()  # summed as the total is: all agreeing gives 1
 
     def score(self, p: ScreenPass) -> np.ndarray:
         """`[N]` float64, `1 - share` of the pass's features: higher = more adversarial."""

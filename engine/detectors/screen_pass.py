@@ -120,10 +120,11 @@ class PassRunner:
         needs: what the pass must hold (`Needs.union` of the detectors').
         preprocess: "imagenet" or None, as for `ResponseEngine`.
         batch_size: images per pass through the model.
+        compile: the response engines' walks compiled (`ResponseEngine`'s `compile`).
     """
 
     def __init__(self, model: nn.Module, classifier: nn.Module, needs: Needs, *,
-                 preprocess: str | None, batch_size: int) -> None:
+                 preprocess: str | None, batch_size: int, compile: bool = False) -> None:
         self.classifier, self.needs, self.batch_size = classifier, needs, batch_size
         self.engines: dict[tuple[str, str, str], ResponseEngine] = {}
         self.footprints: dict[tuple[str, str, str], dict[EntropyNeed, np.ndarray]] = {}
@@ -132,7 +133,7 @@ class PassRunner:
             if key not in self.engines:
                 self.engines[key] = ResponseEngine(
                     model, rule=need.rule, target=need.target, batch_size=batch_size,
-                    preprocess=preprocess, precision=need.precision)
+                    preprocess=preprocess, precision=need.precision, compile=compile)
                 self.footprints[key] = {}
             self.footprints[key][need] = parse_footprint(need.footprint)
         # the engine whose walk's forward pass is the classifier's, where one can be

@@ -39,6 +39,7 @@ from torch import nn
 from frmap.engine.models.runtime import model_device, native_bf16
 from frmap.engine.models.vgg import Normalized
 from frmap.engine.responses.autograd_path import autograd_responses
+from frmap.engine.responses.compiled_walk import CompiledWalk
 from frmap.engine.responses.reverse_walk import ReverseWalk, WalkOutput
 from frmap.engine.responses.targets import Target, check_target, target_classes
 from frmap.engine.responses.tracing import Untraceable, trace_ops
@@ -82,6 +83,7 @@ class EngineConfig:
     preprocess: str | None = "imagenet"
     path: str = "auto"
     precision: str = "float32"
+    compile: bool = False
 
     def __post_init__(self) -> None:
         if self.rule not in RULES:
@@ -100,6 +102,11 @@ class EngineConfig:
             raise ValueError(f"precision={self.precision!r} runs on the reverse walk only: the "
                              "autograd path computes in float32 (use path='reverse_walk' or "
                              "'auto')")
+        if not isinstance(self.compile, bool):
+            raise ValueError(f"compile must be True or False, got {self.compile!r}")
+        if self.compile and self.path == "autograd":
+            raise ValueError("compile=True compiles the reverse walk: use path='reverse_walk' or "
+                             "'auto'")
 
 
 @dataclass(frozen=True)
@@ -134,18 +141,23 @@ class ResponseEngine:
             forward: see `frmap.engine.responses.tracing`).
         precision: "float32" or "bf16" (the walk's convolutions and linear layers in bfloat16;
             see the module text).
+        compile: run the walk compiled (`frmap.engine.responses.compiled_walk`): each batch
+            shape traces and compiles on its first call (seconds); later calls skip the walk's
+            per-step Python and run its elementwise steps fused (what pays at small batches).
 
     Raises:
-        ValueError: a bad setting, a model on another device, path="reverse_walk" or a
-            precision other than float32 for a model the walk cannot read (saying why).
+        ValueError: a bad setting, a model on another device, path="reverse_walk", a precision
+            other than float32 or compile=True for a model the walk cannot read (saying why).
     """
 
     def __init__(self, model: nn.Module, *, rule: str = "guided", target: str | int = "conv_max",
                  batch_size: int = 8, device: str | torch.device | None = None,
                  preprocess: str | None = "imagenet", path: str = "auto",
-                 precision: str = "float32") -> None:
-        self.config = EngineConfig(rule, target, batch_size, preprocess, path, precision)
+                 precision: str = "float32", compile: bool = False) -> None:
+        self.config = EngineConfig(rule, target, batch_size, preprocess, path, precision,
+                                   compile)
         self.model = model
+        self._modules = tuple(model.modules())  # what `_eval_mode` switches, listed once
         params = next(model.parameters(), None)
         self.device = model_device(model)
         wanted = self.device if device is None else torch.device(device)
@@ -164,11 +176,13 @@ class ResponseEngine:
             except Untraceable as err:
                 self.fallback = str(err)
         if self._walk is None and path != "autograd" and (
-                path == "reverse_walk" or precision != "float32"):
-            needs = f"precision={precision!r} needs the reverse walk, but " \
-                if path == "auto" else ""
+                path == "reverse_walk" or precision != "float32" or compile):
+            setting = f"precision={precision!r}" if precision != "float32" else "compile=True"
+            needs = f"{setting} needs the reverse walk, but " if path == "auto" else ""
             raise ValueError(f"{needs}{self.fallback}; use path='autograd' or 'auto' in "
                              "float32")
+        self._compiled = None if not compile else CompiledWalk(
+            self._walk.traced, rule, *PRECISIONS[precision])
 
     @property
     def path(self) -> str:
@@ -260,6 +274,8 @@ class ResponseEngine:
                                {name: out.taps[name].float().cpu() for name in layers})
 
         parts = list(self._map_batches(batch, x, classes))
+        if len(parts) == 1:
+            return parts[0]
         return Observation({k: torch.cat([p.scores[k] for p in parts]) for k in footprints},
                            torch.cat([p.logits for p in parts]),
                            {k: torch.cat([p.layers[k] for p in parts]) for k in layers})
@@ -277,7 +293,7 @@ class ResponseEngine:
                              "forward pass of its own")
 
         def batch(b: torch.Tensor, _: None) -> torch.Tensor:
-            with _eval_mode(self.model), _ieee_float32():
+            with _eval_mode(self._modules), _ieee_float32():
                 return self._walk.logits(b.to(self.device, self.dtype)).float().cpu()
 
         return torch.cat(list(self._map_batches(batch, images, None, batch_size)))
@@ -353,10 +369,12 @@ class ResponseEngine:
         autograd path gives the responses alone)."""
         x = images.to(self.device, self.dtype)
         classes = None if classes is None else classes.to(self.device)
-        with _eval_mode(self.model), _ieee_float32():
+        with _eval_mode(self._modules), _ieee_float32():
             if self._walk is None:
                 return WalkOutput(autograd_responses(self.model, self._net, x, classes,
                                                      self.config.rule))
+            if self._compiled is not None:
+                return self._compiled.run(x, classes, taps or ())
             return self._walk.run(x, classes, taps)
 
 
@@ -376,10 +394,11 @@ def _ieee_float32() -> Iterator[None]:
 
 
 @contextmanager
-def _eval_mode(model: nn.Module) -> Iterator[None]:
-    """Eval mode inside; every module's own training flag restored afterwards (a model already
-    in eval mode is left alone: no per-module writes on each call)."""
-    training = [m for m in model.modules() if m.training]
+def _eval_mode(modules: Sequence[nn.Module]) -> Iterator[None]:
+    """Eval mode inside for `modules` (a model's, all of them); each one's own training flag
+    restored afterwards (modules already in eval mode are left alone: no writes on each
+    call)."""
+    training = [m for m in modules if m.training]
     for m in training:
         m.training = False
     try:

@@ -281,6 +281,25 @@ class _ReLU(_Step):
         return (relu_backward(r, mask, self.rule, inplace=True),)
 
 
+class _TorchReLU(_Step):
+    """The ReLU rule in torch ops alone (a boolean mask), for a walk that torch.compile takes
+    whole and fuses (`ReverseWalk`'s `native`)."""
+
+    def __init__(self, slot, inputs, rule: str) -> None:
+        super().__init__(slot, inputs)
+        self.rule = rule
+
+    def forward(self, env):
+        x = env[self.src]
+        return x.clamp_min(0), None if self.rule == "deconvnet" else x > 0
+
+    def backward(self, r, mask):
+        if self.rule == "gradient":  # (f > 0) * R
+            return (torch.where(mask, r, 0),)
+        rectified = r.clamp_min(0)  # deconvnet: (R > 0) * R; guided: (f > 0) * (R > 0) * R
+        return (rectified if mask is None else torch.where(mask, rectified, 0),)
+
+
 class _MaxPool(_Step):
     """Max-pool with stride = kernel; keeps each window's argmax as a one-byte offset.
 
@@ -532,9 +551,10 @@ class _Program:
 
 
 def _program(traced: TracedModel, rule: str, weights: _Weights, back_weights: _Weights,
-             keep: int | None) -> _Program:
+             keep: int | None, native: bool = False) -> _Program:
     """The walk's steps of `traced`; the ReLU at `keep` is never walked after its max-pool (its
-    output is the target)."""
+    output is the target). `native`: torch ops alone (`_TorchReLU`, `_IndexedMaxPool`), each
+    ReLU before its pool."""
     ops, position = traced.ops, {op.node: i for i, op in enumerate(traced.ops)}
     users = [0] * len(ops)
     readers: list[list[int]] = [[] for _ in ops]
@@ -551,7 +571,7 @@ def _program(traced: TracedModel, rule: str, weights: _Weights, back_weights: _W
     normed = {j: i for i, j in norms.items()}
     fused: dict[int, int] = {}  # pool position -> the position of the ReLU walked after it
     for i, op in enumerate(ops):
-        if op.kind == "relu" and i != keep and len(readers[i]) == 1:
+        if op.kind == "relu" and i != keep and len(readers[i]) == 1 and not native:
             after = readers[i][0]
             if ops[after].kind == "max_pool" and _offsets_pool(_pool_params(ops[after])):
                 fused[after] = i
@@ -579,6 +599,8 @@ def _program(traced: TracedModel, rule: str, weights: _Weights, back_weights: _W
             steps.append(_Identity(i, inputs))
         elif kind == "batch_norm":
             steps.append(_BatchNorm(i, inputs, op.module))
+        elif kind == "relu" and native:
+            steps.append(_TorchReLU(i, inputs, rule))
         elif kind == "relu":
             source = inputs[0]
             steps.append(_ReLU(i, inputs, rule, inplace=len(readers[source]) == 1
@@ -586,7 +608,8 @@ def _program(traced: TracedModel, rule: str, weights: _Weights, back_weights: _W
         elif kind == "max_pool":
             params = _pool_params(op)
             steps.append(_MaxPool(i, inputs, params["kernel_size"], dead_first=False)
-                         if _offsets_pool(params) else _IndexedMaxPool(i, inputs, params))
+                         if _offsets_pool(params) and not native
+                         else _IndexedMaxPool(i, inputs, params))
         elif kind == "identity":
             steps.append(_Identity(i, inputs))
         elif kind == "reshape":
@@ -643,23 +666,25 @@ class ReverseWalk:
         backward_dtype: the same for the walk back alone (default: `compute_dtype`); with
             `compute_dtype` None and bfloat16 here, the forward pass (the logits, the masks, the
             taps) is exact and only the transposed layers run in bfloat16.
+        native: torch ops alone (boolean ReLU masks, torch's max-pool indices, each ReLU before
+            its pool): the walk that `frmap.engine.responses.compiled_walk` traces and compiles.
     """
 
     def __init__(self, traced: TracedModel, rule: str,
                  compute_dtype: torch.dtype | None = None,
-                 backward_dtype: torch.dtype | None = None) -> None:
+                 backward_dtype: torch.dtype | None = None, *, native: bool = False) -> None:
         self.traced = traced
         self.rule = rule
         self.weights = weights = _Weights(compute_dtype)
         back_weights = weights if backward_dtype in (None, compute_dtype) \
             else _Weights(backward_dtype)
-        self._full = _program(traced, rule, weights, back_weights, None)
+        self._full = _program(traced, rule, weights, back_weights, None, native)
         try:
             self._conv_max: int | None = conv_max_op(traced.ops)
         except ValueError:
             self._conv_max = None
         self._to_conv_max = None if self._conv_max is None else \
-            _program(traced, rule, weights, back_weights, self._conv_max)
+            _program(traced, rule, weights, back_weights, self._conv_max, native)
         calls: dict[str, list[int]] = {}
         for i, op in enumerate(traced.ops):
             if op.module is not None:
@@ -681,13 +706,14 @@ class ReverseWalk:
         return name in self._taps
 
     def run(self, x: torch.Tensor, classes: torch.Tensor | None,
-            taps: Sequence[str] | None = None) -> WalkOutput:
+            taps: Sequence[str] | None = None, *, checked: bool = False) -> WalkOutput:
         """The responses of `x` ([N, C, H, W] images as the model takes them) for `classes`
         ([N] class indices, -1 for the top class, or None for 'conv_max': the sum over positions
         of the channel-wise maximum of the last ReLU after a convolution), and with `taps`
         (layer names, each `tappable`) the logits and the pooled outputs of those layers from
         the same forward pass: the forward pass then runs to the end of the model, past the
-        target where it lies before."""
+        target where it lies before. `checked`: the classes are known to lie in range
+        (`target_indices`)."""
         if classes is None:
             if self._conv_max is None:
                 raise ValueError("target 'conv_max' needs a ReLU after a convolution; found none")
@@ -709,7 +735,8 @@ class ReverseWalk:
             saved = _forward(program, steps[head:], env, wanted, pooled)
             out = env[target]
             # the derivative of the target (a sum of entries of `out`): 1 at those entries
-            r = torch.zeros_like(out).scatter_(1, target_indices(out, classes), 1.0)
+            r = torch.zeros_like(out).scatter_(
+                1, target_indices(out, classes, checked=checked), 1.0)
             logits = None
             if taps is not None:
                 _forward(program, program.steps[target + 1:], env, wanted, pooled)

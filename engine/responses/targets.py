@@ -62,7 +62,8 @@ def conv_max_index(layers: Sequence[nn.Module]) -> int:
     return found
 
 
-def target_indices(out: torch.Tensor, classes: torch.Tensor | None) -> torch.Tensor:
+def target_indices(out: torch.Tensor, classes: torch.Tensor | None, *,
+                   checked: bool = False) -> torch.Tensor:
     """Indices along dim 1 of `out` whose sum the responses back-propagate.
 
     Args:
@@ -70,6 +71,8 @@ def target_indices(out: torch.Tensor, classes: torch.Tensor | None) -> torch.Ten
             the logits [N, K] otherwise.
         classes: None for conv_max (the channel-wise maximum at each position); else [N]
             class indices, -1 meaning the top class.
+        checked: the classes are known to lie in range (checked by a caller that traces the
+            walk into a graph, where a check on their values cannot run).
 
     Returns:
         [N, 1, H, W] or [N, 1] int64 indices.
@@ -79,7 +82,7 @@ def target_indices(out: torch.Tensor, classes: torch.Tensor | None) -> torch.Ten
     """
     if classes is None:
         return out.max(dim=1, keepdim=True).indices
-    if bool((classes >= out.shape[1]).any()):
+    if not checked and bool((classes >= out.shape[1]).any()):
         raise ValueError(f"class index {int(classes.max())} is out of range: the model has "
                          f"{out.shape[1]} outputs")
     return torch.where(classes < 0, out.argmax(1), classes).view(-1, 1)

@@ -100,6 +100,9 @@ class Screener:
         threshold: the combination's calibrated threshold (None until `calibrate`).
         fpr: the operating false-positive rate the thresholds were calibrated for.
         batch_size: images per pass through the model.
+        compile: the entropy detectors' walks compiled (`ResponseEngine`'s `compile`): each
+            batch shape compiles on its first screen (seconds), then screens small batches
+            faster (the real-time path).
 
     Raises:
         ValueError: no detector, a detector fit for another model, or a combiner over other
@@ -109,7 +112,7 @@ class Screener:
     def __init__(self, model: nn.Module, detectors: dict[str, Detector], *,
                  preprocess: str | None = None, combiner: Combiner | None = None,
                  threshold: Threshold | None = None, fpr: float | None = None,
-                 batch_size: int = 64) -> None:
+                 batch_size: int = 64, compile: bool = False) -> None:
         if not detectors:
             raise ValueError("a screener needs at least one detector")
         if combiner is not None and set(combiner.names) != set(detectors):
@@ -126,11 +129,11 @@ class Screener:
         self.detectors = dict(detectors)
         self.preprocess = preprocess
         self.combiner, self.threshold, self.fpr = combiner, threshold, fpr
-        self.batch_size = batch_size
+        self.batch_size, self.compile = batch_size, compile
         self.classifier = Normalized(model) if preprocess == "imagenet" else model
         self.runner = PassRunner(model, self.classifier,
                                  Needs.union([d.needs for d in detectors.values()]),
-                                 preprocess=preprocess, batch_size=batch_size)
+                                 preprocess=preprocess, batch_size=batch_size, compile=compile)
 
     @property
     def decision(self) -> str:
@@ -216,10 +219,11 @@ class Screener:
 
     @classmethod
     def load(cls, path: str | Path, model: nn.Module, *, preprocess: str | None = None,
-             batch_size: int = 64) -> Screener:
+             batch_size: int = 64, compile: bool = False) -> Screener:
         """Read a screener file (or a detector file, as a one-detector screener) for `model`.
 
-        `preprocess` applies to a detector file only (a screener file records its own).
+        `preprocess` applies to a detector file only (a screener file records its own);
+        `batch_size` and `compile` as for `Screener`.
 
         Raises:
             FileNotFoundError: no file at `path`.
@@ -236,15 +240,15 @@ class Screener:
                 reason = str(err).removeprefix(f"{path}: ")
                 raise ValueError(f"{path}: neither a screener nor a detector file ({reason})"
                                  ) from None
-            return cls._of_detector(detector, path, model, preprocess, batch_size)
+            return cls._of_detector(detector, path, model, preprocess, batch_size, compile)
         try:
-            return cls._from_parts(meta, arrays, path, model, batch_size)
+            return cls._from_parts(meta, arrays, path, model, batch_size, compile)
         except (KeyError, TypeError) as err:
             raise ValueError(f"{path}: malformed screener ({err!r})") from None
 
     @classmethod
     def _from_parts(cls, meta: dict, arrays: dict[str, np.ndarray], path: Path,
-                    model: nn.Module, batch_size: int) -> Screener:
+                    model: nn.Module, batch_size: int, compile: bool) -> Screener:
         _check_model(meta["model"], model, path)
         try:
             f = FileFields(meta)
@@ -272,22 +276,22 @@ class Screener:
                 except (KeyError, ValueError) as err:
                     f.fail("combiner", f"is malformed: {err}")
             return cls(model, detectors, preprocess=preprocess, combiner=combiner,
-                       threshold=threshold, fpr=fpr, batch_size=batch_size)
+                       threshold=threshold, fpr=fpr, batch_size=batch_size, compile=compile)
         except ValueError as err:
             raise ValueError(f"{path}: {err}") from None
 
     @classmethod
     def _of_detector(cls, detector: Detector, path: Path, model: nn.Module,
-                     preprocess: str | None, batch_size: int) -> Screener:
+                     preprocess: str | None, batch_size: int, compile: bool) -> Screener:
         _check_model(detector.model, model, path)
         fpr = None if detector.threshold is None else detector.threshold.fpr
         return cls(model, {detector.kind: detector}, preprocess=preprocess, fpr=fpr,
-                   batch_size=batch_size)
+                   batch_size=batch_size, compile=compile)
 
     def _with(self, **changes: object) -> Screener:
         args = {"detectors": self.detectors, "preprocess": self.preprocess,
                 "combiner": self.combiner, "threshold": self.threshold, "fpr": self.fpr,
-                "batch_size": self.batch_size, **changes}
+                "batch_size": self.batch_size, "compile": self.compile, **changes}
         return Screener(self.model, **args)
 
     def _images(self, images: torch.Tensor | np.ndarray) -> torch.Tensor:

@@ -68,6 +68,9 @@ class ServiceConfig(ModelHost):
         max_queued: images waiting for a pass before 503.
         timeout_s: the longest a request may take, reading its body included, before 504.
         replicas: on Ray Serve, replicas of the service.
+        compile: the entropy detectors' walks compiled (`Screener`'s `compile`): each batch
+            size compiles on its first pass (seconds), then screens faster (what pays for one
+            image at a time: `max_batch` 1).
     """
 
     max_batch: int = 32
@@ -77,6 +80,7 @@ class ServiceConfig(ModelHost):
     max_queued: int = 256
     timeout_s: float = 30.0
     replicas: int = 1
+    compile: bool = False
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -257,7 +261,8 @@ class ScreeningApp:
     def _load(self, screener: bytes, named: NamedModel | None) -> NamedModel:
         torch.set_num_threads(self.config.cpus)
         named = named or self.config.load()
-        self.screener = load_screener(screener, named, self.config.max_batch)
+        self.screener = load_screener(screener, named, self.config.max_batch,
+                                      self.config.compile)
         return named
 
     def _screen(self, images: torch.Tensor) -> list[dict]:

@@ -9,10 +9,12 @@ import pytest
 import torch
 from torch import nn
 
-from frmap.engine.detectors import Features, collect_features, default_layers
+from frmap.engine.detectors import Detector, Features, collect_features, default_layers
 from frmap.engine.detectors.examples import CLEAN, Examples
+from frmap.engine.detectors.squeeze import DIGITS_SQUEEZERS
 from frmap.engine.models.digits import load_digits_model, load_digits_split
 from frmap.engine.models.runtime import torch_settings
+from frmap.engine.screening.build import clean_detectors
 
 
 def _one_thread():
@@ -25,6 +27,18 @@ def _one_thread():
 # inside one test; and from its first use to the end of a module (its module fixtures included)
 one_thread = pytest.fixture(_one_thread, name="one_thread")
 module_one_thread = pytest.fixture(_one_thread, scope="module", name="module_one_thread")
+
+
+@pytest.fixture(scope="session")
+def demo_detectors() -> tuple[nn.Module, dict[str, Detector]]:
+    """The digits CNN and the demo's detectors, uncalibrated: entropy (square3, guided,
+    conv_max), kNN on 300 train digits, squeezing."""
+    model = load_digits_model()
+    train = load_digits_split("train")
+    return model, clean_detectors(("entropy", "knn", "squeeze"), model, model,
+                                  train=(train.images[:300], train.labels[:300]),
+                                  footprint="square3", rule="guided", target="conv_max",
+                                  squeeze=DIGITS_SQUEEZERS)
 
 
 @dataclass(frozen=True)

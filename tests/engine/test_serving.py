@@ -14,7 +14,9 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -27,10 +29,8 @@ httpx = pytest.importorskip("httpx")
 pytest.importorskip("uvicorn")
 
 from frmap.engine.data import DIGITS_IMAGES, decode_image, load_digits_split  # noqa: E402
-from frmap.engine.detectors.squeeze import DIGITS_SQUEEZERS  # noqa: E402
 from frmap.engine.models import load_digits_model  # noqa: E402
 from frmap.engine.screening import Screener  # noqa: E402
-from frmap.engine.screening.build import clean_detectors  # noqa: E402
 from frmap.engine.serving import ScreeningApp, ServiceConfig  # noqa: E402
 from frmap.engine.serving.access import (  # noqa: E402
     check_exposure,
@@ -57,14 +57,10 @@ def _png(image: np.ndarray, mode: str = "L") -> bytes:
 
 
 @pytest.fixture(scope="module")
-def screener_file(tmp_path_factory):
-    model = load_digits_model()
-    train, cal = load_digits_split("train"), load_digits_split("calibration")
-    detectors = clean_detectors(("entropy", "knn", "squeeze"), model, model,
-                                train=(train.images[:300], train.labels[:300]),
-                                footprint="square3", rule="guided", target="conv_max",
-                                squeeze=DIGITS_SQUEEZERS)
-    screener = Screener(model, detectors).calibrate(cal.images[:100], 0.1)
+def screener_file(tmp_path_factory, demo_detectors):
+    model, detectors = demo_detectors
+    screener = Screener(model, detectors).calibrate(
+        load_digits_split("calibration").images[:100], 0.1)
     return screener.save(tmp_path_factory.mktemp("serve") / "screener.frmap")
 
 
@@ -207,19 +203,17 @@ class Served:
     app: ScreeningApp
 
 
-@pytest.fixture(scope="module")
-def local(screener_file):
-    """The service as `frmap serve` runs it by default (uvicorn, one process), with a token."""
+@contextmanager
+def _serving(app: ScreeningApp) -> Iterator[Served]:
+    """`app` behind uvicorn in a thread of this process, as `frmap serve` runs it by default."""
     threads = torch.get_num_threads()
-    app = ScreeningApp(screener_file.read_bytes(),
-                       ServiceConfig(max_batch=8, max_bytes=20_000, cpus=1), token=TOKEN)
     port = _free_port()
     server = local_server(app, "127.0.0.1", port)
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     try:
         url = f"http://127.0.0.1:{port}"
-        _wait_healthy(url, time.monotonic() + TIMEOUT, {"Authorization": f"Bearer {TOKEN}"})
+        _wait_healthy(url, time.monotonic() + TIMEOUT, AUTH)
         yield Served(url, app)
     finally:
         server.should_exit = True
@@ -228,6 +222,28 @@ def local(screener_file):
 
 
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
+
+
+@pytest.fixture(scope="module")
+def local(screener_file):
+    """The single-process service, with a token."""
+    with _serving(ScreeningApp(screener_file.read_bytes(),
+                               ServiceConfig(max_batch=8, max_bytes=20_000, cpus=1),
+                               token=TOKEN)) as served:
+        yield served
+
+
+def test_a_compiled_service_screens_one_image_at_a_time_as_the_library(screener_file, pngs,
+                                                                       expected):
+    app = ScreeningApp(screener_file.read_bytes(),
+                       ServiceConfig(max_batch=1, cpus=1, compile=True), token=TOKEN)
+    with _serving(app) as served:
+        for body, want in zip(pngs[:3], expected[:3], strict=True):
+            reply = _post(served.url, body, **AUTH)
+            assert reply.status_code == 200, reply.text
+            _assert_equal_records(reply.json(), want)
+        runner = app.screener.runner
+        assert app.screener.compile and runner.engines[runner.walker]._compiled is not None
 
 
 def test_results_equal_the_library_and_requests_share_batches(local, pngs, expected):

@@ -417,12 +417,17 @@ def test_bench_screen_quick(tmp_path):
     result = frmap("bench", "screen", "--quick", "--json", str(out))
     assert result.returncode == 0, result.stderr
     data = json.loads(out.read_text())
-    rows = {(r["detectors"], r["batch"], r["precision"]): r for r in data["rows"]}
+    rows = {(r["detectors"], r["batch"], r["precision"], r["compiled"]): r
+            for r in data["rows"]}
     for batch in (1, 16):
-        assert rows[("forward", batch, "float32")]["forward_passes"] == 1.0
+        assert rows[("forward", batch, "float32", False)]["forward_passes"] == 1.0
         for precision in PRECISIONS:
-            assert ("entropy+knn+squeeze", batch, precision) in rows
-        assert ("knn", batch, "float32") in rows and ("knn", batch, "bf16") not in rows
+            assert ("entropy+knn+squeeze", batch, precision, False) in rows
+        assert ("knn", batch, "float32", False) in rows and ("knn", batch, "bf16", False) \
+            not in rows
+    # one digit also runs compiled, each float32 set with entropy
+    assert {k[0] for k in rows if k[3]} == {"entropy", "entropy+knn", "entropy+knn+squeeze"}
+    assert {(k[1], k[2]) for k in rows if k[3]} == {(1, "float32")}
     assert all(r["seconds"] > 0 and r["forward_passes"] > 0 for r in data["rows"])
     assert "x forward" in result.stdout and data["machine"]["cpu"]
 

@@ -17,7 +17,7 @@ from frmap.engine.detectors import EntropyDetector, collect_features
 from frmap.engine.detectors.screen_pass import ScreenPass
 from frmap.engine.detectors.squeeze import DIGITS_SQUEEZERS
 from frmap.engine.detectors.threshold import calibrate_threshold
-from frmap.engine.models import DigitsCNN, load_digits_model, model_identity
+from frmap.engine.models import DigitsCNN, model_identity
 from frmap.engine.responses import ResponseEngine
 from frmap.engine.screening import Combiner, Screener
 from frmap.engine.screening.build import clean_detectors
@@ -28,13 +28,9 @@ FPR = 0.1
 
 
 @pytest.fixture(scope="module")
-def digits():
-    model = load_digits_model()
-    train, cal, test = (load_digits_split(s) for s in ("train", "calibration", "test"))
-    detectors = clean_detectors(("entropy", "knn", "squeeze"), model, model,
-                                train=(train.images[:300], train.labels[:300]),
-                                footprint="square3", rule="guided", target="conv_max",
-                                squeeze=DIGITS_SQUEEZERS)
+def digits(demo_detectors):
+    model, detectors = demo_detectors
+    cal, test = load_digits_split("calibration"), load_digits_split("test")
     screener = Screener(model, detectors, batch_size=16).calibrate(cal.images[:120], FPR)
     return model, screener, cal.images[:120], test.images[:24]
 
