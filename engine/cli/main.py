@@ -148,10 +148,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-batch", type=positive_int, default=32,
                    help="images per model pass at most (default 32)")
     p.add_argument("--compile", action="store_true",
-                   help="compile the entropy detector's walk (torch inductor): each batch size "
-                        "compiles on its first pass (seconds), then one image screens faster "
-                        "(the digits with entropy + kNN: 2.2x the model's forward pass against "
-                        "3.5x); pairs with --max-batch 1")
+                   help="compile the entropy detector's walk (torch inductor): one image's "
+                        "graph while the service starts, another batch size's on its first "
+                        "pass (seconds); then one image screens faster (the digits with "
+                        "entropy + kNN: 2.3x the model's forward pass against 3.6x); pairs with "
+                        "--max-batch 1")
     p.add_argument("--max-wait-ms", type=float, default=0.0,
                    help="how long a pass that is not full waits for more images (default 0: "
                         "an idle service starts at once; batches form from the images that "

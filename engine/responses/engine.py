@@ -180,7 +180,7 @@ class ResponseEngine:
             setting = f"precision={precision!r}" if precision != "float32" else "compile=True"
             needs = f"{setting} needs the reverse walk, but " if path == "auto" else ""
             raise ValueError(f"{needs}{self.fallback}; use path='autograd' or 'auto' in "
-                             "float32")
+                             "float32, without compile")
         self._compiled = None if not compile else CompiledWalk(
             self._walk.traced, rule, *PRECISIONS[precision])
 

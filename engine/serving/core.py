@@ -68,9 +68,9 @@ class ServiceConfig(ModelHost):
         max_queued: images waiting for a pass before 503.
         timeout_s: the longest a request may take, reading its body included, before 504.
         replicas: on Ray Serve, replicas of the service.
-        compile: the entropy detectors' walks compiled (`Screener`'s `compile`): each batch
-            size compiles on its first pass (seconds), then screens faster (what pays for one
-            image at a time: `max_batch` 1).
+        compile: the entropy detectors' walks compiled (`Screener`'s `compile`): one image's
+            graph while the service starts, any other batch size's on its first pass (seconds);
+            then they screen faster (what pays for one image at a time: `max_batch` 1).
     """
 
     max_batch: int = 32
@@ -263,6 +263,9 @@ class ScreeningApp:
         named = named or self.config.load()
         self.screener = load_screener(screener, named, self.config.max_batch,
                                       self.config.compile)
+        if self.config.compile:  # one image's graph now, not in the first request's time
+            spec = named.spec
+            self.screener.scores(torch.zeros(1, spec.channels, *spec.size))
         return named
 
     def _screen(self, images: torch.Tensor) -> list[dict]:

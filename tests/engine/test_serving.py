@@ -237,13 +237,15 @@ def test_a_compiled_service_screens_one_image_at_a_time_as_the_library(screener_
                                                                        expected):
     app = ScreeningApp(screener_file.read_bytes(),
                        ServiceConfig(max_batch=1, cpus=1, compile=True), token=TOKEN)
+    runner = app.screener.runner
+    compiled = runner.engines[runner.walker]._compiled
+    assert app.screener.compile and len(compiled._graphs) == 1  # compiled while starting
     with _serving(app) as served:
         for body, want in zip(pngs[:3], expected[:3], strict=True):
             reply = _post(served.url, body, **AUTH)
             assert reply.status_code == 200, reply.text
             _assert_equal_records(reply.json(), want)
-        runner = app.screener.runner
-        assert app.screener.compile and runner.engines[runner.walker]._compiled is not None
+    assert len(compiled._graphs) == 1
 
 
 def test_results_equal_the_library_and_requests_share_batches(local, pngs, expected):

@@ -280,6 +280,8 @@ def test_refused_ops_take_the_autograd_path_and_say_why(model, reason):
     with pytest.raises(ValueError, match=f"precision='bf16' needs the reverse walk, but .*"
                                          f"{reason}"):
         ResponseEngine(model, preprocess=None, precision="bf16")
+    with pytest.raises(ValueError, match=f"compile=True needs the reverse walk, but .*{reason}"):
+        ResponseEngine(model, preprocess=None, compile=True)
 
 
 def test_the_resnet_benchmark_computes_one_response_four_ways(resnets):
