@@ -25,6 +25,7 @@ import torch
 from torch.fx.experimental.proxy_tensor import make_fx
 
 from frmap.engine.responses.reverse_walk import ReverseWalk, WalkOutput
+from frmap.engine.responses.targets import check_classes
 from frmap.engine.responses.tracing import TracedModel
 
 Graph = Callable[..., tuple[torch.Tensor, ...]]
@@ -71,9 +72,8 @@ class CompiledWalk:
         if key not in self._graphs:
             self._graphs[key] = self._compile(x, classes, taps)
         graph, outputs = self._graphs[key]
-        if classes is not None and bool((classes >= outputs).any()):
-            raise ValueError(f"class index {int(classes.max())} is out of range: the model has "
-                             f"{outputs} outputs")
+        if classes is not None:
+            check_classes(classes, outputs)
         with torch.no_grad():
             responses, logits, *pooled = graph(x) if classes is None else graph(x, classes)
         return WalkOutput(responses, logits, dict(zip(taps, pooled, strict=True)))

@@ -62,6 +62,14 @@ def conv_max_index(layers: Sequence[nn.Module]) -> int:
     return found
 
 
+def check_classes(classes: torch.Tensor, outputs: int) -> None:
+    """Raise ValueError unless every class index in `classes` lies below `outputs`, the
+    model's number of outputs."""
+    if bool((classes >= outputs).any()):
+        raise ValueError(f"class index {int(classes.max())} is out of range: the model has "
+                         f"{outputs} outputs")
+
+
 def target_indices(out: torch.Tensor, classes: torch.Tensor | None, *,
                    checked: bool = False) -> torch.Tensor:
     """Indices along dim 1 of `out` whose sum the responses back-propagate.
@@ -71,8 +79,8 @@ def target_indices(out: torch.Tensor, classes: torch.Tensor | None, *,
             the logits [N, K] otherwise.
         classes: None for conv_max (the channel-wise maximum at each position); else [N]
             class indices, -1 meaning the top class.
-        checked: the classes are known to lie in range (checked by a caller that traces the
-            walk into a graph, where a check on their values cannot run).
+        checked: the classes are known to lie in range (`check_classes` run by a caller that
+            traces the walk into a graph, where a check on their values cannot run).
 
     Returns:
         [N, 1, H, W] or [N, 1] int64 indices.
@@ -82,7 +90,6 @@ def target_indices(out: torch.Tensor, classes: torch.Tensor | None, *,
     """
     if classes is None:
         return out.max(dim=1, keepdim=True).indices
-    if not checked and bool((classes >= out.shape[1]).any()):
-        raise ValueError(f"class index {int(classes.max())} is out of range: the model has "
-                         f"{out.shape[1]} outputs")
+    if not checked:
+        check_classes(classes, out.shape[1])
     return torch.where(classes < 0, out.argmax(1), classes).view(-1, 1)
